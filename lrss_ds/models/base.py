@@ -1,0 +1,281 @@
+"""The base every segmentation model shares: input normalisation, segments, padding and outputs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrss_ds.errors import ConfigError
+
+SegmentRunner = Callable[..., Any]
+"""``runner(name: str, fn: Callable, *args) -> Any``: runs (or checkpoints) one segment."""
+
+GRANULARITIES: tuple[str, ...] = ("stage", "block", "fine")
+
+
+def _run_directly(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """The default segment runner: call ``fn(*args)`` and ignore the name."""
+    return fn(*args)
+
+
+class InputNormalizer(nn.Module):
+    """Convert raw bands of any dtype to float32 and normalise them per band.
+
+    The band statistics are buffers, so they travel inside the model's state dict and a
+    checkpoint alone is enough to run the model on raw imagery.
+
+    Args:
+        in_channels: number of bands C.
+        mean: per-band mean (C values) in the raw units of the input; ``None`` means 0.
+        std: per-band standard deviation (C values); ``None`` means 1. Values <= 0 are refused.
+
+    Raises:
+        ConfigError: if ``mean``/``std`` do not have C values or a std is not positive.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        mean_t = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std_t = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        for key, value in (("band_mean", mean_t), ("band_std", std_t)):
+            if value.shape != (in_channels,):
+                raise ConfigError(key, f"needs {in_channels} values (one per band), got {list(value.shape)}")
+        if bool((std_t <= 0).any()):
+            raise ConfigError("band_std", f"every value must be > 0, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.clone())
+        self.register_buffer("std", std_t.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise raw bands.
+
+        Args:
+            x: ``(B, C, H, W)`` uint8, uint16, int or float tensor.
+
+        Returns:
+            ``(B, C, H, W)`` float32 ``(x - mean) / std`` (bf16 runs use autocast, which
+            casts at the convolutions, so the normalised input itself stays float32).
+        """
+        x = x.to(torch.float32)
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+class Segmented(nn.Module):
+    """A module whose forward is cut into named segments (the checkpoint boundaries).
+
+    ``self.segment(name, fn, *args)`` runs ``fn(*args)`` through the segment runner set by
+    :func:`set_segment_runner`; the default runner just calls it. The memory layer installs a
+    runner that wraps the names of its checkpoint plan in activation checkpointing.
+    Set ``segment_prefix`` when one model holds two Segmented children that would otherwise
+    use the same names (e.g. two backbones).
+    """
+
+    segment_prefix: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._segment_runner: SegmentRunner = _run_directly
+
+    def segment(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one named segment.
+
+        Args:
+            name: dotted segment name, e.g. ``"stage2.0"`` (``segment_prefix`` is prepended).
+            fn: the computation; it should take tensors as ``args`` and use no other
+                tensors that require grad except parameters, so that it can be recomputed.
+            *args: the segment's inputs.
+
+        Returns:
+            whatever ``fn(*args)`` returns.
+        """
+        return self._segment_runner(self.segment_prefix + name, fn, *args)
+
+
+def set_segment_runner(model: nn.Module, runner: SegmentRunner | None) -> None:
+    """Install ``runner`` on every :class:`Segmented` module in ``model`` (``None``: the default).
+
+    Args:
+        model: a model or any module containing Segmented modules.
+        runner: ``runner(name, fn, *args) -> fn's result``.
+    """
+    for module in model.modules():
+        if isinstance(module, Segmented):
+            module._segment_runner = runner if runner is not None else _run_directly
+
+
+def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
+    """Pad the bottom and right of ``x`` so that H and W are multiples of ``multiple``.
+
+    Args:
+        x: ``(B, C, H, W)``.
+        multiple: the stride the network needs the size to divide by.
+        value: the constant fill (0 after normalisation = the band mean).
+
+    Returns:
+        ``(B, C, Hp, Wp)`` with ``Hp = ceil(H / multiple) * multiple``; ``x`` itself if no
+        padding is needed.
+    """
+    height, width = x.shape[-2:]
+    hp, wp = padded_size((height, width), multiple)
+    if (hp, wp) == (height, width):
+        return x
+    return F.pad(x, (0, wp - width, 0, hp - height), value=value)
+
+
+def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """``(ceil(H / multiple) * multiple, ceil(W / multiple) * multiple)`` for ``size=(H, W)``."""
+    return (math.ceil(size[0] / multiple) * multiple, math.ceil(size[1] / multiple) * multiple)
+
+
+def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop ``(..., Hp, Wp)`` to its top-left ``(..., H, W)`` with ``size=(H, W)``."""
+    return x[..., : size[0], : size[1]]
+
+
+def upsample_logits(logits: Tensor, padded: tuple[int, int], input_size: tuple[int, int]) -> Tensor:
+    """Upsample logits bilinearly to the padded input size, then crop to the input size.
+
+    This is the one place that defines how network-resolution logits map to pixels; the
+    losses and the eval-mode forward both use it so training and prediction agree.
+
+    Args:
+        logits: ``(B, K, h, w)`` at the network's output stride (``h = Hp / os``).
+        padded: ``(Hp, Wp)``, the padded input size the network saw.
+        input_size: ``(H, W)``, the original input size (``H <= Hp``, ``W <= Wp``).
+
+    Returns:
+        ``(B, K, H, W)`` logits.
+    """
+    if tuple(logits.shape[-2:]) != tuple(padded):
+        logits = F.interpolate(logits, size=tuple(padded), mode="bilinear", align_corners=False)
+    return crop_to(logits, input_size)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists (recursively) so a config dumps with ``yaml.safe_dump`` and JSON."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class SegmentationModel(Segmented):
+    """Base class of every model: normaliser, options, padding and the train/eval output contract.
+
+    Subclasses set ``name`` (the key in ``MODEL_BUILDERS``), ``output_stride`` (stride of the
+    main logits) and ``pad_multiple`` (what H and W are padded to), call
+    ``self.normalizer`` inside their first segment, and implement ``segment_plan``.
+
+    Forward contract: input ``(B, C, H, W)`` of any size and dtype. In eval mode the model
+    returns logits ``(B, K, H, W)``; in train mode ``dict(logits=(B, K, h, w),
+    aux=[(B, K, h', w'), ...], input_size=(H, W), padded_size=(Hp, Wp))`` — use
+    :meth:`outputs` to build either.
+
+    Args:
+        num_classes: K.
+        in_channels: C, the number of input bands.
+        band_mean: per-band mean for the normaliser (raw units), ``None`` = 0.
+        band_std: per-band std for the normaliser, ``None`` = 1.
+        **options: the model's own options, recorded for :meth:`config`.
+    """
+
+    name: ClassVar[str] = "base"
+    output_stride: int = 4
+    pad_multiple: int = 32
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        band_mean: Sequence[float] | None = None,
+        band_std: Sequence[float] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if int(num_classes) < 1:
+            raise ConfigError("num_classes", f"must be >= 1, got {num_classes}")
+        if int(in_channels) < 1:
+            raise ConfigError("in_channels", f"must be >= 1, got {in_channels}")
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.normalizer = InputNormalizer(self.in_channels, band_mean, band_std)
+        self._options: dict[str, Any] = dict(options)
+
+    def config(self) -> dict[str, Any]:
+        """``dict(name, num_classes, in_channels, **options)``: ``build_model(**config)`` rebuilds
+        the architecture (band statistics travel in the state dict, not here)."""
+        return _plain(
+            {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels, **self._options}
+        )
+
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Normalise and pad raw input; call it inside the first segment.
+
+        Padding after normalisation with 0 fills the margin with the band mean, which
+        disturbs the features near the bottom/right edge least.
+
+        Args:
+            x: ``(B, C, H, W)`` raw bands, any dtype.
+
+        Returns:
+            ``(B, C, Hp, Wp)`` float32, ``Hp``/``Wp`` multiples of ``pad_multiple``.
+        """
+        return pad_to_multiple(self.normalizer(x), self.pad_multiple)
+
+    def sizes(self, x: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(input_size, padded_size)`` of ``x (B, C, H, W)`` for this model."""
+        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        return input_size, padded_size(input_size, self.pad_multiple)
+
+    def outputs(
+        self,
+        logits: Tensor,
+        aux: list[Tensor],
+        input_size: tuple[int, int],
+        padded: tuple[int, int],
+    ) -> Tensor | dict[str, Any]:
+        """Shape the forward's result by mode.
+
+        Args:
+            logits: ``(B, K, h, w)`` main logits at the output stride.
+            aux: auxiliary logits ``[(B, K, h', w'), ...]`` (dropped in eval mode).
+            input_size: ``(H, W)``.
+            padded: ``(Hp, Wp)``.
+
+        Returns:
+            eval: ``(B, K, H, W)`` logits; train: the dict of the forward contract.
+        """
+        if self.training:
+            return {"logits": logits, "aux": list(aux), "input_size": input_size, "padded_size": padded}
+        return upsample_logits(logits, padded, input_size)
+
+    def checkpoint_plan(self, granularity: str) -> set[str]:
+        """Names of the non-nesting segments to checkpoint at ``granularity``.
+
+        Args:
+            granularity: ``"stage"``, ``"block"`` or ``"fine"`` (stage, with the stem split
+                into its two convolutions and layer1 per block).
+
+        Returns:
+            segment names; the first segment of the forward (holding the normaliser) is
+            always in the plan.
+
+        Raises:
+            ConfigError: for an unknown granularity.
+        """
+        if granularity not in GRANULARITIES:
+            raise ConfigError("checkpointing", f"unknown granularity {granularity!r}; use one of {list(GRANULARITIES)}")
+        return set(self.segment_plan(granularity))
+
+    def segment_plan(self, granularity: str) -> list[str]:
+        """The segment names of a plan, in forward order (subclasses implement this)."""
+        raise NotImplementedError
