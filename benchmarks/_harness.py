@@ -1,0 +1,331 @@
+"""Shared benchmark plumbing: fresh capped processes, the machine header, and the report writers.
+
+Every benchmark configuration runs in its own fresh Python process (``run_config``), so one
+configuration's heap, allocator caches and imported kernels never colour the next one's peak.
+Reports are written three ways from the same rows: Markdown for people, CSV for spreadsheets and
+JSON for programs, each under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from lrss_ds.engine.plan import GIB, MIB, IsolatedRun, run_isolated  # noqa: E402
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "IsolatedRun",
+    "Column",
+    "Report",
+    "run_config",
+    "machine_header",
+    "parse_size",
+    "parse_bytes",
+    "write_report",
+    "fmt",
+]
+
+
+def run_config(
+    target: str,
+    params: dict[str, Any],
+    *,
+    cap_gib: float | None = None,
+    timeout_s: float = 1800.0,
+    env: dict[str, str] | None = None,
+) -> IsolatedRun:
+    """Run one benchmark configuration in a fresh process, optionally under a memory cap.
+
+    Args:
+        target: ``"module:function"``; modules in ``benchmarks/`` are importable by bare name
+            (e.g. ``"_workloads:train_step"``).
+        params: JSON-able keyword arguments.
+        cap_gib: resident-set cap in GiB; a child passing it is killed and reported
+            ``over_cap``. ``None``: no cap.
+        timeout_s: wall-clock limit for the child.
+        env: extra environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_``).
+
+    Returns:
+        The child's ``IsolatedRun`` (status, result dict, exact peak RSS, wall and CPU seconds).
+    """
+    cap = None if cap_gib is None else int(cap_gib * GIB)
+    return run_isolated(
+        target, params, cap_bytes=cap, timeout_s=timeout_s, env=env, sys_path=[BENCH_DIR]
+    )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``"HxW"`` or ``"S"`` into ``(height, width)``.
+
+    Raises:
+        ValueError: when the text is not of that form or a side is not positive.
+    """
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"size {text!r}: expected HxW, e.g. 1024x1024")
+    height, width = (int(p) for p in parts)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size {text!r}: sides must be positive")
+    return height, width
+
+
+def parse_bytes(text: str) -> int:
+    """Parse ``"3G"``, ``"512M"``, ``"2.5GiB"`` or a plain byte count into bytes.
+
+    Raises:
+        ValueError: when the text is not a size.
+    """
+    units = {"": 1, "k": 1024, "m": MIB, "g": GIB, "t": 1024 * GIB}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in "kmgt":
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"memory size {text!r}: expected e.g. 3G, 512M or 2.5GiB") from None
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError(f"memory size {text!r}: must be positive")
+    return int(value * units[unit])
+
+
+def _git_commit() -> str:
+    """The checkout's commit (with ``+dirty`` when tracked files differ), or ``"unknown"``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _other_load() -> dict[str, Any]:
+    """What else is running: load averages and the busiest other processes' CPU and RSS."""
+    import psutil
+
+    me = os.getpid()
+    procs = []
+    for proc in psutil.process_iter(["pid", "name", "memory_info", "cpu_percent"]):
+        if proc.info["pid"] == me or proc.info["memory_info"] is None:
+            continue
+        procs.append(proc)
+    load1, load5, load15 = os.getloadavg()
+    rss_others = sum(p.info["memory_info"].rss for p in procs)
+    return {
+        "loadavg_1_5_15": [round(load1, 2), round(load5, 2), round(load15, 2)],
+        "other_processes_rss_gib": round(rss_others / GIB, 2),
+        "available_gib": round(psutil.virtual_memory().available / GIB, 2),
+    }
+
+
+def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Describe the machine, the versions and the conditions a report was measured under.
+
+    Args:
+        conditions: free text said next to every table (what was running alongside, caps,
+            sizes, thread counts...).
+        extra: more key/value pairs (e.g. the cap used).
+
+    Returns:
+        A JSON-able dict: date, host CPU, cores, RAM, OS, Python/torch/DeepSpeed/numpy
+        versions, git commit, torch threads, allocator settings, load, conditions.
+    """
+    import numpy
+    import psutil
+    import torch
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except Exception:  # noqa: BLE001 - the header still says which one is missing
+        ds_version = "not importable"
+    device = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    header = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
+        "device": device,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": ds_version,
+        "numpy": numpy.__version__,
+        "git_commit": _git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
+        "load_at_start": _other_load(),
+        "conditions": conditions,
+    }
+    header.update(extra or {})
+    return header
+
+
+@dataclass
+class Column:
+    """One column of a report table.
+
+    Attributes:
+        key: the row key (also the CSV/JSON key).
+        title: the Markdown heading.
+        digits: decimals shown in Markdown (JSON and CSV keep the full value).
+        none_text: what Markdown shows for ``None`` (e.g. ``"n/a (CPU)"``).
+    """
+
+    key: str
+    title: str
+    digits: int = 2
+    none_text: str = "—"
+
+
+@dataclass
+class Report:
+    """A benchmark report: a header, named tables of rows, and notes.
+
+    Attributes:
+        name: file stem (``memory_time`` -> ``memory_time.md/.csv/.json``).
+        title: Markdown title.
+        header: ``machine_header()`` output.
+        tables: list of ``(table title, columns, rows)``; the first table is the CSV one.
+        notes: paragraphs printed after the tables (conditions, what each column means).
+        data: more JSON-only content (fits, paper figures...).
+    """
+
+    name: str
+    title: str
+    header: dict[str, Any]
+    tables: list[tuple[str, list[Column], list[dict[str, Any]]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def fmt(value: Any, digits: int = 2, none_text: str = "—") -> str:
+    """Format one cell for Markdown: numbers rounded, ``None`` as ``none_text``."""
+    if value is None:
+        return none_text
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) -> str:
+    """Render rows as a GitHub Markdown table."""
+    lines = [
+        "| " + " | ".join(c.title for c in columns) + " |",
+        "| " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for row in rows:
+        cells = [fmt(row.get(c.key), c.digits, c.none_text) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _header_markdown(header: dict[str, Any]) -> str:
+    """The header as a bullet list."""
+    lines = []
+    for key, value in header.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"- **{key}**: {value}")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_report(report: Report, out_dir: Path) -> list[Path]:
+    """Write ``report`` as ``<name>.md``, ``<name>.csv`` (first table) and ``<name>.json``.
+
+    Args:
+        report: the report.
+        out_dir: destination folder (created).
+
+    Returns:
+        The three paths written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {report.title}", "", "## Machine and conditions", "", _header_markdown(report.header)]
+    for title, columns, rows in report.tables:
+        parts += ["", f"## {title}", "", markdown_table(columns, rows)]
+    if report.notes:
+        parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    md_path = out_dir / f"{report.name}.md"
+    _write_atomic(md_path, "\n".join(parts) + "\n")
+
+    csv_path = out_dir / f"{report.name}.csv"
+    buffer = io.StringIO()
+    if report.tables:
+        _, columns, rows = report.tables[0]
+        keys = [c.key for c in columns]
+        keys += sorted({k for r in rows for k in r} - set(keys))
+        writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_cell(row.get(k)) for k in keys})
+    _write_atomic(csv_path, buffer.getvalue())
+
+    json_path = out_dir / f"{report.name}.json"
+    payload = {
+        "title": report.title,
+        "header": report.header,
+        "rows": report.tables[0][2] if report.tables else [],
+        "tables": {title: rows for title, _, rows in report.tables},
+        "notes": report.notes,
+        **report.data,
+    }
+    _write_atomic(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    return [md_path, csv_path, json_path]
+
+
+def _csv_cell(value: Any) -> Any:
+    """CSV cell: ``None`` as empty, containers as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value)
+    return value
