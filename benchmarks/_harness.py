@@ -26,7 +26,14 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from lrss_ds.engine.plan import GIB, MIB, IsolatedRun, run_isolated  # noqa: E402
+from lrss_ds.engine.plan import (  # noqa: E402
+    GIB,
+    MIB,
+    IsolatedRun,
+    parse_bytes,
+    parse_size,
+    run_isolated,
+)
 
 __all__ = [
     "GIB",
@@ -69,43 +76,6 @@ def run_config(
     return run_isolated(
         target, params, cap_bytes=cap, timeout_s=timeout_s, env=env, sys_path=[BENCH_DIR]
     )
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` or ``"S"`` into ``(height, width)``.
-
-    Raises:
-        ValueError: when the text is not of that form or a side is not positive.
-    """
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"size {text!r}: expected HxW, e.g. 1024x1024")
-    height, width = (int(p) for p in parts)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"size {text!r}: sides must be positive")
-    return height, width
-
-
-def parse_bytes(text: str) -> int:
-    """Parse ``"3G"``, ``"512M"``, ``"2.5GiB"`` or a plain byte count into bytes.
-
-    Raises:
-        ValueError: when the text is not a size.
-    """
-    units = {"": 1, "k": 1024, "m": MIB, "g": GIB, "t": 1024 * GIB}
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in "kmgt":
-        number, unit = cleaned[:-1], cleaned[-1]
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"memory size {text!r}: expected e.g. 3G, 512M or 2.5GiB") from None
-    if value <= 0 or not math.isfinite(value):
-        raise ValueError(f"memory size {text!r}: must be positive")
-    return int(value * units[unit])
 
 
 def _git_commit() -> str:

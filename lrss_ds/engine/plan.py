@@ -258,3 +258,661 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The measured workload: one holistic training step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanMode:
+    """A memory mode as the planner and the benchmarks run it.
+
+    Attributes:
+        name: the planner's name for it (a column in every table).
+        memory_preset: the ``lrss_ds.memory`` preset entered around forward + backward.
+        ds_config: the DeepSpeed JSON (relative to the repository root) the step trains with.
+        summary: one line for tables.
+    """
+
+    name: str
+    memory_preset: str
+    ds_config: str
+    summary: str
+
+
+# Ordered from the least to the most memory machinery. "Cheapest" in a recommendation is decided
+# by the predicted step time (measured), not by this order.
+PLAN_MODES: dict[str, PlanMode] = {
+    mode.name: mode
+    for mode in (
+        PlanMode("none", "none", "ds_configs/cpu.json", "plain training (DeepSpeed, no ZeRO)"),
+        PlanMode("checkpointing", "checkpointing", "ds_configs/cpu.json",
+                 "activation checkpointing per stage"),
+        PlanMode("checkpointing+offload", "checkpointing+offload", "ds_configs/cpu.json",
+                 "checkpointing, checkpointed inputs and other saved tensors offloaded to host"),
+        PlanMode("zero2_offload", "checkpointing+offload", "ds_configs/zero2_offload.json",
+                 "checkpointing + offload + ZeRO-2 with optimizer offload (DeepSpeedCPUAdam)"),
+        PlanMode("zero3_offload", "checkpointing+offload", "ds_configs/zero3_offload.json",
+                 "checkpointing + offload + ZeRO-3 with parameter and optimizer offload"),
+    )
+}
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback interface now (for a one-rank process group)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _init_single_rank() -> None:
+    """Start a one-rank process group on loopback, as DeepSpeed needs one to exist."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def _rss_bytes() -> int:
+    """This process's peak resident set so far (``ru_maxrss``), in bytes."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def probe_training_step(
+    model: str = "ehsnet",
+    height: int = 512,
+    width: int = 512,
+    mode: str = "none",
+    steps: int = 2,
+    bands: int = 3,
+    num_classes: int = 6,
+    model_options: dict[str, Any] | None = None,
+    loss: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run ``steps`` whole-sample training steps of ``model`` under ``mode`` and report the peaks.
+
+    Meant to run in a fresh process (``run_isolated("lrss_ds.engine.plan:probe_training_step",
+    ...)``); the parent reads the exact peak RSS from the kernel. The sample is a random uint8
+    image ``(1, bands, height, width)`` and random labels ``(1, height, width)``: memory and time
+    do not depend on the content.
+
+    Args:
+        model: a ``MODEL_BUILDERS`` name.
+        height: sample height H.
+        width: sample width W.
+        mode: a ``PLAN_MODES`` name.
+        steps: training steps; the step time reported is the fastest after the first (the
+            first pays for kernel selection and first-touch page faults).
+        bands: input bands C.
+        num_classes: classes K.
+        model_options: extra ``build_model`` options (e.g. ``{"mode": "holistic"}``).
+        loss: a ``build_loss`` name; default ``ehsnet`` for EHSNet, ``focal`` for GLSNet and
+            ``ce`` otherwise.
+        seed: torch seed.
+
+    Returns:
+        JSON-able dict: ``saved_activation_peak_bytes`` (ledger, on device),
+        ``offloaded_peak_bytes`` (ledger), ``device_peak_bytes`` (accelerator allocator, None on
+        CPU), ``model_state_bytes`` (parameters + gradients + optimizer state), ``step_s``
+        (list), ``step_min_s``, ``loss`` (last), ``rss_after_setup_bytes``, ``pixels``.
+
+    Raises:
+        ConfigError: for an unknown mode.
+    """
+    import deepspeed
+    import torch
+
+    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode
+    from lrss_ds.models import build_loss, build_model
+
+    if mode not in PLAN_MODES:
+        raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
+    plan_mode = PLAN_MODES[mode]
+    torch.manual_seed(seed)
+    _init_single_rank()
+    net = build_model(model, num_classes, bands, **(model_options or {}))
+    loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")
+    memory_mode = _memory_preset(plan_mode.memory_preset)
+    loss_fn = build_loss(loss_name, num_classes, 255, band_rows=memory_mode.loss_band_rows)
+    ds_config = json.loads((_PACKAGE_ROOT / plan_mode.ds_config).read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = 1
+    ds_config["gradient_accumulation_steps"] = 1
+    ds_config.pop("train_batch_size", None)
+    engine, _, _, _ = deepspeed.initialize(
+        model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config
+    )
+    device = engine.device
+    image = torch.randint(0, 256, (1, bands, height, width), dtype=torch.uint8, device=device)
+    target = torch.randint(0, num_classes, (1, height, width), dtype=torch.uint8, device=device)
+    ledger = SavedTensorLedger()
+    rss_after_setup = _rss_bytes()
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    last_loss = float("nan")
+    engine.train()
+    for _ in range(steps):
+        start = time.perf_counter()
+        with apply_memory_mode(engine.module, memory_mode, ledger):
+            outputs = engine(image)
+            loss_value = loss_fn(outputs, target)
+            engine.backward(loss_value)
+        engine.step()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        last_loss = float(loss_value.detach())
+    return {
+        "model": model,
+        "mode": mode,
+        "height": height,
+        "width": width,
+        "pixels": height * width,
+        "saved_activation_peak_bytes": int(ledger.peak_device_bytes),
+        "offloaded_peak_bytes": int(ledger.peak_offloaded_bytes),
+        "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if on_cuda else None,
+        "model_state_bytes": _model_state_bytes(engine),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "step_s": times,
+        "step_min_s": min(times[1:] or times),
+        "loss": last_loss,
+        "rss_after_setup_bytes": rss_after_setup,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _memory_preset(name: str) -> Any:
+    """The ``lrss_ds.memory`` preset named ``name``."""
+    from lrss_ds import memory
+
+    return memory.get_preset(name)
+
+
+def _model_state_bytes(engine: Any) -> int:
+    """Bytes of parameters, gradients and optimizer state the engine keeps (any device)."""
+    import torch
+
+    total = 0
+    seen: set[int] = set()
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if isinstance(tensor, torch.Tensor) and tensor.data_ptr() not in seen and tensor.numel():
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+
+    for param in engine.module.parameters():
+        add(param.data)
+        add(param.grad)
+    optimizer = getattr(engine, "optimizer", None)
+    state = getattr(optimizer, "state", None)
+    if isinstance(state, dict):
+        for per_param in state.values():
+            if isinstance(per_param, dict):
+                for value in per_param.values():
+                    add(value)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Measure (cached), fit, predict, recommend
+# ----------------------------------------------------------------------------------------------
+
+# The quantities the planner fits, each against the number of pixels.
+METRICS: tuple[str, ...] = ("device_bytes", "host_bytes", "step_s")
+
+
+@dataclass
+class Measurement:
+    """One measured training step (one mode, one size), as the planner uses it.
+
+    Attributes:
+        mode: ``PLAN_MODES`` name.
+        side: square side in pixels.
+        status: ``IsolatedRun.status`` (only ``"ok"`` rows are fitted).
+        device_bytes: accelerator allocator peak; on CPU the ledger's saved-activation peak.
+        host_bytes: the process's peak RSS (kernel ``ru_maxrss``).
+        step_s: fastest step after the first, seconds.
+        probe: the probe's full result.
+    """
+
+    mode: str
+    side: int
+    status: str
+    device_bytes: float = math.nan
+    host_bytes: float = math.nan
+    step_s: float = math.nan
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of the square sample."""
+        return self.side * self.side
+
+
+def default_cache_dir() -> Path:
+    """``$LRSS_DS_CACHE/plan`` or ``~/.cache/lrss_ds/plan``."""
+    base = os.environ.get("LRSS_DS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lrss_ds"
+    )
+    return Path(base) / "plan"
+
+
+def _cache_key(params: dict[str, Any]) -> str:
+    """A file name for one measurement: the probe's parameters and the software versions."""
+    import torch
+
+    ident = dict(params, torch=torch.__version__, python=platform.python_version(),
+                 machine=platform.machine(), threads=torch.get_num_threads())
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{params['model']}_{params['mode']}_{params['height']}x{params['width']}_{digest}.json"
+
+
+def measure(
+    model: str,
+    side: int,
+    mode: str,
+    *,
+    bands: int = 3,
+    num_classes: int = 6,
+    model_options: dict[str, Any] | None = None,
+    cap_bytes: int | None = None,
+    cache_dir: Path | None = None,
+    steps: int = 2,
+    refresh: bool = False,
+) -> Measurement:
+    """Measure one training step in a fresh process, or read it from the cache.
+
+    Args:
+        model: model name.
+        side: square side in pixels.
+        mode: ``PLAN_MODES`` name.
+        bands: input bands.
+        num_classes: classes.
+        model_options: extra ``build_model`` options.
+        cap_bytes: RSS cap for the probe (a probe over it is recorded as ``over_cap``).
+        cache_dir: where measurements are cached; ``None`` = no cache.
+        steps: training steps per probe.
+        refresh: measure again even when cached.
+
+    Returns:
+        The ``Measurement``.
+    """
+    params = {
+        "model": model, "height": side, "width": side, "mode": mode, "steps": steps,
+        "bands": bands, "num_classes": num_classes, "model_options": model_options or {},
+    }
+    cache_file = cache_dir / _cache_key(params) if cache_dir is not None else None
+    if cache_file is not None and cache_file.exists() and not refresh:
+        return Measurement(**json.loads(cache_file.read_text()))
+    run = run_isolated("lrss_ds.engine.plan:probe_training_step", params, cap_bytes=cap_bytes)
+    found = Measurement(mode=mode, side=side, status=run.status, probe=dict(run.result))
+    if run.fits:
+        device = run.result.get("device_peak_bytes")
+        found.device_bytes = float(device if device is not None else run.result["saved_activation_peak_bytes"])
+        found.host_bytes = float(run.peak_rss_bytes)
+        found.step_s = float(run.result["step_min_s"])
+    else:
+        found.probe = {"error": run.error, "peak_rss_bytes": run.peak_rss_bytes}
+    if cache_file is not None and run.status in ("ok", "over_cap", "oom"):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(found), default=_json_default))
+        tmp.replace(cache_file)
+    return found
+
+
+@dataclass
+class LinearFit:
+    """``value = per_pixel * pixels + base``, least squares.
+
+    Attributes:
+        per_pixel: slope (units per pixel).
+        base: intercept (units).
+        points: how many measurements it was fitted on.
+    """
+
+    per_pixel: float
+    base: float
+    points: int
+
+    def __call__(self, pixels: float) -> float:
+        """The fitted value at ``pixels``."""
+        return self.per_pixel * pixels + self.base
+
+    def pixels_for(self, budget: float) -> float:
+        """The largest pixel count whose fitted value stays within ``budget`` (inf if flat)."""
+        if self.per_pixel <= 0:
+            return math.inf if self.base <= budget else 0.0
+        return max(0.0, (budget - self.base) / self.per_pixel)
+
+
+def fit_linear(pixels: Sequence[float], values: Sequence[float]) -> LinearFit:
+    """Least-squares line through ``(pixels, values)``.
+
+    Args:
+        pixels: x values (at least one).
+        values: y values, same length.
+
+    Returns:
+        The ``LinearFit``; with a single point the line goes through it and the origin.
+
+    Raises:
+        ValueError: with no points or mismatched lengths.
+    """
+    if len(pixels) != len(values) or not pixels:
+        raise ValueError("fit_linear needs equally many (>= 1) pixels and values")
+    n = len(pixels)
+    if n == 1:
+        return LinearFit(values[0] / pixels[0], 0.0, 1)
+    mean_x = sum(pixels) / n
+    mean_y = sum(values) / n
+    sxx = sum((x - mean_x) ** 2 for x in pixels)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(pixels, values))
+    slope = sxy / sxx if sxx > 0 else 0.0
+    return LinearFit(slope, mean_y - slope * mean_x, n)
+
+
+def fit_modes(measurements: Sequence[Measurement]) -> dict[str, dict[str, LinearFit]]:
+    """Fit every metric of every mode from its successful measurements.
+
+    Returns:
+        ``{mode: {metric: LinearFit}}`` for modes with at least one ``ok`` measurement.
+    """
+    fits: dict[str, dict[str, LinearFit]] = {}
+    for mode in dict.fromkeys(m.mode for m in measurements):
+        good = [m for m in measurements if m.mode == mode and m.status == "ok"]
+        if good:
+            pixels = [float(m.pixels) for m in good]
+            fits[mode] = {k: fit_linear(pixels, [float(getattr(m, k)) for m in good]) for k in METRICS}
+    return fits
+
+
+@dataclass
+class Prediction:
+    """The planner's prediction for one mode at the asked size.
+
+    Attributes:
+        mode: ``PLAN_MODES`` name.
+        device_bytes: predicted device peak (on CPU: saved-activation peak).
+        host_bytes: predicted peak RSS.
+        step_s: predicted step time (on the measuring machine).
+        fits: whether both budgets hold.
+        max_side: the largest square side whose prediction fits both budgets.
+        ds_config: the DeepSpeed JSON this mode trains with.
+        memory_preset: the ``lrss_ds.memory`` preset.
+    """
+
+    mode: str
+    device_bytes: float
+    host_bytes: float
+    step_s: float
+    fits: bool
+    max_side: int
+    ds_config: str
+    memory_preset: str
+
+
+def predict(
+    fits: dict[str, dict[str, LinearFit]],
+    height: int,
+    width: int,
+    device_mem: float | None,
+    host_mem: float | None,
+) -> list[Prediction]:
+    """Predict every fitted mode at ``height x width`` against the budgets.
+
+    Args:
+        fits: ``fit_modes`` output.
+        height: asked height.
+        width: asked width.
+        device_mem: device budget in bytes (``None``: unlimited).
+        host_mem: host budget in bytes (``None``: unlimited).
+
+    Returns:
+        One ``Prediction`` per mode, in ``PLAN_MODES`` order.
+    """
+    pixels = float(height) * float(width)
+    out = []
+    for mode, per_metric in fits.items():
+        device = per_metric["device_bytes"](pixels)
+        host = per_metric["host_bytes"](pixels)
+        limits = [math.inf]
+        if device_mem is not None:
+            limits.append(per_metric["device_bytes"].pixels_for(device_mem))
+        if host_mem is not None:
+            limits.append(per_metric["host_bytes"].pixels_for(host_mem))
+        max_pixels = min(limits)
+        fits_both = (device_mem is None or device <= device_mem) and (host_mem is None or host <= host_mem)
+        plan_mode = PLAN_MODES[mode]
+        out.append(Prediction(
+            mode=mode, device_bytes=device, host_bytes=host, step_s=per_metric["step_s"](pixels),
+            fits=fits_both, max_side=-1 if math.isinf(max_pixels) else int(math.isqrt(int(max_pixels))),
+            ds_config=plan_mode.ds_config, memory_preset=plan_mode.memory_preset,
+        ))
+    order = list(PLAN_MODES)
+    return sorted(out, key=lambda p: order.index(p.mode))
+
+
+def recommend(predictions: Sequence[Prediction]) -> Prediction | None:
+    """The fitting mode with the smallest predicted step time, or ``None`` when none fits."""
+    fitting = [p for p in predictions if p.fits]
+    return min(fitting, key=lambda p: p.step_s) if fitting else None
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """``(predicted - measured) / measured`` (signed; NaN when not measured)."""
+    if not measured or math.isnan(measured):
+        return math.nan
+    return (predicted - measured) / measured
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: lrss-ds plan
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str, where: str = "--size") -> tuple[int, int]:
+    """Parse ``"HxW"`` (or one number for a square) into ``(height, width)``.
+
+    Raises:
+        ConfigError: when the text is not of that form or a side is not positive.
+    """
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(where, f"{text!r} is not a size; expected HxW, e.g. 6800x7200")
+    height, width = (int(p) for p in parts)
+    if height <= 0 or width <= 0:
+        raise ConfigError(where, f"{text!r}: sides must be positive")
+    return height, width
+
+
+def parse_bytes(text: str, where: str = "--device-mem") -> int:
+    """Parse ``"24G"``, ``"512M"``, ``"2.5GiB"`` or a plain byte count into bytes.
+
+    Raises:
+        ConfigError: when the text is not a positive size.
+    """
+    units = {"": 1, "k": 1024, "m": MIB, "g": GIB, "t": 1024 * GIB}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in "kmgt":
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not a memory size; expected e.g. 24G, 512M or 2.5GiB") from None
+    if value <= 0 or not math.isfinite(value):
+        raise ConfigError(where, f"{text!r}: must be positive")
+    return int(value * units[unit])
+
+
+def _parse_sides(text: str, where: str) -> list[int]:
+    """``"256,384,512"`` -> ``[256, 384, 512]``."""
+    try:
+        sides = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(where, f"{text!r}: expected comma-separated integers") from None
+    if not sides or min(sides) < 32:
+        raise ConfigError(where, f"{text!r}: give at least one side >= 32")
+    return sides
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["mode=holistic", "width=18"]`` -> ``{"mode": "holistic", "width": 18}`` (YAML values)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--option", f"{item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``lrss-ds plan`` arguments to ``parser``."""
+    parser.add_argument("--model", required=True, help="model name (see `lrss-ds models`)")
+    parser.add_argument("--size", required=True, help="training sample size HxW, e.g. 6800x7200")
+    parser.add_argument("--device-mem", default=None,
+                        help="device memory budget, e.g. 24G (on a CPU-only machine this budget is "
+                             "checked against the saved-activation peak)")
+    parser.add_argument("--host-mem", default=None, help="host memory budget (peak RSS), e.g. 64G")
+    parser.add_argument("--bands", type=int, default=3, help="input bands (default 3)")
+    parser.add_argument("--classes", type=int, default=6, help="classes (default 6)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra model option, repeatable (e.g. mode=holistic)")
+    parser.add_argument("--modes", default=",".join(PLAN_MODES),
+                        help=f"comma-separated memory modes (default all: {','.join(PLAN_MODES)})")
+    parser.add_argument("--fit-sides", default="256,384,512",
+                        help="square sides measured for the fit (default 256,384,512)")
+    parser.add_argument("--probe-cap", default="6G", help="RSS cap per measuring probe (default 6G)")
+    parser.add_argument("--cache", default=None,
+                        help=f"measurement cache folder (default {default_cache_dir()})")
+    parser.add_argument("--refresh", action="store_true", help="measure again, ignoring the cache")
+    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+
+
+def make_plan(
+    model: str,
+    height: int,
+    width: int,
+    *,
+    device_mem: int | None,
+    host_mem: int | None,
+    modes: Sequence[str],
+    fit_sides: Sequence[int],
+    bands: int = 3,
+    num_classes: int = 6,
+    model_options: dict[str, Any] | None = None,
+    probe_cap: int | None = None,
+    cache_dir: Path | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Measure (or read cached) small sizes, fit per mode, predict ``height x width``, recommend.
+
+    Args:
+        model: model name.
+        height: asked height.
+        width: asked width.
+        device_mem: device budget in bytes, ``None`` = unlimited.
+        host_mem: host budget in bytes, ``None`` = unlimited.
+        modes: ``PLAN_MODES`` names to consider.
+        fit_sides: square sides measured for the fit.
+        bands: input bands.
+        num_classes: classes.
+        model_options: extra ``build_model`` options.
+        probe_cap: RSS cap per probe in bytes.
+        cache_dir: measurement cache (``None``: no cache).
+        refresh: ignore cached measurements.
+
+    Returns:
+        JSON-able dict: ``measurements``, ``fits``, ``predictions``, ``recommendation`` (mode
+        name or ``None``), ``ds_config`` (the recommended JSON's content), ``device_meaning``.
+
+    Raises:
+        ConfigError: for an unknown mode.
+    """
+    for mode in modes:
+        if mode not in PLAN_MODES:
+            raise ConfigError("--modes", f"unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    measurements = [
+        measure(model, side, mode, bands=bands, num_classes=num_classes, model_options=model_options,
+                cap_bytes=probe_cap, cache_dir=cache_dir, refresh=refresh)
+        for mode in modes
+        for side in fit_sides
+    ]
+    fits = fit_modes(measurements)
+    predictions = predict(fits, height, width, device_mem, host_mem)
+    best = recommend(predictions)
+    on_accelerator = any(m.probe.get("device_peak_bytes") is not None for m in measurements)
+    ds_config = None
+    if best is not None:
+        ds_config = json.loads((_PACKAGE_ROOT / best.ds_config).read_text())
+    return {
+        "model": model,
+        "size": [height, width],
+        "device_mem_bytes": device_mem,
+        "host_mem_bytes": host_mem,
+        "device_meaning": "accelerator allocator peak" if on_accelerator
+        else "saved-activation peak counted by the memory ledger (CPU: there is no device)",
+        "measurements": [dataclasses.asdict(m) for m in measurements],
+        "fits": {mode: {k: dataclasses.asdict(f) for k, f in per.items()} for mode, per in fits.items()},
+        "predictions": [dataclasses.asdict(p) for p in predictions],
+        "recommendation": None if best is None else best.mode,
+        "memory_preset": None if best is None else best.memory_preset,
+        "ds_config_path": None if best is None else best.ds_config,
+        "ds_config": ds_config,
+    }
+
+
+def _gib(value: float | None) -> str:
+    """Bytes as GiB text."""
+    return "-" if value is None or math.isnan(value) else f"{value / GIB:.2f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lrss-ds plan``: print the prediction per mode and the recommended mode (exit 0 if one fits)."""
+    height, width = parse_size(args.size)
+    device_mem = parse_bytes(args.device_mem, "--device-mem") if args.device_mem else None
+    host_mem = parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    plan = make_plan(
+        args.model, height, width, device_mem=device_mem, host_mem=host_mem,
+        modes=[m for m in args.modes.split(",") if m], fit_sides=_parse_sides(args.fit_sides, "--fit-sides"),
+        bands=args.bands, num_classes=args.classes, model_options=_parse_options(args.option),
+        probe_cap=parse_bytes(args.probe_cap, "--probe-cap"), cache_dir=cache, refresh=args.refresh,
+    )
+    if args.json:
+        print(json.dumps(plan, indent=2, default=_json_default))
+        return 0 if plan["recommendation"] else 1
+    print(f"{args.model} at {height}x{width}; device = {plan['device_meaning']}")
+    print(f"{'mode':<24}{'device GiB':>12}{'host GiB':>10}{'step s':>9}{'fits':>6}{'max side':>10}")
+    for p in plan["predictions"]:
+        max_side = "any" if p["max_side"] < 0 else str(p["max_side"])
+        print(f"{p['mode']:<24}{_gib(p['device_bytes']):>12}{_gib(p['host_bytes']):>10}"
+              f"{p['step_s']:>9.2f}{'yes' if p['fits'] else 'no':>6}{max_side:>10}")
+    failed = [m for m in plan["measurements"] if m["status"] != "ok"]
+    for m in failed:
+        print(f"note: {m['mode']} at {m['side']}px did not measure ({m['status']}); not fitted")
+    if plan["recommendation"] is None:
+        print("recommendation: no mode fits these budgets; see 'max side' above")
+        return 1
+    print(f"recommendation: {plan['recommendation']} (memory preset {plan['memory_preset']!r}, "
+          f"DeepSpeed JSON {plan['ds_config_path']})")
+    return 0
