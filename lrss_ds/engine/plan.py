@@ -287,38 +287,20 @@ class PlanMode:
 PLAN_MODES: dict[str, PlanMode] = {
     mode.name: mode
     for mode in (
-        PlanMode("none", "none", "ds_configs/cpu.json", "plain training (DeepSpeed, no ZeRO)"),
-        PlanMode("checkpointing", "checkpointing", "ds_configs/cpu.json",
-                 "activation checkpointing per stage"),
-        PlanMode("checkpointing+offload", "checkpointing+offload", "ds_configs/cpu.json",
-                 "checkpointing, checkpointed inputs and other saved tensors offloaded to host"),
-        PlanMode("zero2_offload", "checkpointing+offload", "ds_configs/zero2_offload.json",
-                 "checkpointing + offload + ZeRO-2 with optimizer offload (DeepSpeedCPUAdam)"),
-        PlanMode("zero3_offload", "checkpointing+offload", "ds_configs/zero3_offload.json",
-                 "checkpointing + offload + ZeRO-3 with parameter and optimizer offload"),
+        PlanMode("none", "none", "ds_configs/cpu.json", "plain training, no ZeRO"),
+        PlanMode("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
+        PlanMode("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
+                 "checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
+        PlanMode("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
+                 "ckpt_offload + ZeRO-2 with the optimizer offloaded (DeepSpeedCPUAdam)"),
+        PlanMode("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
+                 "ckpt_offload + ZeRO-3 with parameters and optimizer offloaded"),
+        PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
+                 "fine checkpoints + loss in row bands + channels-last, fp32"),
+        PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
+                 "fullres_fp32 levers under bf16 autocast"),
     )
 }
-
-
-def _free_port() -> int:
-    """A TCP port free on the loopback interface now (for a one-rank process group)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _init_single_rank() -> None:
-    """Start a one-rank process group on loopback, as DeepSpeed needs one to exist."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
 def _rss_bytes() -> int:
@@ -370,28 +352,30 @@ def probe_training_step(
     Raises:
         ConfigError: for an unknown mode.
     """
-    import deepspeed
     import torch
 
-    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode
+    from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, MemoryConfig, ModelConfig
+    from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json
+    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode, get_memory_mode
     from lrss_ds.models import build_loss, build_model
 
     if mode not in PLAN_MODES:
         raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
     plan_mode = PLAN_MODES[mode]
     torch.manual_seed(seed)
-    _init_single_rank()
-    net = build_model(model, num_classes, bands, **(model_options or {}))
-    loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")
-    memory_mode = _memory_preset(plan_mode.memory_preset)
-    loss_fn = build_loss(loss_name, num_classes, 255, band_rows=memory_mode.loss_band_rows)
-    ds_config = json.loads((_PACKAGE_ROOT / plan_mode.ds_config).read_text())
-    ds_config["train_micro_batch_size_per_gpu"] = 1
-    ds_config["gradient_accumulation_steps"] = 1
-    ds_config.pop("train_batch_size", None)
-    engine, _, _, _ = deepspeed.initialize(
-        model=net, model_parameters=[p for p in net.parameters() if p.requires_grad], config=ds_config
+    init_distributed()
+    # The step is the trainer's: the experiment's default optimizer (AdamW, which ZeRO-Offload
+    # turns into DeepSpeedCPUAdam) handed to DeepSpeed with the mode's JSON.
+    config = ExperimentConfig(
+        model=ModelConfig(name=model, options=dict(model_options or {})),
+        memory=MemoryConfig(preset=plan_mode.memory_preset),
+        deepspeed=DeepSpeedConfigRef(config=str(_PACKAGE_ROOT / plan_mode.ds_config)),
     )
+    net = build_model(model, num_classes, bands, **(model_options or {}))
+    memory_mode = get_memory_mode(plan_mode.memory_preset)
+    loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")
+    loss_fn = build_loss(loss_name, num_classes, 255, band_rows=memory_mode.loss_band_rows)
+    engine = initialize_engine(net, config, load_deepspeed_json(config))
     device = engine.device
     image = torch.randint(0, 256, (1, bands, height, width), dtype=torch.uint8, device=device)
     target = torch.randint(0, num_classes, (1, height, width), dtype=torch.uint8, device=device)
@@ -422,6 +406,7 @@ def probe_training_step(
         "pixels": height * width,
         "saved_activation_peak_bytes": int(ledger.peak_device_bytes),
         "offloaded_peak_bytes": int(ledger.peak_offloaded_bytes),
+        "saved_total_peak_bytes": int(ledger.peak_total_bytes),
         "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if on_cuda else None,
         "model_state_bytes": _model_state_bytes(engine),
         "parameters": sum(p.numel() for p in net.parameters()),
@@ -431,13 +416,6 @@ def probe_training_step(
         "rss_after_setup_bytes": rss_after_setup,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def _memory_preset(name: str) -> Any:
-    """The ``lrss_ds.memory`` preset named ``name``."""
-    from lrss_ds import memory
-
-    return memory.get_preset(name)
 
 
 def _model_state_bytes(engine: Any) -> int:

@@ -1,0 +1,182 @@
+"""Step time and peak memory of one holistic training step against image side, per memory mode.
+
+For each memory mode, square sides from ``--sides`` are measured in turn, each in a fresh
+process under the RSS cap, until one does not fit; then ``a * pixels + b`` is fitted to the
+device figure (CPU: saved-activation bytes), the peak RSS and the step time, and everything is
+drawn to PNG plots (matplotlib, Agg backend).
+
+    python benchmarks/scaling.py --out benchmarks/results [--quick] [--cap 3] [--model ehsnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import GIB, MIB, Column, Report, machine_header, run_config, write_report  # noqa: E402
+
+from lrss_ds.engine.plan import PLAN_MODES, fit_linear  # noqa: E402
+
+FULL_SIDES = [512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
+QUICK_SIDES = [64, 96, 128]
+QUICK_MODES = ["none", "ckpt_stage", "fullres_fp32"]
+DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "fullres_fp32", "fullres_bf16"]
+
+COLUMNS = [
+    Column("memory_mode", "Memory mode"),
+    Column("side", "Side px", 0),
+    Column("status", "Status"),
+    Column("device_peak_mib", "Device peak MiB", 0, "n/a (CPU)"),
+    Column("saved_activation_mib", "Saved act. on device MiB", 1),
+    Column("saved_total_mib", "Saved act. total MiB", 1),
+    Column("host_peak_gib", "Host peak RSS GiB", 3),
+    Column("step_s", "Step s", 2),
+    Column("cpu_s", "Process CPU s", 1),
+]
+FIT_COLUMNS = [
+    Column("memory_mode", "Memory mode"),
+    Column("points", "Points", 0),
+    Column("largest_fitting_side", "Largest measured side that fit", 0),
+    Column("saved_bytes_per_px", "Saved act. bytes/px", 1),
+    Column("host_bytes_per_px", "Host RSS bytes/px", 1),
+    Column("host_base_gib", "Host RSS base GiB", 3),
+    Column("step_us_per_px", "Step µs/px", 3),
+]
+
+
+def measure_mode(
+    model: str, mode: str, sides: list[int], cap_gib: float, bands: int, steps: int,
+    options: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Measure ``mode`` at increasing ``sides`` until one does not fit; one row per probe."""
+    rows = []
+    for side in sides:
+        run = run_config(
+            "lrss_ds.engine.plan:probe_training_step",
+            {"model": model, "height": side, "width": side, "mode": mode, "steps": steps,
+             "bands": bands, "model_options": options},
+            cap_gib=cap_gib,
+        )
+        row: dict[str, Any] = {"memory_mode": mode, "side": side, "pixels": side * side,
+                               "status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
+                               "cpu_s": run.cpu_s, "device_peak_mib": None}
+        if run.fits:
+            res = run.result
+            row.update(
+                saved_activation_mib=res["saved_activation_peak_bytes"] / MIB,
+                saved_total_mib=res["saved_total_peak_bytes"] / MIB,
+                device_peak_mib=None if res["device_peak_bytes"] is None else res["device_peak_bytes"] / MIB,
+                step_s=res["step_min_s"],
+            )
+        else:
+            row["error"] = run.error
+        rows.append(row)
+        print(f"[scaling] {mode:>14} {side:>5}px {run.status:>8} rss {run.peak_rss_bytes / GIB:.2f} GiB "
+              f"step {row.get('step_s', math.nan):.2f} s", flush=True)
+        if not run.fits:
+            break
+    return rows
+
+
+def fit_rows(mode: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit bytes/pixel and seconds/pixel of ``mode`` from its fitting rows."""
+    good = [r for r in rows if r["memory_mode"] == mode and r["status"] == "ok"]
+    out: dict[str, Any] = {"memory_mode": mode, "points": len(good),
+                           "largest_fitting_side": max((r["side"] for r in good), default=None)}
+    if len(good) >= 2:
+        px = [float(r["pixels"]) for r in good]
+        saved = fit_linear(px, [r["saved_activation_mib"] * MIB for r in good])
+        host = fit_linear(px, [r["host_peak_gib"] * GIB for r in good])
+        step = fit_linear(px, [r["step_s"] for r in good])
+        out.update(saved_bytes_per_px=saved.per_pixel, host_bytes_per_px=host.per_pixel,
+                   host_base_gib=host.base / GIB, step_us_per_px=step.per_pixel * 1e6)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], modes: list[str], out_dir: Path, stem: str) -> list[Path]:
+    """Draw host RSS, saved activations and step time against megapixels; one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, label, scale in (
+        ("host_peak_gib", "peak RSS (GiB)", 1.0),
+        ("saved_activation_mib", "saved activations on device (GiB)", 1 / 1024),
+        ("step_s", "training step (s)", 1.0),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for mode in modes:
+            good = [r for r in rows if r["memory_mode"] == mode and r["status"] == "ok"]
+            if good:
+                ax.plot([r["pixels"] / 1e6 for r in good], [r[key] * scale for r in good], marker="o", label=mode)
+        ax.set_xlabel("image pixels (Mpx, square)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}_{key}.png"
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scaling benchmark and write ``scaling.{md,csv,json}`` and PNG plots."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
+    parser.add_argument("--model", default="ehsnet")
+    parser.add_argument("--modes", default=None, help="comma-separated memory modes")
+    parser.add_argument("--sides", default=None, help="comma-separated square sides")
+    parser.add_argument("--cap", type=float, default=3.0, help="RSS cap per probe, GiB (default 3)")
+    parser.add_argument("--bands", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
+    parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
+    sides = [int(s) for s in args.sides.split(",")] if args.sides else (QUICK_SIDES if args.quick else FULL_SIDES)
+    for mode in modes:
+        if mode not in PLAN_MODES:
+            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    options: dict[str, Any] = {}
+    conditions = (f"{args.model}, batch 1, {args.bands} bands uint8, random labels; each point a fresh process "
+                  f"under a {args.cap} GiB RSS cap; {args.steps} steps, time = fastest after the first. "
+                  + args.conditions)
+    header = machine_header(conditions, {"cap_gib": args.cap, "model": args.model})
+    rows: list[dict[str, Any]] = []
+    for mode in modes:
+        rows += measure_mode(args.model, mode, sides, args.cap, args.bands, args.steps, options)
+    fits = [fit_rows(mode, rows) for mode in modes]
+    args.out.mkdir(parents=True, exist_ok=True)
+    pngs = plot(rows, modes, args.out, "scaling")
+    report = Report(
+        name="scaling",
+        title=f"Holistic training step vs image side ({args.model})",
+        header=header,
+        tables=[("Measurements", COLUMNS, rows), ("Fitted growth per pixel", FIT_COLUMNS, fits)],
+        notes=[
+            "Device peak is the accelerator allocator's; on CPU there is none (n/a). 'Saved act. on device' "
+            "is the ledger's peak of saved activations not offloaded; 'total' adds the offloaded ones "
+            "(on CPU offloaded bytes are still in RAM, so RSS is the honest figure there).",
+            "A point stops a mode's series when it does not fit the cap (status over_cap/oom).",
+            "Plots: " + ", ".join(p.name for p in pngs),
+        ],
+        data={"fits": fits},
+    )
+    for path in write_report(report, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
