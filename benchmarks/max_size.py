@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=None, help="first side tried (default 1024; quick 128)")
     parser.add_argument("--limit", type=int, default=16384, help="largest side tried")
     parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64; quick 32)")
-    parser.add_argument("--bands", type=int, default=3)
+    parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     args = parser.parse_args(argv)
     cap = args.cap if args.cap is not None else (0.9 if args.quick else 3.0)

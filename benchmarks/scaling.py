@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=None, help="comma-separated memory modes")
     parser.add_argument("--sides", default=None, help="comma-separated square sides")
     parser.add_argument("--cap", type=float, default=3.0, help="RSS cap per probe, GiB (default 3)")
-    parser.add_argument("--bands", type=int, default=3)
+    parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     args = parser.parse_args(argv)

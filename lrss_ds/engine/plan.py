@@ -316,11 +316,12 @@ def probe_training_step(
     width: int = 512,
     mode: str = "none",
     steps: int = 2,
-    bands: int = 3,
+    bands: int = 4,
     num_classes: int = 6,
     model_options: dict[str, Any] | None = None,
     loss: str | None = None,
     seed: int = 0,
+    patch_size: int | None = None,
 ) -> dict[str, Any]:
     """Run ``steps`` whole-sample training steps of ``model`` under ``mode`` and report the peaks.
 
@@ -342,6 +343,9 @@ def probe_training_step(
         loss: a ``build_loss`` name; default ``ehsnet`` for EHSNet, ``focal`` for GLSNet and
             ``ce`` otherwise.
         seed: torch seed.
+        patch_size: train on non-overlapping ``patch_size`` tiles covering the sample instead
+            (patch baselines): one "step" is then one pass over all the tiles of the image, one
+            optimizer step per tile, so ``step_s`` is the training time per image.
 
     Returns:
         JSON-able dict: ``saved_activation_peak_bytes`` (ledger, on device),
@@ -387,13 +391,21 @@ def probe_training_step(
     times: list[float] = []
     last_loss = float("nan")
     engine.train()
+    windows = [(0, 0, height, width)]
+    if patch_size:
+        windows = [
+            (r, c, min(patch_size, height - r), min(patch_size, width - c))
+            for r in range(0, height, patch_size)
+            for c in range(0, width, patch_size)
+        ]
     for _ in range(steps):
         start = time.perf_counter()
-        with apply_memory_mode(engine.module, memory_mode, ledger):
-            outputs = engine(image)
-            loss_value = loss_fn(outputs, target)
-            engine.backward(loss_value)
-        engine.step()
+        for r, c, h, w in windows:
+            with apply_memory_mode(engine.module, memory_mode, ledger):
+                outputs = engine(image[:, :, r : r + h, c : c + w])
+                loss_value = loss_fn(outputs, target[:, r : r + h, c : c + w])
+                engine.backward(loss_value)
+            engine.step()
         if on_cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -414,6 +426,7 @@ def probe_training_step(
         "step_min_s": min(times[1:] or times),
         "loss": last_loss,
         "rss_after_setup_bytes": rss_after_setup,
+        "optimizer_steps_per_image": len(windows),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -503,7 +516,7 @@ def measure(
     side: int,
     mode: str,
     *,
-    bands: int = 3,
+    bands: int = 4,
     num_classes: int = 6,
     model_options: dict[str, Any] | None = None,
     cap_bytes: int | None = None,
@@ -771,7 +784,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="device memory budget, e.g. 24G (on a CPU-only machine this budget is "
                              "checked against the saved-activation peak)")
     parser.add_argument("--host-mem", default=None, help="host memory budget (peak RSS), e.g. 64G")
-    parser.add_argument("--bands", type=int, default=3, help="input bands (default 3)")
+    parser.add_argument("--bands", type=int, default=4, help="input bands (default 4, as FBP: NIR, R, G, B)")
     parser.add_argument("--classes", type=int, default=6, help="classes (default 6)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra model option, repeatable (e.g. mode=holistic)")
@@ -795,7 +808,7 @@ def make_plan(
     host_mem: int | None,
     modes: Sequence[str],
     fit_sides: Sequence[int],
-    bands: int = 3,
+    bands: int = 4,
     num_classes: int = 6,
     model_options: dict[str, Any] | None = None,
     probe_cap: int | None = None,

@@ -1,0 +1,338 @@
+"""What a benchmark child process runs: short synthetic training, and local/global inference.
+
+Each public function here is the target of one fresh process (``_harness.run_config``): it
+takes JSON-able arguments and returns a JSON-able dict. The parent measures the process's peak
+RSS; these functions measure time and accuracy.
+
+The synthetic task is ``lrss_ds.data.synth``'s: river and lake share one spectral signature
+and texture and differ only by extent (the river crosses the scene, a lake is a blob), so a
+patch model cannot tell them apart from inside and a holistic model can. Scenes are rendered in
+memory (the same pixels the ``synth`` CLI writes) so the benchmark does not time GeoTIFF I/O.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RIVER_LAKE = ("river", "lake")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method: which model, how it is trained and how it predicts.
+
+    Attributes:
+        label: the row label in tables (as the papers name it).
+        model: ``MODEL_BUILDERS`` name.
+        options: ``build_model`` options (sizes filled in by ``options_for``).
+        sampling: ``"whole"`` (one whole scene per step) or ``"patch"`` (patches).
+        loss: ``build_loss`` name.
+    """
+
+    label: str
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sampling: str = "whole"
+    loss: str = "ce"
+
+
+METHODS: dict[str, Method] = {
+    m.label: m
+    for m in (
+        Method("patch HRNet", "hrnet_fcn", {"mode": "patch"}, "patch", "ce"),
+        Method("downsampled HRNet", "hrnet_fcn", {"mode": "downsampled", "downsample": 4}, "whole", "ce"),
+        Method("GLNet", "glnet", {}, "whole", "ce"),
+        Method("GLSNet", "glsnet", {}, "whole", "focal"),
+        Method("EHSNet", "ehsnet", {}, "whole", "ehsnet"),
+    )
+}
+
+
+def options_for(method: Method, patch: int) -> dict[str, Any]:
+    """``build_model`` options of ``method`` with its patch/crop size set to ``patch``."""
+    options = dict(method.options)
+    if method.model == "hrnet_fcn" and options.get("mode") == "patch":
+        options["patch_size"] = patch
+        options["overlap"] = patch // 4
+    elif method.model in ("glsnet",):
+        options["crop_size"] = patch
+        options["global_context"] = 0 if patch < 128 else min(256, patch // 2) // 32 * 32
+    elif method.model == "glnet":
+        options["patch_size"] = patch
+    return options
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def synthetic_scenes(count: int, size: int, bands: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render ``count`` synthetic scenes of ``size x size`` in memory.
+
+    Returns:
+        ``[(image (C, H, W) uint8, label (H, W) uint8), ...]``.
+    """
+    from lrss_ds.data.synth import make_layout, render_scene
+
+    return [render_scene(make_layout(seed, index, size, size), bands) for index in range(count)]
+
+
+def _class_names() -> list[str]:
+    """The synthetic dataset's class names."""
+    from lrss_ds.data.catalog import get_dataset
+
+    return list(get_dataset("synthetic").classes)
+
+
+def _band_stats(scenes: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float], list[float]]:
+    """Per-band mean and std over the training scenes (what the model's normaliser gets)."""
+    stacked = np.stack([image.reshape(image.shape[0], -1) for image, _ in scenes]).astype(np.float64)
+    mean = stacked.mean(axis=(0, 2))
+    std = stacked.std(axis=(0, 2)) + 1e-6
+    return mean.tolist(), std.tolist()
+
+
+def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+             window: int | None, overlap: int) -> dict[str, Any]:
+    """Predict ``scenes`` with ``lrss_ds.engine.predict.Predictor`` and score them.
+
+    Args:
+        model: eval-mode model.
+        scenes: ``[(image, label)]``.
+        num_classes: K.
+        window: sliding-window size (local inference) or ``None`` (global: whole scene).
+        overlap: window overlap in pixels.
+
+    Returns:
+        ``miou`` (percent), ``iou`` per class name (percent), ``test_s`` per image (mean).
+    """
+    import torch
+
+    from lrss_ds.engine.metrics import ConfusionMatrix
+    from lrss_ds.engine.predict import Predictor, RasterSource
+
+    predictor = Predictor(model=model, num_classes=num_classes, ignore_index=None, window=window, overlap=overlap)
+    matrix = ConfusionMatrix(num_classes, 255)
+    times = []
+    for index, (image, label) in enumerate(scenes):
+        def read(row: int, col: int, height: int, width: int, image: np.ndarray = image) -> np.ndarray:
+            return image[:, row : row + height, col : col + width]
+
+        source = RasterSource(name=f"scene{index}", where=f"synthetic scene {index}", count=image.shape[0],
+                              height=image.shape[1], width=image.shape[2], dtype=str(image.dtype),
+                              crs=None, transform=None, nodata=None, _reader=read)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for row, classes, _ in predictor.strips(source):
+                matrix.update(classes, label[row : row + classes.shape[0]])
+        times.append(time.perf_counter() - start)
+    result = matrix.compute()
+    names = _class_names()
+    iou = {names[k]: _pct(v) for k, v in enumerate(result["iou"])}
+    return {"miou": _pct(result["miou"]), "iou": iou, "test_s": float(np.mean(times)), "test_s_all": times}
+
+
+def _pct(value: Any) -> float | None:
+    """A 0..1 metric as percent (None when NaN: the class is absent)."""
+    value = float(value)
+    return None if np.isnan(value) else 100.0 * value
+
+
+def short_train(
+    method: str,
+    budget_cpu_s: float,
+    scene_size: int,
+    patch: int,
+    train_scenes: int = 6,
+    val_scenes: int = 3,
+    bands: int = 4,
+    seed: int = 0,
+    lr: float = 1e-3,
+    state_out: str | None = None,
+    max_steps: int = 100000,
+) -> dict[str, Any]:
+    """Train ``method`` on synthetic scenes for a budget of process CPU seconds, then evaluate.
+
+    CPU seconds (not wall-clock) bound the training so that methods compared on a shared,
+    contended machine get the same amount of computation; on an idle machine with all cores
+    busy the two are proportional. Sampling: a random training scene per step, whole
+    (holistic methods) or a random ``patch`` crop of it (patch methods). The optimizer and
+    DeepSpeed engine are the trainer's (``lrss_ds.engine.setup``: AdamW at ``lr``,
+    ``ds_configs/cpu.json``, memory mode ``none``).
+
+    Args:
+        method: a ``METHODS`` label.
+        budget_cpu_s: CPU seconds of training (setup and evaluation excluded).
+        scene_size: square scene side.
+        patch: patch side for patch training / local inference / GLNet-GLSNet crops.
+        train_scenes: scenes trained on.
+        val_scenes: scenes evaluated on (other seeds' layouts than the training scenes).
+        bands: input bands.
+        seed: data and torch seed.
+        lr: learning rate.
+        state_out: if given, the trained state dict and its ``config`` are saved there.
+        max_steps: stop after this many steps even if budget remains.
+
+    Returns:
+        ``miou``, ``iou`` per class, ``river_lake_miou`` (mean of the two), ``steps``,
+        ``train_cpu_s``, ``train_wall_s``, ``train_s_per_image`` (wall per image-equivalent),
+        ``test_s``, ``inference`` (``"local"``/``"global"``), ``final_loss``.
+    """
+    import torch
+
+    from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, ModelConfig, OptimConfig
+    from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json
+    from lrss_ds.models import build_loss, build_model
+
+    spec = METHODS[method]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train = synthetic_scenes(train_scenes, scene_size, bands, seed)
+    val = synthetic_scenes(val_scenes, scene_size, bands, seed + 1000)
+    mean, std = _band_stats(train)
+    num_classes = len(_class_names())
+    options = options_for(spec, patch)
+    init_distributed()
+    repo = Path(__file__).resolve().parents[1]
+    config = ExperimentConfig(
+        model=ModelConfig(name=spec.model, options=options),
+        optim=OptimConfig(type="adamw", lr=lr, weight_decay=1e-4),
+        deepspeed=DeepSpeedConfigRef(config=str(repo / "ds_configs" / "cpu.json")),
+    )
+    net = build_model(spec.model, num_classes, bands, band_mean=mean, band_std=std, **options)
+    loss_fn = build_loss(spec.loss, num_classes, 255)
+    engine = initialize_engine(net, config, load_deepspeed_json(config))
+    engine.train()
+    start_cpu, start_wall = cpu_seconds(), time.perf_counter()
+    steps, pixels, loss_value = 0, 0, float("nan")
+    while cpu_seconds() - start_cpu < budget_cpu_s and steps < max_steps:
+        image, label = train[int(rng.integers(len(train)))]
+        if spec.sampling == "patch":
+            r = int(rng.integers(0, scene_size - patch + 1))
+            c = int(rng.integers(0, scene_size - patch + 1))
+            image, label = image[:, r : r + patch, c : c + patch], label[r : r + patch, c : c + patch]
+        x = torch.from_numpy(np.ascontiguousarray(image))[None]
+        y = torch.from_numpy(np.ascontiguousarray(label))[None]
+        loss = loss_fn(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        loss_value = float(loss.detach())
+        steps += 1
+        pixels += int(y.numel())
+    train_cpu, train_wall = cpu_seconds() - start_cpu, time.perf_counter() - start_wall
+    net = engine.module
+    net.eval()
+    window = patch if spec.sampling == "patch" else None
+    scores = evaluate(net, val, num_classes, window, patch // 4 if window else 0)
+    if state_out:
+        torch.save({"config": net.config(), "state_dict": net.state_dict()}, state_out)
+    river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]
+    images_seen = pixels / float(scene_size * scene_size)
+    return {
+        **scores,
+        "method": method,
+        "river_lake_miou": None if None in river_lake else float(np.mean(river_lake)),
+        "steps": steps,
+        "train_cpu_s": train_cpu,
+        "train_wall_s": train_wall,
+        "train_s_per_image": train_wall / max(images_seen, 1e-9),
+        "inference": "local" if window else "global",
+        "final_loss": loss_value,
+        "scene_size": scene_size,
+        "patch": patch,
+        "options": options,
+    }
+
+
+def infer(
+    method: str,
+    size: int,
+    patch: int,
+    view: str,
+    state: str | None = None,
+    scenes: int = 1,
+    bands: int = 4,
+    seed: int = 1000,
+) -> dict[str, Any]:
+    """Inference time (and mIoU when trained weights are given) of one view on synthetic scenes.
+
+    Args:
+        method: a ``METHODS`` label.
+        size: square scene side.
+        patch: window side of local inference (and the model's patch/crop option).
+        view: ``"local"`` (sliding ``patch`` windows, overlap ``patch // 4``) or ``"global"``
+            (the whole scene in one forward).
+        state: ``short_train``'s saved state; without it the weights are random and ``miou``
+            is ``None``.
+        scenes: scenes predicted (the time is per scene).
+        bands: input bands.
+        seed: scene seed.
+
+    Returns:
+        ``test_s`` per image, ``miou``/``iou`` (or None), ``view``.
+    """
+    import torch
+
+    from lrss_ds.models import build_model
+
+    spec = METHODS[method]
+    torch.manual_seed(0)
+    num_classes = len(_class_names())
+    if state:
+        saved = torch.load(state, map_location="cpu", weights_only=True)
+        config = dict(saved["config"])
+        net = build_model(config.pop("name"), **config)
+        net.load_state_dict(saved["state_dict"])
+    else:
+        net = build_model(spec.model, num_classes, bands, **options_for(spec, patch))
+    net.eval()
+    data = synthetic_scenes(scenes, size, bands, seed)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model and scenes loaded
+    window = patch if view == "local" else None
+    scores = evaluate(net, data, num_classes, window, patch // 4 if window else 0)
+    if not state:
+        scores["miou"] = None
+        scores["iou"] = None
+    return {**scores, "view": view, "method": method, "size": size, "rss_before_bytes": rss_before}
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    size: int,
+    patch: int,
+    bands: int = 4,
+    val_scenes: int = 3,
+    seed: int = 1000,
+    state_out: str | None = None,
+) -> dict[str, Any]:
+    """Score a trained checkpoint (run dir, DeepSpeed tag or weights file) on synthetic val scenes.
+
+    The model predicts as its checkpoint says (``predictor_for``: sliding windows for patch
+    models, whole scene otherwise). Its weights are re-saved to ``state_out`` in
+    ``short_train``'s format so the inference probes can load them.
+
+    Returns:
+        ``miou``, ``iou`` per class, ``river_lake_miou``, ``test_s``, ``inference``.
+    """
+    import torch
+
+    from lrss_ds.engine.model_io import load_model
+    from lrss_ds.engine.predict import predictor_for
+
+    model, meta = load_model(checkpoint)
+    predictor = predictor_for(model, meta)
+    val = synthetic_scenes(val_scenes, size, bands, seed)
+    scores = evaluate(model, val, model.num_classes, predictor.window, predictor.overlap)
+    if state_out:
+        torch.save({"config": model.config(), "state_dict": model.state_dict()}, state_out)
+    river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]
+    return {**scores, "river_lake_miou": None if None in river_lake else float(np.mean(river_lake)),
+            "inference": "local" if predictor.window else "global"}

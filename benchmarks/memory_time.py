@@ -1,0 +1,365 @@
+"""EHSNet's Table 3 measured here: mIoU, device and host memory, training and testing time per image.
+
+Rows: every method (patch HRNet, downsampled HRNet, GLNet, GLSNet, EHSNet) with plain training,
+then EHSNet under each memory mode; all at one image size, each configuration in a fresh
+process. Then the GLSNet-style table (its Tables 3, 5, 6): inference memory and mIoU of local
+(sliding patches) versus global (whole image) inference per model. The papers' own figures are
+printed alongside, labelled as theirs.
+
+    python benchmarks/memory_time.py --out benchmarks/results [--quick] [--size 1024x1024]
+        [--checkpoints EHSNet=runs/x/checkpoints/step_0001000 ...]
+
+Columns: device memory is the accelerator allocator's peak; on CPU there is none ("n/a (CPU)",
+JSON null) and the saved-activation ledger's peak stands beside it. Host memory is the
+process's peak RSS. mIoU comes from a given checkpoint, else from a short training on the
+synthetic river/lake task (same CPU-second budget per method); ``miou_source`` says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _papers  # noqa: E402
+from _harness import GIB, MIB, Column, Report, machine_header, parse_size, run_config, write_report  # noqa: E402
+from _workloads import METHODS, options_for  # noqa: E402
+
+from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
+
+EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
+QUICK_EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32"]
+# Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
+# helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
+FP32_EQUAL = {"none", "ckpt_stage", "ckpt_block", "ckpt_fine", "ckpt_offload", "zero2_offload", "zero3_offload",
+              "fullres_fp32"}
+
+COLUMNS = [
+    Column("method", "Method"),
+    Column("memory_mode", "Memory mode"),
+    Column("size", "Size"),
+    Column("miou", "mIoU %", 1, "n/a"),
+    Column("river_lake_miou", "river+lake mIoU %", 1, "n/a"),
+    Column("miou_source", "mIoU source"),
+    Column("device_peak_mib", "Device peak MiB", 0, "n/a (CPU)"),
+    Column("saved_activation_mib", "Saved act. on device MiB", 1),
+    Column("saved_total_mib", "Saved act. incl. offloaded MiB", 1),
+    Column("host_peak_gib", "Host peak RSS GiB", 3),
+    Column("train_s", "Train s/image", 2),
+    Column("test_s", "Test s/image", 2),
+    Column("status", "Status"),
+]
+INFERENCE_COLUMNS = [
+    Column("method", "Model"),
+    Column("size", "Size"),
+    Column("local_miou", "Local mIoU %", 1, "n/a"),
+    Column("local_peak_mib", "Local peak RSS MiB", 0),
+    Column("local_above_model_mib", "Local above model MiB", 0),
+    Column("local_s", "Local s/image", 2),
+    Column("global_miou", "Global mIoU %", 1, "n/a"),
+    Column("global_peak_mib", "Global peak RSS MiB", 0),
+    Column("global_above_model_mib", "Global above model MiB", 0),
+    Column("global_s", "Global s/image", 2),
+]
+RATIO_COLUMNS = [
+    Column("memory_mode", "EHSNet memory mode"),
+    Column("saved_device_ratio", "Saved act. on device / plain", 3),
+    Column("saved_total_ratio", "Saved act. incl. offloaded / plain", 3),
+    Column("rss_ratio", "Peak RSS / plain", 3),
+    Column("rss_above_setup_ratio", "RSS above setup / plain", 3),
+    Column("time_ratio", "Step time / plain", 2),
+]
+TARGET_COLUMNS = [
+    Column("target", "Target"),
+    Column("measured", "Measured"),
+    Column("met", "Met"),
+]
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def train_probe(label: str, mode: str, size: tuple[int, int], patch: int, cap: float, bands: int,
+                steps: int) -> dict[str, Any]:
+    """Training memory/time of one method+mode at ``size`` (fresh process)."""
+    spec = METHODS[label]
+    run = run_config(
+        "lrss_ds.engine.plan:probe_training_step",
+        {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
+         "model_options": options_for(spec, patch), "loss": spec.loss,
+         "patch_size": patch if spec.sampling == "patch" else None},
+        cap_gib=cap,
+    )
+    row: dict[str, Any] = {"status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
+                           "train_cpu_s": run.cpu_s, "device_peak_mib": None}
+    if run.fits:
+        res = run.result
+        row.update(
+            device_peak_mib=_mib(res["device_peak_bytes"]),
+            saved_activation_mib=res["saved_activation_peak_bytes"] / MIB,
+            saved_total_mib=res["saved_total_peak_bytes"] / MIB,
+            host_above_setup_gib=(run.peak_rss_bytes - res["rss_after_setup_bytes"]) / GIB,
+            train_s=res["step_min_s"],
+            optimizer_steps_per_image=res["optimizer_steps_per_image"],
+        )
+    else:
+        row["error"] = run.error[-500:]
+    print(f"[memory_time] train {label:>18} {mode:>14} {run.status:>8} rss {run.peak_rss_bytes / GIB:.2f} GiB "
+          f"train {row.get('train_s', math.nan):.2f} s", flush=True)
+    return row
+
+
+def infer_probe(label: str, size: int, patch: int, view: str, cap: float | None, bands: int,
+                state: str | None) -> dict[str, Any]:
+    """Inference memory/time (and mIoU with a state) of one view (fresh process)."""
+    run = run_config(
+        "_workloads:infer",
+        {"method": label, "size": size, "patch": patch, "view": view, "state": state, "bands": bands},
+        cap_gib=cap,
+    )
+    out: dict[str, Any] = {"status": run.status, "peak_mib": run.peak_rss_bytes / MIB}
+    if run.fits:
+        out.update(test_s=run.result["test_s"], miou=run.result["miou"], iou=run.result["iou"],
+                   above_model_mib=(run.peak_rss_bytes - run.result["rss_before_bytes"]) / MIB)
+    else:
+        out["error"] = run.error[-500:]
+    print(f"[memory_time] infer {label:>18} {view:>6} {size}px {run.status:>8} rss {run.peak_rss_bytes / MIB:.0f} MiB "
+          f"{out.get('test_s', math.nan):.2f} s", flush=True)
+    return out
+
+
+def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """mIoU of ``label`` from its checkpoint, else from a short synthetic training (fresh process).
+
+    Returns:
+        (scores incl. ``miou_source``, path of a state the inference probes can load or None).
+    """
+    if label in args.checkpoints:
+        path = args.checkpoints[label]
+        run = run_config("_workloads:evaluate_checkpoint",
+                         {"checkpoint": path, "size": args.scene_size, "patch": args.patch, "bands": args.bands,
+                          "state_out": str(states_dir / f"{_slug(label)}.pt")})
+        if not run.fits:
+            return {"miou": None, "miou_source": f"checkpoint {path} failed: {run.status}"}, None
+        return {**run.result, "miou_source": f"checkpoint {path}, synthetic val scenes"}, str(
+            states_dir / f"{_slug(label)}.pt")
+    state = states_dir / f"{_slug(label)}.pt"
+    run = run_config(
+        "_workloads:short_train",
+        {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
+         "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
+         "state_out": str(state)},
+    )
+    if not run.fits:
+        print(f"[memory_time] short training of {label} failed: {run.status}\n{run.error}", flush=True)
+        return {"miou": None, "miou_source": f"short training failed ({run.status})", "error": run.error[-500:]}, None
+    res = run.result
+    print(f"[memory_time] trained {label:>18}: {res['steps']} steps, {res['train_cpu_s']:.0f} CPU-s, "
+          f"mIoU {res['miou']:.1f}, river+lake {res['river_lake_miou']}", flush=True)
+    source = (f"short synthetic training: {res['steps']} steps in {res['train_cpu_s']:.0f} CPU-s "
+              f"({res['train_wall_s']:.0f} s wall), {args.train_scenes} scenes of {args.scene_size}px, "
+              f"{res['inference']} inference on {args.val_scenes} val scenes")
+    return {**res, "miou_source": source}, str(state)
+
+
+def _slug(label: str) -> str:
+    return label.lower().replace(" ", "_")
+
+
+def _parse_checkpoints(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or label not in METHODS:
+            raise SystemExit(f"--checkpoints {item!r}: expected METHOD=PATH with METHOD in {list(METHODS)}")
+        out[label] = path
+    return out
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each EHSNet memory mode's figures as fractions of plain (``none``) training's."""
+    ehs = {r["memory_mode"]: r for r in rows if r["method"] == "EHSNet" and r["status"] == "ok"}
+    plain = ehs.get("none")
+    out = []
+    if plain is None:
+        return out
+    for mode, row in ehs.items():
+        def frac(key: str) -> float | None:
+            a, b = row.get(key), plain.get(key)
+            return None if a is None or not b else a / b
+
+        out.append({"memory_mode": mode, "saved_device_ratio": frac("saved_activation_mib"),
+                    "saved_total_ratio": frac("saved_total_mib"), "rss_ratio": frac("host_peak_gib"),
+                    "rss_above_setup_ratio": frac("host_above_setup_gib"), "time_ratio": frac("train_s")})
+    return out
+
+
+def targets(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on this run's numbers."""
+    out = []
+    candidates = [r for r in ratio_rows if r["memory_mode"] != "none" and r["rss_ratio"] is not None]
+    if candidates:
+        best = min(candidates, key=lambda r: r["rss_ratio"])
+        checks = [
+            ("saved activations (incl. offloaded) <= 1/8 of plain", best["saved_total_ratio"], 1 / 8),
+            ("saved activations on device <= 1/8 of plain", best["saved_device_ratio"], 1 / 8),
+            ("peak RSS <= 1/3 of plain", best["rss_ratio"], 1 / 3),
+            ("step time <= 1.3x plain", best["time_ratio"], 1.3),
+        ]
+        for text, value, bound in checks:
+            out.append({"target": f"best mode by RSS ({best['memory_mode']}): {text}",
+                        "measured": None if value is None else f"{value:.3f}",
+                        "met": None if value is None else value <= bound})
+    by_method = {r["method"]: r for r in rows if r["memory_mode"] == "none"}
+    ehs, patch = by_method.get("EHSNet", {}), by_method.get("patch HRNet", {})
+    a, b = ehs.get("river_lake_miou"), patch.get("river_lake_miou")
+    out.append({"target": "holistic EHSNet beats patch HRNet (same CPU-time budget) by >= 5 river+lake mIoU",
+                "measured": None if a is None or b is None else f"{a:.1f} vs {b:.1f} ({a - b:+.1f})",
+                "met": None if a is None or b is None else a - b >= 5.0})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration and write ``memory_time.{md,csv,json}``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and training for the test suite")
+    parser.add_argument("--size", default=None, help="image size HxW for memory/time (default 1024x1024; quick 96x96)")
+    parser.add_argument("--checkpoints", action="append", default=[], metavar="METHOD=PATH",
+                        help="trained checkpoint per method (DeepSpeed tag dir or weights file); repeatable")
+    parser.add_argument("--cap", type=float, default=6.0, help="RSS cap per configuration, GiB (default 6)")
+    parser.add_argument("--train-budget", type=float, default=None,
+                        help="CPU seconds of short training per method (default 240; quick 4)")
+    parser.add_argument("--scene-size", type=int, default=None, help="synthetic scene side (default 512; quick 64)")
+    parser.add_argument("--patch", type=int, default=None, help="patch/crop side (default 128; quick 32)")
+    parser.add_argument("--train-scenes", type=int, default=None)
+    parser.add_argument("--val-scenes", type=int, default=None)
+    parser.add_argument("--bands", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
+    parser.add_argument("--modes", default=None, help="comma-separated EHSNet memory modes")
+    parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    size = parse_size(args.size) if args.size else ((96, 96) if quick else (1024, 1024))
+    args.train_budget = args.train_budget if args.train_budget is not None else (4.0 if quick else 240.0)
+    args.scene_size = args.scene_size or (64 if quick else 512)
+    args.patch = args.patch or (32 if quick else 128)
+    args.train_scenes = args.train_scenes or (2 if quick else 6)
+    args.val_scenes = args.val_scenes or (1 if quick else 3)
+    args.checkpoints = _parse_checkpoints(args.checkpoints)
+    methods = [m for m in args.methods.split(",") if m]
+    modes = args.modes.split(",") if args.modes else (QUICK_EHSNET_MODES if quick else EHSNET_MODES)
+    for label in methods:
+        if label not in METHODS:
+            parser.error(f"--methods: unknown method {label!r}; use some of {list(METHODS)}")
+    for mode in modes:
+        if mode not in PLAN_MODES:
+            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    size_text = f"{size[0]}x{size[1]}"
+    conditions = (
+        f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
+        f"a {args.cap} GiB RSS cap; train s/image = fastest of {args.steps} passes after the first (forward, loss, "
+        f"backward, DeepSpeed optimizer step; patch HRNet: all {args.patch}px patches of the image, one step each); "
+        f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.predict.Predictor (global for "
+        f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
+        f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes of "
+        f"{args.scene_size}px. " + args.conditions
+    )
+    header = machine_header(conditions, {"cap_gib": args.cap, "size": size_text})
+    args.out.mkdir(parents=True, exist_ok=True)
+    states_dir = args.out / "memory_time_states"
+    states_dir.mkdir(exist_ok=True)
+
+    # 1. accuracy: checkpoint or short training per method (also leaves states for inference)
+    trained: dict[str, dict[str, Any]] = {}
+    states: dict[str, str | None] = {}
+    for label in methods:
+        trained[label], states[label] = trained_state(label, args, states_dir)
+
+    # 2. memory and time per method (plain training), then EHSNet per memory mode
+    rows: list[dict[str, Any]] = []
+    test_cache: dict[str, dict[str, Any]] = {}
+    for label in methods:
+        spec = METHODS[label]
+        view = "local" if spec.sampling == "patch" else "global"
+        test = infer_probe(label, size[0], args.patch, view, args.cap, args.bands, None) if size[0] == size[1] \
+            else {"status": "skipped"}
+        test_cache[label] = test
+        label_modes = modes if label == "EHSNet" else ["none"]
+        for mode in label_modes:
+            row = {"method": label, "memory_mode": mode, "size": size_text}
+            row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
+            row["test_s"] = test.get("test_s")
+            row["test_peak_gib"] = test.get("peak_mib", 0) / 1024 if test.get("peak_mib") else None
+            scores = trained[label]
+            if mode == "none" or mode in FP32_EQUAL:
+                row["miou"] = scores.get("miou")
+                row["river_lake_miou"] = scores.get("river_lake_miou")
+                row["miou_source"] = scores["miou_source"] if mode == "none" else \
+                    "same as EHSNet/none: this fp32 mode gives equal loss and gradients"
+            else:
+                row["miou"] = None
+                row["river_lake_miou"] = None
+                row["miou_source"] = "not trained in this mode (bf16 is not bit-equal to fp32)"
+            rows.append(row)
+
+    # 3. GLSNet-style table: local vs global inference, on the trained models' scenes
+    inference_rows = []
+    for label in methods:
+        local = infer_probe(label, args.scene_size, args.patch, "local", args.cap, args.bands, states[label])
+        glob = infer_probe(label, args.scene_size, args.patch, "global", args.cap, args.bands, states[label])
+        inference_rows.append({
+            "method": label, "size": f"{args.scene_size}x{args.scene_size}",
+            "local_miou": local.get("miou"), "local_peak_mib": local.get("peak_mib"),
+            "local_above_model_mib": local.get("above_model_mib"), "local_s": local.get("test_s"),
+            "global_miou": glob.get("miou"), "global_peak_mib": glob.get("peak_mib"),
+            "global_above_model_mib": glob.get("above_model_mib"), "global_s": glob.get("test_s"),
+            "local_status": local["status"], "global_status": glob["status"],
+        })
+
+    ratio_rows = ratios(rows)
+    target_rows = targets(rows, ratio_rows)
+    papers = _papers.paper_tables()
+    report = Report(
+        name="memory_time",
+        title=f"Memory and time per method and memory mode at {size_text} (EHSNet Table 3, measured here)",
+        header=header,
+        tables=[
+            ("Methods and EHSNet memory modes (measured here)", COLUMNS, rows),
+            ("EHSNet memory modes relative to plain training (measured here)", RATIO_COLUMNS, ratio_rows),
+            ("Targets of issue 6 (this run)", TARGET_COLUMNS, target_rows),
+            ("Local vs global inference (GLSNet Table 3 style, measured here; memory = peak RSS, CPU)",
+             INFERENCE_COLUMNS, inference_rows),
+            ("THEIR figures: " + _papers.EHSNET_TABLE3_SOURCE, _papers.EHSNET_TABLE3_COLUMNS, _papers.EHSNET_TABLE3),
+            ("THEIR figures: " + _papers.GLSNET_TABLE3_SOURCE, _papers.GLSNET_TABLE3_COLUMNS, _papers.GLSNET_TABLE3),
+            ("THEIR figures: " + _papers.GLSNET_TABLE5_SOURCE, _papers.GLSNET_ABLATION_COLUMNS, _papers.GLSNET_TABLE5),
+            ("THEIR figures: " + _papers.GLSNET_TABLE6_SOURCE, _papers.GLSNET_ABLATION_COLUMNS, _papers.GLSNET_TABLE6),
+        ],
+        notes=[
+            "Device peak MiB: the accelerator allocator's peak; this machine has no accelerator, so it is n/a (CPU) "
+            "and JSON null. Saved act. columns: the memory ledger's peak bytes of tensors autograd saved for "
+            "backward, on the device and in total with the offloaded ones (on CPU 'offloaded' bytes are still in "
+            "RAM, so peak RSS is the honest memory figure here).",
+            "Host peak RSS: the configuration's process peak resident set (kernel ru_maxrss), including the "
+            "interpreter, torch/DeepSpeed (~0.3-0.5 GiB), the model, optimizer state and the sample.",
+            "Times are wall-clock on the conditions above; the papers' times are on a GPU and not comparable in "
+            "absolute terms. The papers' memory figures are GPU memory at their maximum batch sizes.",
+            "mIoU here is on the synthetic river/lake task (6 classes), not FBP/DeepGlobe: compare the ranking and "
+            "the river+lake column, not the values, with the papers'.",
+        ],
+        data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
+              "training": trained},
+    )
+    for path in write_report(report, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
