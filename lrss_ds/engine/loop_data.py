@@ -1,0 +1,138 @@
+"""Training data stream: a resumable per-rank sample order and DataLoader workers reading the store.
+
+Each rank sees an endless stream of sample indices: epoch ``e`` is a permutation of the training
+samples drawn from ``seed + e``, padded to a multiple of the world size and dealt round-robin to
+the ranks. Position ``p`` in that stream is a plain integer, so a checkpoint stores it and a
+resumed run continues with exactly the samples the interrupted one would have seen next.
+Workers read whole scenes from the tile store while the training process computes (prefetch).
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Endless, seeded, rank-sharded sample order that starts at a saved position.
+
+    Args:
+        num_samples: samples per epoch in the dataset.
+        rank: this rank.
+        world_size: number of ranks.
+        seed: seed of the epoch permutations (equal on every rank).
+        start: items of this rank's stream already consumed (from a checkpoint).
+        shuffle: permute each epoch (False: 0, 1, 2, ... every epoch).
+    """
+
+    def __init__(
+        self, num_samples: int, rank: int, world_size: int, seed: int, start: int = 0, shuffle: bool = True
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError("the training split has no samples")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start = start
+        self.shuffle = shuffle
+        # Per-rank items per epoch; the permutation is padded by wrapping so ranks stay in step.
+        self.per_rank = -(-num_samples // world_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's indices in epoch ``epoch``."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        total = self.per_rank * self.world_size
+        order = (order * (total // len(order) + 1))[:total]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        while True:
+            epoch, offset = divmod(position, self.per_rank)
+            for index in self.epoch_order(epoch)[offset:]:
+                yield index
+            position = (epoch + 1) * self.per_rank
+
+    def __len__(self) -> int:  # an epoch's worth; the stream itself never ends
+        return self.per_rank
+
+
+def _worker_init(worker_id: int) -> None:
+    """Make workers ignore SIGTERM (see :func:`make_train_loader`)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack ``image (C,H,W)`` to ``(B,C,H,W)`` and ``label (H,W)`` to ``(B,H,W)``, keep names.
+
+    Dtypes are kept (uint8 stays uint8 until inside the model's first segment).
+    """
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "label": torch.stack([item["label"] for item in items]),
+        "scene": [item["scene"] for item in items],
+        "window": [tuple(item["window"]) for item in items],
+    }
+
+
+def make_train_loader(
+    dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, prefetch: int
+) -> DataLoader:
+    """DataLoader over ``dataset`` in ``sampler``'s order, read ahead by ``workers`` processes.
+
+    Workers ignore SIGTERM: SLURM and the ``deepspeed`` launcher signal the whole process tree,
+    and a worker killed by it would make the DataLoader raise in the training process before
+    that process has saved its preemption checkpoint. Workers still exit with their parent.
+
+    Args:
+        dataset: ``SceneSamples`` of the training split.
+        sampler: this rank's order.
+        batch_size: micro-batch size (1 scene in holistic mode).
+        workers: worker processes (0: read in this process).
+        prefetch: batches each worker reads ahead.
+
+    Returns:
+        The loader; iterate it once (the sampler is endless).
+    """
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _worker_init}
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, **extra
+    )
+
+
+def make_eval_loader(dataset: Dataset, rank: int, world_size: int, workers: int) -> tuple[DataLoader, int]:
+    """DataLoader over this rank's share (``rank::world_size``) of the evaluation samples, in order.
+
+    Every rank gets the same number of batches (a short share is padded by repeating its first
+    sample, or sample 0), because under ZeRO-3 each forward gathers parameters collectively and a
+    rank that stopped early would leave the others waiting. Only the first ``count`` batches
+    are real.
+
+    Args:
+        dataset: ``SceneSamples`` of the validation split (whole scenes).
+        rank: this rank.
+        world_size: number of ranks.
+        workers: worker processes.
+
+    Returns:
+        ``(loader, count)``: a finite loader of batches of one scene, and how many are real.
+    """
+    indices = list(range(rank, len(dataset), world_size))
+    count = len(indices)
+    per_rank = -(-len(dataset) // world_size)
+    indices += [indices[0] if indices else 0] * (per_rank - count)
+    extra: dict[str, Any] = {"worker_init_fn": _worker_init} if workers > 0 else {}
+    loader = DataLoader(
+        dataset, batch_size=1, sampler=indices, num_workers=min(workers, len(indices)), collate_fn=collate, **extra
+    )
+    return loader, count

@@ -1,0 +1,301 @@
+"""Engine setup: distributed init, the DeepSpeed JSON, parameter groups, optimizer, LR schedule.
+
+The DeepSpeed JSON decides ZeRO stage, offload, dtype, gradient accumulation and clipping; this
+module only reads it, refuses what cannot work on this accelerator, and hands it to
+``deepspeed.initialize``. The optimizer and the LR schedule come from the experiment YAML (the
+paper's per-group learning rates and warm-up/step schedule cannot be said in the JSON), and are
+passed to DeepSpeed as a client optimizer and a client ``LambdaLR``, which DeepSpeed steps at
+each gradient-accumulation boundary and saves in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from lrss_ds.engine.config import ExperimentConfig, OptimConfig, ScheduleConfig, deepspeed_json_path, merge
+from lrss_ds.errors import ConfigError
+from lrss_ds.memory.checkpointing import configure_deepspeed_checkpointing
+
+# JSON sections the YAML owns: saying them twice would leave two sources of truth.
+_YAML_OWNED = ("optimizer", "scheduler")
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job.
+
+    Args:
+        rank: global rank.
+        world_size: number of ranks.
+        local_rank: rank on this node.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback interface right now (for a single-process run)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_distributed() -> DistInfo:
+    """Join the job the launcher started, or make this process a one-rank job.
+
+    Under ``deepspeed``/``torchrun``/SLURM the launcher sets ``RANK``, ``WORLD_SIZE`` and
+    ``MASTER_ADDR``; without them this sets a single rank on a free loopback port so the same
+    code runs in ``lrss-ds train``. The backend is the accelerator's (gloo on CPU, NCCL on CUDA).
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        )
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch RNGs (every rank passes ``config seed + rank``)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_deepspeed_json(config: ExperimentConfig) -> dict[str, Any]:
+    """Read the experiment's DeepSpeed JSON, merge ``deepspeed.override`` and check it.
+
+    Args:
+        config: the experiment (its ``deepspeed`` section names the JSON).
+
+    Returns:
+        The DeepSpeed config dict given to ``deepspeed.initialize``. ``csv_monitor`` and
+        ``tensorboard`` without an ``output_path`` are pointed at ``OUT/monitor``.
+
+    Raises:
+        ConfigError: missing or invalid JSON, an ``optimizer``/``scheduler`` section (the YAML
+            owns those), fp16 on the CPU accelerator, or bf16 on CPU without
+            ``data_types.buffer_dtype`` bf16 (BatchNorm buffers must match bf16 weights there).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    path = deepspeed_json_path(config)
+    try:
+        ds_config = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(path, f"cannot read the DeepSpeed config ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(path, f"not valid JSON: {error}") from None
+    ds_config = merge(ds_config, config.deepspeed.override)
+    for key in _YAML_OWNED:
+        if key in ds_config:
+            raise ConfigError(f"{path}: {key}", f"set the {key} in the experiment YAML (optim/schedule), not the JSON")
+    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    # DeepSpeed derives train_batch_size from the other two; a stale copy would contradict a
+    # changed world size or accumulation, so it is not written in our JSONs.
+    ds_config.pop("train_batch_size", None)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and ds_config.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16.enabled", "fp16 is refused by DeepSpeed's CPU accelerator; use bf16 or fp32")
+    if on_cpu and ds_config.get("bf16", {}).get("enabled"):
+        if ds_config.get("data_types", {}).get("buffer_dtype") != "bf16":
+            raise ConfigError(
+                f"{path}: data_types.buffer_dtype",
+                "bf16 on CPU needs buffer_dtype bf16 (BatchNorm buffers must match the bf16 weights)",
+            )
+    out = Path(config.train.output)
+    for monitor in ("csv_monitor", "tensorboard"):
+        section = ds_config.get(monitor)
+        if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+            section["output_path"] = str(out / "monitor")
+            section.setdefault("job_name", "train")
+    return ds_config
+
+
+def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:
+    """True when the JSON offloads the optimizer state and step to the host (ZeRO-Offload)."""
+    zero = ds_config.get("zero_optimization", {})
+    return zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Split trainable parameters into groups with their learning rates.
+
+    A parameter's LR is ``optim.group_lrs[prefix]`` if its name starts with ``prefix`` (longest
+    prefix wins; GLSNet's global/local branches), else ``optim.lr``; it is multiplied by
+    ``optim.head_lr_mult`` when a component of its dotted name contains one of
+    ``optim.head_keys`` (EHSNet's heads at 10x, following the paper).
+
+    Args:
+        model: the network.
+        optim: the optimizer section.
+
+    Returns:
+        Non-empty groups ``{"params", "lr", "name"}``, in a fixed order (so optimizer state
+        lines up on resume).
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    prefixes = sorted(optim.group_lrs, key=len, reverse=True)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        prefix = next((p for p in prefixes if name.startswith(p)), "")
+        is_head = any(key in part for part in name.split(".") for key in optim.head_keys)
+        groups.setdefault((prefix, is_head), []).append(param)
+    out = []
+    for (prefix, is_head), params in groups.items():
+        lr = optim.group_lrs[prefix] if prefix else optim.lr
+        if is_head:
+            lr *= optim.head_lr_mult
+        label = (prefix or "base") + (".head" if is_head else "")
+        out.append({"params": params, "lr": lr, "name": label})
+    if not out:
+        raise ConfigError("model", "has no trainable parameters")
+    return out
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, offloaded: bool) -> torch.optim.Optimizer:
+    """Make the client optimizer handed to ``deepspeed.initialize``.
+
+    Adam/AdamW under ZeRO-Offload become ``DeepSpeedCPUAdam`` (the fast host Adam; it is
+    JIT-compiled with ninja + g++ on first use, about a minute). SGD has no DeepSpeed host
+    kernel: ZeRO-Offload runs ``torch.optim.SGD`` on the fp32 host copy, which the JSON allows
+    with ``"zero_force_ds_cpu_optimizer": false``.
+
+    Args:
+        groups: from :func:`param_groups`.
+        optim: the optimizer section.
+        offloaded: the JSON offloads the optimizer to the host.
+
+    Returns:
+        The optimizer.
+    """
+    if optim.type == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    betas = (float(optim.betas[0]), float(optim.betas[1]))
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            groups, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay, adamw_mode=optim.type == "adamw"
+        )
+    cls = torch.optim.AdamW if optim.type == "adamw" else torch.optim.Adam
+    return cls(groups, lr=optim.lr, betas=betas, weight_decay=optim.weight_decay)
+
+
+def lr_factor(schedule: ScheduleConfig, base_lr: float) -> Callable[[int], float]:
+    """The schedule as a factor of each group's LR, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Iteration ``i`` (optimizer steps done, from 0): during warm-up (``i < warmup_iters``) the
+    factor is ``warmup_lr / base_lr`` (so every group keeps its ratio to the base group); then
+    ``step`` multiplies by ``gamma`` at each milestone passed, ``poly`` decays
+    ``(1 - i/total)**0.9``, ``constant`` stays 1. No factor goes below ``min_lr / base_lr``.
+
+    Args:
+        schedule: the schedule section.
+        base_lr: ``optim.lr``.
+
+    Returns:
+        ``factor(i) -> float``.
+    """
+    floor = schedule.min_lr / base_lr if base_lr > 0 else 0.0
+    warm = schedule.warmup_lr / base_lr if base_lr > 0 else 0.0
+    milestones = list(schedule.milestones)
+    total = max(milestones[-1] if milestones else 1, 1)
+
+    def factor(i: int) -> float:
+        if i < schedule.warmup_iters:
+            return warm
+        if schedule.policy == "step":
+            value = schedule.gamma ** sum(1 for m in milestones if i >= m)
+        elif schedule.policy == "poly":
+            value = max(1.0 - i / total, 0.0) ** 0.9
+        else:
+            value = 1.0
+        return max(value, floor)
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: ExperimentConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule as a ``LambdaLR`` over optimizer steps (``poly`` ends at ``train.iterations``).
+
+    Args:
+        optimizer: the client optimizer.
+        config: the experiment.
+
+    Returns:
+        The scheduler; DeepSpeed calls its ``step()`` after each optimizer step.
+    """
+    schedule = config.schedule
+    if schedule.policy == "poly" and not schedule.milestones:
+        # poly decays over the whole run; its end is the run's length.
+        schedule = ScheduleConfig(**{**schedule.__dict__, "milestones": [config.train.iterations]})
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, config.optim.lr))
+
+
+def resolve_memory_mode(config: ExperimentConfig) -> Any:
+    """The ``lrss_ds.memory.MemoryMode`` of the ``memory`` section (preset plus the fields set)."""
+    from lrss_ds.memory import MemoryMode
+
+    section = {k: v for k, v in config.memory.__dict__.items() if v is not None}
+    return MemoryMode.from_dict(section, where="memory")
+
+
+def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any]) -> Any:
+    """Prepare ``model`` for the memory mode and wrap it in a DeepSpeed engine.
+
+    The memory mode (channels-last, checkpoint segment runner) is applied before
+    ``deepspeed.initialize`` because ZeRO keeps references to the parameter tensors.
+    ``deepspeed.initialize`` does not apply the JSON's ``activation_checkpointing`` section by
+    itself, so it is applied afterwards (``lrss_ds.memory``'s ``configure_deepspeed_checkpointing``
+    calls ``deepspeed.checkpointing.configure``; distributed is initialised by then).
+
+    Args:
+        model: the network (on the host; DeepSpeed moves it to the accelerator).
+        config: the experiment (optimizer, schedule and memory sections).
+        ds_config: from :func:`load_deepspeed_json`.
+
+    Returns:
+        The ``DeepSpeedEngine``; the memory mode is ``resolve_memory_mode(config)``.
+    """
+    import deepspeed
+
+    from lrss_ds.memory import prepare_model
+
+    mode = resolve_memory_mode(config)
+    prepare_model(model, mode, ds_config)
+    offloaded = optimizer_offloaded(ds_config)
+    if offloaded and config.optim.type == "sgd":
+        ds_config = {**ds_config, "zero_force_ds_cpu_optimizer": False}
+    optimizer = build_optimizer(param_groups(model, config.optim), config.optim, offloaded)
+    scheduler = build_scheduler(optimizer, config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if "activation_checkpointing" in ds_config and not mode.cpu_checkpointing:
+        configure_deepspeed_checkpointing(False, ds_config)
+    return engine

@@ -1,0 +1,506 @@
+"""The training loop: one whole scene per rank per micro-batch, DeepSpeed doing the engine work.
+
+Read :func:`train_step` first: load, forward, loss, backward, step — with the memory mode entered
+as a context manager around forward and backward. :func:`train` is the loop around it: resume,
+log, evaluate, checkpoint, stop on SIGTERM. :func:`build_run` assembles the pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from lrss_ds.engine import checkpoints
+from lrss_ds.engine.config import ExperimentConfig, save_config
+from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
+from lrss_ds.engine.metrics import ConfusionMatrix, jsonable
+from lrss_ds.engine.setup import (
+    DistInfo,
+    init_distributed,
+    initialize_engine,
+    load_deepspeed_json,
+    resolve_memory_mode,
+    seed_everything,
+)
+from lrss_ds.errors import ConfigError, TrainingError
+
+# Exit status after a SIGTERM-triggered checkpoint: 128 + SIGTERM, what a shell reports for a
+# process ended by the signal, so a scheduler still sees the run as not finished.
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+GIB = float(1 << 30)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`build_run`.
+
+    Attributes:
+        config: the experiment.
+        dist: rank and world size.
+        out: the run directory.
+        engine: the DeepSpeed engine (``engine.module`` is the model).
+        loss_fn: ``loss_fn(outputs, target) -> scalar``.
+        memory_mode: the ``lrss_ds.memory.MemoryMode``.
+        ledger: the ``SavedTensorLedger`` of saved activations.
+        train_set / val_set: ``SceneSamples`` of the two splits (``val_set`` may be None).
+        meta: the static part of ``lrss_meta.json`` (model config, dataset, band statistics).
+        class_names / num_classes / ignore_index: from the dataset spec.
+        log: rank 0's log file handle (None on other ranks).
+    """
+
+    config: ExperimentConfig
+    dist: DistInfo
+    out: Path
+    engine: Any
+    loss_fn: Any
+    memory_mode: Any
+    ledger: Any
+    train_set: Any
+    val_set: Any
+    meta: dict[str, Any]
+    class_names: list[str]
+    num_classes: int
+    ignore_index: int
+    log: Any = None
+    stop_requested: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def say(self, line: str, console: bool = True) -> None:
+        """Write ``line`` to ``log.txt`` (and the console) on rank 0."""
+        if self.dist.rank != 0:
+            return
+        stamp = time.strftime("%H:%M:%S")
+        if self.log is not None:
+            self.log.write(f"{stamp} {line}\n")
+            self.log.flush()
+        if console:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stdout)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank (a collective: every rank must call it)."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def train_step(run: Run, batch: dict[str, Any]) -> float | None:
+    """One micro-batch: load, forward, loss, backward, step.
+
+    DeepSpeed's ``engine.step()`` applies the optimizer (and the LR schedule) only at a
+    gradient-accumulation boundary; between boundaries it just counts the micro-batch.
+
+    Args:
+        run: the run.
+        batch: ``image (B, C, H, W)`` (native dtype, e.g. uint8) and ``label (B, H, W)`` uint8.
+
+    Returns:
+        The loss, or None when it was not finite on some rank: then no rank runs backward or
+        step, so the micro-batch is dropped as if it had not been drawn.
+    """
+    from lrss_ds.memory import apply_memory_mode
+
+    image = batch["image"].to(run.engine.device, non_blocking=True)
+    label = batch["label"].to(run.engine.device, non_blocking=True)
+    with apply_memory_mode(run.engine.module, run.memory_mode, run.ledger) as memory:
+        with memory.autocast():
+            outputs = run.engine(image)
+            loss = run.loss_fn(outputs, label)
+        if any_rank(not torch.isfinite(loss.detach()).item()):
+            return None
+        run.engine.backward(loss)
+    run.engine.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, Any]:
+    """Score the model on this rank's share of the validation scenes; reduce across ranks.
+
+    Each scene is predicted whole (holistic) in eval mode. The confusion matrices of all ranks
+    are summed before the metrics are computed, so every rank returns the same numbers.
+
+    Returns:
+        ``ConfusionMatrix.compute()`` (per-class iou/precision/recall/f1, miou, mean_f1, oa,
+        matrix), plus ``seconds``.
+    """
+    started = time.perf_counter()
+    matrix = ConfusionMatrix(run.num_classes, run.ignore_index, run.class_names)
+    loader, count = make_eval_loader(run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers)
+    run.engine.eval()
+    try:
+        for index, batch in enumerate(loader):
+            with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
+                logits = run.engine(batch["image"].to(run.engine.device))
+            if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
+                matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
+    finally:
+        run.engine.train()
+    matrix.all_reduce()
+    result = matrix.compute()
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def memory_now() -> dict[str, float]:
+    """Host RSS now and at peak, and the accelerator's peak allocation when there is one (GiB)."""
+    import psutil
+    from deepspeed.accelerator import get_accelerator
+
+    stats = {
+        "rss_gib": psutil.Process().memory_info().rss / GIB,
+        # ru_maxrss is in KiB on Linux.
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
+    }
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        stats["accel_peak_gib"] = accelerator.max_memory_allocated() / GIB
+    return stats
+
+
+def ledger_summary(ledger: Any) -> dict[str, float]:
+    """Peak bytes of saved activations kept on the device and offloaded (GiB), from the ledger."""
+    return {
+        "saved_device_peak_gib": ledger.peak_device_bytes / GIB,
+        "saved_offloaded_peak_gib": ledger.peak_offloaded_bytes / GIB,
+    }
+
+
+def save_checkpoint(run: Run, iteration: int, data_position: int, metrics: dict[str, Any] | None) -> str:
+    """Save a checkpoint of every rank; mark the best; prune old tags (rank 0).
+
+    Args:
+        run: the run.
+        iteration: optimizer steps done.
+        data_position: micro-batches this rank has drawn from its sample stream.
+        metrics: the evaluation at this iteration, if one was just run.
+
+    Returns:
+        The tag.
+    """
+    root = run.out / "checkpoints"
+    client_state = {"iteration": iteration, "data_position": data_position, "history": run.history}
+    meta = {**run.meta, "iteration": iteration, "metrics": metrics or {}}
+    checkpoints.save(run.engine, root, iteration, client_state, meta, run.dist.rank)
+    tag = checkpoints.tag_for(iteration)
+    if run.dist.rank == 0:
+        if metrics and metrics.get("miou") is not None and not math.isnan(metrics["miou"]):
+            _, best = checkpoints.read_best(root)
+            if metrics["miou"] > best:
+                checkpoints.mark_best(root, tag, float(metrics["miou"]))
+        checkpoints.prune(root, run.config.train.keep_last)
+    dist.barrier()
+    return tag
+
+
+def _metric_line(iteration: int, metrics: dict[str, Any]) -> str:
+    """One line: mIoU, mean F1, OA and per-class IoU."""
+    per_class = " ".join(
+        f"{name}={iou:.3f}" for name, iou in zip(metrics["classes"], metrics["iou"]) if iou == iou  # skip NaN
+    )
+    return (
+        f"eval @ {iteration}: mIoU {metrics['miou']:.4f}  mF1 {metrics['mean_f1']:.4f}  "
+        f"OA {metrics['oa']:.4f}  ({metrics['seconds']:.1f} s)  IoU: {per_class}"
+    )
+
+
+def _install_sigterm(run: Run) -> Any:
+    """Make SIGTERM ask for a checkpoint and a clean stop at the next iteration boundary."""
+
+    def request_stop(signum: int, frame: Any) -> None:
+        run.stop_requested = True
+
+    return signal.signal(signal.SIGTERM, request_stop)
+
+
+def _batches(loader: Any) -> Iterator[tuple[dict[str, Any], float]]:
+    """Yield ``(batch, seconds waited for it)``: time the loop spent blocked on the data."""
+    iterator = iter(loader)
+    while True:
+        started = time.perf_counter()
+        batch = next(iterator)
+        yield batch, time.perf_counter() - started
+
+
+def train(run: Run, resume: bool) -> int:
+    """Train ``run.config.train.iterations`` optimizer steps; evaluate, checkpoint, log.
+
+    Args:
+        run: from :func:`build_run`.
+        resume: continue from ``OUT/checkpoints/latest`` (model, optimizer, schedule, data
+            position and RNG states) when it exists.
+
+    Returns:
+        0 when done, :data:`EXIT_PREEMPTED` after a SIGTERM-triggered checkpoint.
+
+    Raises:
+        TrainingError: more than ``train.max_nonfinite`` non-finite losses in a row.
+    """
+    from tqdm import tqdm
+
+    cfg = run.config.train
+    engine = run.engine
+    data_position = 0
+    if resume:
+        state = checkpoints.load(engine, run.out / "checkpoints", run.dist.rank)
+        if state is not None:
+            data_position = int(state["data_position"])
+            run.history = list(state.get("history", []))
+            run.say(f"resumed from {checkpoints.latest_tag(run.out / 'checkpoints')} (iteration {engine.global_steps})")
+        else:
+            run.say("--resume: no checkpoint yet, starting from scratch")
+    micro_batch = int(engine.train_micro_batch_size_per_gpu())
+    sampler = ResumableSampler(
+        len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
+    )
+    loader = make_train_loader(run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch)
+    previous_handler = _install_sigterm(run)
+    bar = tqdm(
+        total=cfg.iterations, initial=engine.global_steps, disable=run.dist.rank != 0, dynamic_ncols=True,
+        desc="train", file=sys.stdout,
+    )
+    started = time.perf_counter()
+    data_wait = 0.0
+    nonfinite_in_row = 0
+    nonfinite_total = 0
+    losses_this_iteration: list[float] = []
+    last_eval: dict[str, Any] | None = None
+    exit_code = 0
+    run.say(
+        f"training {run.meta['model']['name']} for {cfg.iterations} iterations on {run.dist.world_size} rank(s), "
+        f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
+        f"memory mode {run.memory_mode}"
+    )
+    try:
+        batches = _batches(loader)
+        while engine.global_steps < cfg.iterations:
+            if any_rank(run.stop_requested):
+                tag = save_checkpoint(run, engine.global_steps, data_position, None)
+                run.say(f"SIGTERM: saved {tag} at iteration {engine.global_steps}; rerun with --resume to continue")
+                exit_code = EXIT_PREEMPTED
+                break
+            batch, waited = next(batches)
+            data_wait += waited
+            data_position += 1
+            steps_before = engine.global_steps
+            loss = train_step(run, batch)
+            if loss is None:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                run.say(f"warning: non-finite loss on scene(s) {batch['scene']}; skipped ({nonfinite_in_row} in a row)")
+                if nonfinite_in_row > cfg.max_nonfinite:
+                    raise TrainingError(
+                        "loss", f"{nonfinite_in_row} non-finite losses in a row (train.max_nonfinite="
+                        f"{cfg.max_nonfinite}); lower optim.lr or check the data",
+                    )
+                continue
+            nonfinite_in_row = 0
+            losses_this_iteration.append(loss)
+            if engine.global_steps == steps_before:
+                continue  # inside gradient accumulation
+            iteration = engine.global_steps
+            mean_loss = sum(losses_this_iteration) / len(losses_this_iteration)
+            losses_this_iteration = []
+            record = {"iteration": iteration, "loss": mean_loss, "lr": engine.get_lr()[0]}
+            run.history.append(record)
+            stats = {**memory_now(), **ledger_summary(run.ledger)}
+            bar.update(iteration - bar.n)
+            bar.set_postfix(
+                loss=f"{mean_loss:.4f}", rss=f"{stats['rss_gib']:.2f}G",
+                saved=f"{stats['saved_device_peak_gib']:.2f}/{stats['saved_offloaded_peak_gib']:.2f}G",
+                wait=f"{data_wait:.1f}s", refresh=False,
+                **({"accel": f"{stats['accel_peak_gib']:.2f}G"} if "accel_peak_gib" in stats else {}),
+            )
+            if iteration % cfg.log_every == 0:
+                run.say(
+                    f"it {iteration} loss {mean_loss:.4f} lr {record['lr']:.3g} data_wait {data_wait:.2f}s "
+                    f"rss {stats['rss_gib']:.2f}G peak {stats['peak_rss_gib']:.2f}G saved(dev/off) "
+                    f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G",
+                    console=False,
+                )
+            _monitor(engine, [("Train/loss", mean_loss, iteration), ("Train/data_wait_s", data_wait, iteration)])
+            metrics = None
+            last = iteration == cfg.iterations
+            if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
+                metrics = last_eval = evaluate(run)
+                run.history[-1]["val_miou"] = metrics["miou"]
+                run.say(_metric_line(iteration, metrics))
+                _monitor(engine, [("Val/mIoU", metrics["miou"], iteration), ("Val/OA", metrics["oa"], iteration)])
+            if (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0) or last:
+                tag = save_checkpoint(run, iteration, data_position, metrics)
+                run.say(f"saved checkpoint {tag}", console=False)
+                _debug_kill_after_checkpoint(iteration)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    seconds = time.perf_counter() - started
+    if run.dist.rank == 0:
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code)
+    if exit_code == 0 and last_eval is not None:
+        run.say(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
+    return exit_code
+
+
+def _monitor(engine: Any, events: list[tuple[str, float, int]]) -> None:
+    """Send events to DeepSpeed's monitors (TensorBoard/CSV/W&B as the JSON enables them)."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is not None and monitor.enabled and engine.global_rank == 0:
+        monitor.write_events([(name, float(value), int(step)) for name, value, step in events])
+
+
+def _debug_kill_after_checkpoint(iteration: int) -> None:
+    """Fault injection for the resume test: SIGKILL this process after checkpoint ``iteration``.
+
+    Set ``LRSS_DS_KILL_AFTER_CHECKPOINT=<iteration>``; nothing else runs after the kill, as in a
+    node failure, so the test proves a resume needs nothing but the checkpoint.
+    """
+    target = os.environ.get("LRSS_DS_KILL_AFTER_CHECKPOINT")
+    if target is not None and int(target) == iteration:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_metrics(
+    run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int
+) -> None:
+    """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
+    best_tag, best_miou = checkpoints.read_best(run.out / "checkpoints")
+    losses = [h["loss"] for h in run.history]
+    data = {
+        "iteration": run.engine.global_steps,
+        "finished": exit_code == 0,
+        "world_size": run.dist.world_size,
+        "final": final,
+        "best": {"tag": best_tag, "miou": best_miou if best_tag else None},
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "history": run.history,
+        "seconds": seconds,
+        "data_wait_seconds": data_wait,
+        "nonfinite_skipped": nonfinite,
+        "memory": {**memory_now(), **ledger_summary(run.ledger)},
+        "memory_mode": run.memory_mode.to_dict(),
+    }
+    checkpoints.write_json(run.out / "metrics.json", data)
+
+
+def build_run(config: ExperimentConfig, out: Path) -> Run:
+    """Initialise distributed, read the store, build model, loss and engine; write config files.
+
+    Args:
+        config: the experiment (``train.output`` already set to ``out``).
+        out: the run directory (created).
+
+    Returns:
+        The :class:`Run`.
+
+    Raises:
+        ConfigError / StoreError: from the config, the store, the model or loss builders.
+    """
+    import deepspeed
+    from lrss_ds.data.samples import SceneSamples
+    from lrss_ds.data.store import TileStore
+    from lrss_ds.memory import SavedTensorLedger
+    from lrss_ds.models import build_model, load_pretrained
+    from lrss_ds.models.losses import build_loss
+
+    # DeepSpeed logs every step at INFO; keep its warnings, our own lines carry the progress.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    dist_info = init_distributed()
+    seed_everything(config.train.seed + dist_info.rank)
+    out.mkdir(parents=True, exist_ok=True)
+    ds_config = load_deepspeed_json(config)
+    memory_mode = resolve_memory_mode(config)
+
+    store = TileStore.open(config.data.store)
+    spec = store.spec
+    train_scenes = store.scenes(config.data.train_split)
+    if not train_scenes:
+        raise ConfigError("data.train_split", f"split {config.data.train_split!r} of {config.data.store} has no scenes")
+    val_scenes = store.scenes(config.data.val_split) if config.data.val_split else []
+    bands = store.shape(train_scenes[0])[0]
+    band_mean, band_std = store.band_stats()
+    model = build_model(
+        config.model.name, num_classes=len(spec.classes), in_channels=bands,
+        band_mean=band_mean, band_std=band_std, **config.model.options,
+    )
+    if config.model.pretrained:
+        load_pretrained(model, config.model.pretrained)
+    loss_options = dict(config.loss.options)
+    if memory_mode.loss_band_rows is not None:
+        loss_options["band_rows"] = memory_mode.loss_band_rows
+    loss_fn = build_loss(config.loss.name, len(spec.classes), spec.ignore_index, **loss_options)
+    engine = initialize_engine(model, config, ds_config)
+
+    patch = {"patch_size": config.data.patch_size, "patches_per_scene": config.data.patches_per_scene}
+    train_set = SceneSamples(
+        config.data.store, config.data.train_split, mode=config.data.mode, seed=config.train.seed,
+        **(patch if config.data.mode == "patch" else {}),
+    )
+    val_set = SceneSamples(config.data.store, config.data.val_split, mode="whole") if val_scenes else None
+    meta = {
+        "model": model.config(),
+        "dataset": spec.to_dict(),
+        "input_dtype": str(store.dtype(train_scenes[0])),
+        "band_mean": list(band_mean),
+        "band_std": list(band_std),
+        "store": str(Path(config.data.store).resolve()),
+        "memory_mode": memory_mode.to_dict(),
+    }
+    log = None
+    if dist_info.rank == 0:
+        save_config(config, out / "config.yaml")
+        checkpoints.write_json(out / "ds_config.json", ds_config)
+        log = open(out / "log.txt", "a")
+    return Run(
+        config=config, dist=dist_info, out=out, engine=engine, loss_fn=loss_fn, memory_mode=memory_mode,
+        ledger=SavedTensorLedger(), train_set=train_set, val_set=val_set, meta=meta,
+        class_names=list(spec.classes), num_classes=len(spec.classes), ignore_index=spec.ignore_index, log=log,
+    )
+
+
+def check_output(out: Path, resume: bool) -> None:
+    """Refuse to start a fresh run over a run directory that already has checkpoints.
+
+    Raises:
+        OutputExistsError: ``OUT/checkpoints`` has a checkpoint and ``--resume`` was not given.
+    """
+    from lrss_ds.errors import OutputExistsError
+
+    if not resume and checkpoints.latest_tag(out / "checkpoints") is not None:
+        raise OutputExistsError(out, "already holds checkpoints; pass --resume to continue it or choose another --output")
+
+
+def run_training(config: ExperimentConfig, resume: bool = False) -> int:
+    """Build the run from ``config`` and train it (the body of ``train.py`` and ``lrss-ds train``).
+
+    Args:
+        config: the experiment; ``train.output`` is the run directory.
+        resume: continue from the run directory's latest checkpoint.
+
+    Returns:
+        The exit status (0, or :data:`EXIT_PREEMPTED` after SIGTERM).
+    """
+    out = Path(config.train.output)
+    check_output(out, resume)
+    run = build_run(config, out)
+    try:
+        return train(run, resume)
+    finally:
+        if run.log is not None:
+            run.log.close()
