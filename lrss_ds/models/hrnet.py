@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -283,3 +284,29 @@ class HRNet(Segmented):
                 names += [f"stage{t + 1}.{m}" for m in range(len(getattr(self, f"stage{t + 1}")))]
             return names
         raise ConfigError("checkpointing", f"unknown granularity {granularity!r}; use stage, block or fine")
+
+
+def hrnet_width(backbone: str) -> int:
+    """The width of a backbone named ``hrnet_w18`` / ``hrnet_w32`` / ``hrnet_w48``.
+
+    Raises:
+        ConfigError: for any other name.
+    """
+    names = {f"hrnet_w{w}": w for w in WIDTHS}
+    if backbone not in names:
+        raise ConfigError("backbone", f"unknown backbone {backbone!r}; choose from {sorted(names)}")
+    return names[backbone]
+
+
+def concat_branches(features: list[Tensor]) -> Tensor:
+    """HRNetV2's representation: every branch upsampled to the first one's size, concatenated.
+
+    Args:
+        features: ``[(B, c_i, h / 2^i, w / 2^i)]`` branch maps.
+
+    Returns:
+        ``(B, sum c_i, h, w)``.
+    """
+    size = features[0].shape[-2:]
+    ups = [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
+    return torch.cat(ups, dim=1)
