@@ -269,14 +269,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        real = [option for option in options if option is not type(None)]
+        if len(real) == 1:  # `X | None`: report X's own error (it names the inner key)
+            return _coerce(value, real[0], key)
+        for option in real:
             try:
                 return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(error)
+            except ConfigError:
+                pass
         raise ConfigError(key, f"expected {_type_name(hint)}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
