@@ -1,0 +1,65 @@
+"""`lrss-ds info STORE`: print a tile store's scenes, sizes, splits, classes and band statistics."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lrss_ds.data.store import PARTIAL_DIR, TileStore
+
+
+def describe(path: str | Path) -> str:
+    """Return the human-readable summary of the store at ``path``.
+
+    Raises:
+        StoreError: not a tile store.
+    """
+    store = TileStore.open(path)
+    spec = store.spec
+    lines = [f"store     {store.path}", f"dataset   {spec.name}: {spec.description}".rstrip(": ")]
+    lines.append(f"bands     {len(spec.bands)}: {', '.join(spec.bands)}")
+    lines.append(f"labels    {spec.label_encoding}-coded, ignore_index {spec.ignore_index}")
+    lines.append(f"classes   {spec.num_classes}:")
+    for k, name in enumerate(spec.classes):
+        colour = f"  rgb{tuple(spec.palette[k])}" if spec.palette else ""
+        lines.append(f"  {k:3d}  {name}{colour}")
+    splits = store.splits
+    lines.append("splits    " + (", ".join(f"{name} {len(ids)}" for name, ids in splits.items()) or "none"))
+    scenes = store.scenes()
+    lines.append(f"scenes    {len(scenes)}")
+    total = 0
+    for scene in scenes:
+        bands, height, width = store.shape(scene)
+        crs, _ = store.georef(scene)
+        attrs = store.scene_attrs(scene)
+        split = next((name for name, ids in splits.items() if scene in ids), "?")
+        crs_text = crs.to_string() if crs is not None else "no georeference"
+        total += bands * height * width * store.dtype(scene).itemsize
+        lines.append(
+            f"  {scene}  {bands}x{height}x{width} {store.dtype(scene)}  {split}  {crs_text}  "
+            f"from {attrs.get('source_image')}"
+        )
+    info = store.band_stats_info()
+    if info.get("scenes"):
+        lines.append(f"band statistics over {info['split']} ({len(info['scenes'])} scenes):")
+        for name, mean, std in zip(spec.bands, info["mean"], info["std"]):
+            lines.append(f"  {name:>6}  mean {mean:10.4f}  std {std:10.4f}")
+    else:
+        lines.append("band statistics: none (no scenes)")
+    lines.append(f"pixels    {total / 2**20:.1f} MiB uncompressed")
+    partial = Path(path) / PARTIAL_DIR
+    if partial.is_dir() and any(partial.iterdir()):
+        names = ", ".join(sorted(p.name for p in partial.iterdir()))
+        lines.append(f"incomplete scenes (interrupted ingest; rerun ingest to redo): {names}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``lrss-ds info`` arguments."""
+    parser.add_argument("store", type=Path, help="tile store directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``lrss-ds info``."""
+    print(describe(args.store))
+    return 0
