@@ -190,7 +190,8 @@ def short_train(
 
     from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, ModelConfig, OptimConfig
     from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json
-    from lrss_ds.models import build_loss, build_model
+    from lrss_ds.models import build_model
+    from lrss_ds.models.losses import build_loss
 
     spec = METHODS[method]
     torch.manual_seed(seed)

@@ -287,20 +287,29 @@ class PlanMode:
 PLAN_MODES: dict[str, PlanMode] = {
     mode.name: mode
     for mode in (
-        PlanMode("none", "none", "ds_configs/cpu.json", "plain training, no ZeRO"),
+        # ds_configs/cpu.json is the project's CPU default: ZeRO-2 with the optimizer on the host.
+        PlanMode("none", "none", "ds_configs/cpu.json", "plain training (no checkpointing, no offload)"),
         PlanMode("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
         PlanMode("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
-                 "checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
+                 "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
         PlanMode("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
-                 "ckpt_offload + ZeRO-2 with the optimizer offloaded (DeepSpeedCPUAdam)"),
+                 "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped"),
         PlanMode("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
-                 "ckpt_offload + ZeRO-3 with parameters and optimizer offloaded"),
+                 "ckpt_offload + ZeRO-3, parameters and optimizer offloaded"),
         PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
                  "fine checkpoints + loss in row bands + channels-last, fp32"),
         PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
-                 "fullres_fp32 levers under bf16 autocast"),
+                 "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)"),
     )
 }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss_bytes() -> int:
@@ -358,27 +367,33 @@ def probe_training_step(
     """
     import torch
 
-    from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, MemoryConfig, ModelConfig
-    from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json
-    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode, get_memory_mode
-    from lrss_ds.models import build_loss, build_model
+    from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, MemoryConfig, ModelConfig, TrainConfig
+    from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json, resolve_memory_mode
+    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode
+    from lrss_ds.models import build_model
+    from lrss_ds.models.losses import build_loss
 
     if mode not in PLAN_MODES:
         raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
     plan_mode = PLAN_MODES[mode]
     torch.manual_seed(seed)
     init_distributed()
-    # The step is the trainer's: the experiment's default optimizer (AdamW, which ZeRO-Offload
-    # turns into DeepSpeedCPUAdam) handed to DeepSpeed with the mode's JSON.
+    # The step is the trainer's (lrss_ds.engine.trainer.train_step): the experiment's default
+    # optimizer handed to DeepSpeed with the mode's JSON, the memory mode prepared by the same
+    # setup. The DeepSpeed monitor is off: a probe writes no files.
     config = ExperimentConfig(
         model=ModelConfig(name=model, options=dict(model_options or {})),
         memory=MemoryConfig(preset=plan_mode.memory_preset),
-        deepspeed=DeepSpeedConfigRef(config=str(_PACKAGE_ROOT / plan_mode.ds_config)),
+        deepspeed=DeepSpeedConfigRef(config=str(_PACKAGE_ROOT / plan_mode.ds_config),
+                                     override={"csv_monitor": {"enabled": False},
+                                               "tensorboard": {"enabled": False}}),
+        train=TrainConfig(output=tempfile.gettempdir()),
     )
     net = build_model(model, num_classes, bands, **(model_options or {}))
-    memory_mode = get_memory_mode(plan_mode.memory_preset)
+    memory_mode = resolve_memory_mode(config)
     loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")
-    loss_fn = build_loss(loss_name, num_classes, 255, band_rows=memory_mode.loss_band_rows)
+    loss_options = {} if memory_mode.loss_band_rows is None else {"band_rows": memory_mode.loss_band_rows}
+    loss_fn = build_loss(loss_name, num_classes, 255, **loss_options)
     engine = initialize_engine(net, config, load_deepspeed_json(config))
     device = engine.device
     image = torch.randint(0, 256, (1, bands, height, width), dtype=torch.uint8, device=device)
@@ -390,6 +405,7 @@ def probe_training_step(
         torch.cuda.reset_peak_memory_stats(device)
     times: list[float] = []
     last_loss = float("nan")
+    saved_device_peak = saved_offloaded_peak = saved_total_peak = 0
     engine.train()
     windows = [(0, 0, height, width)]
     if patch_size:
@@ -398,17 +414,24 @@ def probe_training_step(
             for r in range(0, height, patch_size)
             for c in range(0, width, patch_size)
         ]
+    cpu_times: list[float] = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
         for r, c, h, w in windows:
-            with apply_memory_mode(engine.module, memory_mode, ledger):
-                outputs = engine(image[:, :, r : r + h, c : c + w])
-                loss_value = loss_fn(outputs, target[:, r : r + h, c : c + w])
+            with apply_memory_mode(engine.module, memory_mode, ledger) as memory:
+                with memory.autocast():
+                    outputs = engine(image[:, :, r : r + h, c : c + w])
+                    loss_value = loss_fn(outputs, target[:, r : r + h, c : c + w])
                 engine.backward(loss_value)
             engine.step()
+            # apply_memory_mode restarts the ledger's peaks every step: keep the maximum.
+            saved_device_peak = max(saved_device_peak, ledger.peak_device_bytes)
+            saved_offloaded_peak = max(saved_offloaded_peak, ledger.peak_offloaded_bytes)
+            saved_total_peak = max(saved_total_peak, ledger.peak_total_bytes)
         if on_cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(_cpu_seconds() - start_cpu)
         last_loss = float(loss_value.detach())
     return {
         "model": model,
@@ -416,14 +439,18 @@ def probe_training_step(
         "height": height,
         "width": width,
         "pixels": height * width,
-        "saved_activation_peak_bytes": int(ledger.peak_device_bytes),
-        "offloaded_peak_bytes": int(ledger.peak_offloaded_bytes),
-        "saved_total_peak_bytes": int(ledger.peak_total_bytes),
+        "saved_activation_peak_bytes": int(saved_device_peak),
+        "offloaded_peak_bytes": int(saved_offloaded_peak),
+        "saved_total_peak_bytes": int(saved_total_peak),
         "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if on_cuda else None,
         "model_state_bytes": _model_state_bytes(engine),
         "parameters": sum(p.numel() for p in net.parameters()),
         "step_s": times,
         "step_min_s": min(times[1:] or times),
+        # CPU seconds of all this process's threads: on a machine shared with other jobs this
+        # is the work a step costs, which wall-clock time is not.
+        "step_cpu_s": cpu_times,
+        "step_cpu_min_s": min(cpu_times[1:] or cpu_times),
         "loss": last_loss,
         "rss_after_setup_bytes": rss_after_setup,
         "optimizer_steps_per_image": len(windows),
@@ -462,7 +489,7 @@ def _model_state_bytes(engine: Any) -> int:
 # ----------------------------------------------------------------------------------------------
 
 # The quantities the planner fits, each against the number of pixels.
-METRICS: tuple[str, ...] = ("device_bytes", "host_bytes", "step_s")
+METRICS: tuple[str, ...] = ("device_bytes", "host_bytes", "step_s", "step_cpu_s")
 
 
 @dataclass
@@ -475,7 +502,8 @@ class Measurement:
         status: ``IsolatedRun.status`` (only ``"ok"`` rows are fitted).
         device_bytes: accelerator allocator peak; on CPU the ledger's saved-activation peak.
         host_bytes: the process's peak RSS (kernel ``ru_maxrss``).
-        step_s: fastest step after the first, seconds.
+        step_s: fastest step after the first, wall-clock seconds.
+        step_cpu_s: CPU seconds (all threads) of the cheapest step after the first.
         probe: the probe's full result.
     """
 
@@ -485,6 +513,7 @@ class Measurement:
     device_bytes: float = math.nan
     host_bytes: float = math.nan
     step_s: float = math.nan
+    step_cpu_s: float = math.nan
     probe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -555,6 +584,7 @@ def measure(
         found.device_bytes = float(device if device is not None else run.result["saved_activation_peak_bytes"])
         found.host_bytes = float(run.peak_rss_bytes)
         found.step_s = float(run.result["step_min_s"])
+        found.step_cpu_s = float(run.result["step_cpu_min_s"])
     else:
         found.probe = {"error": run.error, "peak_rss_bytes": run.peak_rss_bytes}
     if cache_file is not None and run.status in ("ok", "over_cap", "oom"):
@@ -639,7 +669,9 @@ class Prediction:
         mode: ``PLAN_MODES`` name.
         device_bytes: predicted device peak (on CPU: saved-activation peak).
         host_bytes: predicted peak RSS.
-        step_s: predicted step time (on the measuring machine).
+        step_s: predicted step wall-clock time (on the measuring machine, as loaded as it was).
+        step_cpu_s: predicted CPU seconds of a step (all threads): the cost used to rank modes,
+            because it does not depend on what else ran on the machine.
         fits: whether both budgets hold.
         max_side: the largest square side whose prediction fits both budgets.
         ds_config: the DeepSpeed JSON this mode trains with.
@@ -650,6 +682,7 @@ class Prediction:
     device_bytes: float
     host_bytes: float
     step_s: float
+    step_cpu_s: float
     fits: bool
     max_side: int
     ds_config: str
@@ -690,6 +723,7 @@ def predict(
         plan_mode = PLAN_MODES[mode]
         out.append(Prediction(
             mode=mode, device_bytes=device, host_bytes=host, step_s=per_metric["step_s"](pixels),
+            step_cpu_s=per_metric["step_cpu_s"](pixels),
             fits=fits_both, max_side=-1 if math.isinf(max_pixels) else int(math.isqrt(int(max_pixels))),
             ds_config=plan_mode.ds_config, memory_preset=plan_mode.memory_preset,
         ))
@@ -698,9 +732,9 @@ def predict(
 
 
 def recommend(predictions: Sequence[Prediction]) -> Prediction | None:
-    """The fitting mode with the smallest predicted step time, or ``None`` when none fits."""
+    """The fitting mode with the smallest predicted step CPU time, or ``None`` when none fits."""
     fitting = [p for p in predictions if p.fits]
-    return min(fitting, key=lambda p: p.step_s) if fitting else None
+    return min(fitting, key=lambda p: p.step_cpu_s) if fitting else None
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -893,11 +927,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2, default=_json_default))
         return 0 if plan["recommendation"] else 1
     print(f"{args.model} at {height}x{width}; device = {plan['device_meaning']}")
-    print(f"{'mode':<24}{'device GiB':>12}{'host GiB':>10}{'step s':>9}{'fits':>6}{'max side':>10}")
+    print(f"{'mode':<16}{'device GiB':>12}{'host GiB':>10}{'step s':>9}{'step CPU-s':>11}{'fits':>6}{'max side':>10}")
     for p in plan["predictions"]:
         max_side = "any" if p["max_side"] < 0 else str(p["max_side"])
-        print(f"{p['mode']:<24}{_gib(p['device_bytes']):>12}{_gib(p['host_bytes']):>10}"
-              f"{p['step_s']:>9.2f}{'yes' if p['fits'] else 'no':>6}{max_side:>10}")
+        print(f"{p['mode']:<16}{_gib(p['device_bytes']):>12}{_gib(p['host_bytes']):>10}"
+              f"{p['step_s']:>9.1f}{p['step_cpu_s']:>11.1f}{'yes' if p['fits'] else 'no':>6}{max_side:>10}")
     failed = [m for m in plan["measurements"] if m["status"] != "ok"]
     for m in failed:
         print(f"note: {m['mode']} at {m['side']}px did not measure ({m['status']}); not fitted")

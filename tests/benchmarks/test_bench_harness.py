@@ -1,0 +1,121 @@
+"""The benchmark harness: fresh capped processes, report files, the bisection and the planner's fit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _harness  # noqa: E402
+import max_size  # noqa: E402
+
+from lrss_ds.engine import plan  # noqa: E402
+from lrss_ds.errors import ConfigError  # noqa: E402
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def _run(target: str, params: dict, **kw) -> plan.IsolatedRun:
+    return plan.run_isolated(f"bench_targets:{target}", params, sys_path=[TESTS_DIR], **kw)
+
+
+def test_run_isolated_returns_result_and_exact_peak_rss() -> None:
+    small = _run("hold", {"mib": 16})
+    big = _run("hold", {"mib": 160})
+    assert small.status == "ok" and small.result == {"sum": 4.0, "mib": 16}
+    assert big.status == "ok"
+    # the kernel's peak grows by what the child touched (160 - 16 MiB), within 25%
+    grown = (big.peak_rss_bytes - small.peak_rss_bytes) / plan.MIB
+    assert 0.75 * 144 < grown < 1.25 * 144
+    assert big.cpu_s > 0 and big.wall_s >= 0.2
+
+
+def test_run_isolated_kills_over_cap_and_reports_it() -> None:
+    run = _run("hold", {"mib": 400, "seconds": 2.0}, cap_bytes=200 * plan.MIB)
+    assert run.status == "over_cap" and not run.fits
+    assert run.result == {}
+    assert run.wall_s < 2.0  # killed, not waited for
+
+
+def test_run_isolated_classifies_errors_oom_and_timeouts() -> None:
+    failed = _run("fail", {})
+    assert failed.status == "error" and "broken on purpose" in failed.error
+    oom = _run("out_of_memory", {})
+    assert oom.status == "oom" and "MemoryError" in oom.error
+    slow = _run("sleep", {"seconds": 30}, timeout_s=1.0)
+    assert slow.status == "timeout"
+
+
+def test_report_writes_markdown_csv_and_json(tmp_path: Path) -> None:
+    columns = [_harness.Column("name", "Name"), _harness.Column("mib", "MiB", 1),
+               _harness.Column("device", "Device", 0, "n/a (CPU)")]
+    rows = [{"name": "a|b", "mib": 1.234, "device": None}, {"name": "c", "mib": 2.0, "device": 3.0}]
+    report = _harness.Report("demo", "Demo", {"cpu": "x"}, [("Rows", columns, rows)], notes=["n"])
+    md, csv_path, json_path = _harness.write_report(report, tmp_path)
+    text = md.read_text()
+    assert "| Name | MiB | Device |" in text and "| a\\|b | 1.2 | n/a (CPU) |" in text
+    with open(csv_path) as f:
+        read = list(csv.DictReader(f))
+    assert read[0]["device"] == "" and read[1]["mib"] == "2.0"
+    payload = json.loads(json_path.read_text())
+    assert payload["rows"][0]["device"] is None and payload["header"] == {"cpu": "x"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_machine_header_names_versions_and_conditions() -> None:
+    header = _harness.machine_header("shared machine")
+    for key in ("date", "cpu", "logical_cores", "ram_gib", "torch", "deepspeed", "git_commit", "conditions"):
+        assert header[key] not in (None, "")
+    assert header["conditions"] == "shared machine"
+
+
+class _Fake:
+    def __init__(self, fits: bool) -> None:
+        self.fits = fits
+
+
+@pytest.mark.parametrize("limit", [20, 700, 1000, 1024, 5000, 100000])
+def test_bisection_finds_the_largest_fitting_side(limit: int) -> None:
+    best, failing, runs = max_size.search(lambda side: _Fake(side <= limit), 1024, 16384, 64)
+    expected = None if limit < 64 else min(limit // 64 * 64, 16384)
+    assert best == expected
+    if best is not None and failing is not None:
+        assert 0 < failing - best <= 64
+    assert len(runs) <= 12
+
+
+def test_linear_fit_prediction_and_recommendation() -> None:
+    pixels = [1e4, 4e4, 9e4]
+    fit = plan.fit_linear(pixels, [2 * p + 100 for p in pixels])
+    assert fit.per_pixel == pytest.approx(2) and fit.base == pytest.approx(100)
+    assert fit.pixels_for(2 * 1e6 + 100) == pytest.approx(1e6)
+    lines = {"device_bytes": fit, "host_bytes": plan.LinearFit(1.0, 0.0, 3),
+             "step_s": plan.LinearFit(1e-6, 0.0, 3), "step_cpu_s": plan.LinearFit(1e-6, 0.0, 3)}
+    cheap = dict(lines, step_cpu_s=plan.LinearFit(1e-7, 0.0, 3))
+    small = dict(lines, device_bytes=plan.LinearFit(0.5, 0.0, 3))
+    preds = plan.predict({"none": cheap, "ckpt_stage": small}, 1000, 1000, device_mem=1e6, host_mem=None)
+    by_mode = {p.mode: p for p in preds}
+    assert not by_mode["none"].fits and by_mode["ckpt_stage"].fits
+    assert by_mode["ckpt_stage"].max_side == 1414  # 0.5 * px <= 1e6
+    assert plan.recommend(preds).mode == "ckpt_stage"
+    assert plan.recommend(plan.predict({"none": cheap}, 10, 10, device_mem=1e6, host_mem=None)).mode == "none"
+    assert plan.recommend(plan.predict({"none": cheap}, 1000, 1000, device_mem=1.0, host_mem=None)) is None
+    assert math.isnan(plan.relative_error(1.0, math.nan))
+
+
+def test_plan_cli_parses_sizes_and_refuses_bad_input() -> None:
+    assert plan.parse_size("6800x7200") == (6800, 7200)
+    assert plan.parse_bytes("1.5G") == int(1.5 * plan.GIB)
+    with pytest.raises(ConfigError, match="--size"):
+        plan.parse_size("big")
+    with pytest.raises(ConfigError, match="--host-mem"):
+        plan.parse_bytes("-3G", "--host-mem")
+    with pytest.raises(ConfigError, match="--modes"):
+        plan.make_plan("ehsnet", 64, 64, device_mem=None, host_mem=None, modes=["turbo"], fit_sides=[64])
