@@ -246,15 +246,20 @@ class GLNet(SegmentationModel):
         return tuple(max(TILE_MULTIPLE, round(s * scale / TILE_MULTIPLE) * TILE_MULTIPLE) for s in padded)  # type: ignore[return-value]
 
     def param_groups(self, lr_global: float, lr_local: float) -> list[dict[str, Any]]:
-        """Optimizer groups: global backbone + FPN at ``lr_global``; local backbone, FPN and
-        the ensemble layer at ``lr_local`` (GLNet's split: the ensemble belongs to its local model).
+        """Optimizer groups: ``global_*`` (backbone + FPN) at ``lr_global``, ``local_*`` at
+        ``lr_local``, the freshly initialised ``ensemble`` layer at ``lr_global`` (the same
+        split as the engine's name-prefix ``group_lrs`` with base lr = ``lr_global``).
 
         Returns:
             ``[{"name", "params", "lr"}, ...]`` covering every parameter once.
         """
         glob = [*self.global_backbone.parameters(), *self.global_fpn.parameters()]
-        loc = [*self.local_backbone.parameters(), *self.local_fpn.parameters(), *self.ensemble.parameters()]
-        return [{"name": "global", "params": glob, "lr": lr_global}, {"name": "local", "params": loc, "lr": lr_local}]
+        loc = [*self.local_backbone.parameters(), *self.local_fpn.parameters()]
+        return [
+            {"name": "global", "params": glob, "lr": lr_global},
+            {"name": "local", "params": loc, "lr": lr_local},
+            {"name": "ensemble", "params": list(self.ensemble.parameters()), "lr": lr_global},
+        ]
 
     def pretrained_backbones(self) -> dict[str, str]:
         """Submodule path -> torchvision architecture whose ImageNet file fits it."""

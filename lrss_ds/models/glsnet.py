@@ -51,11 +51,12 @@ Where the paper is vague, this is what we do and why:
   The image is normalised then zero-padded to ``n * crop`` (0 = the band mean). The global
   branch runs ONCE on the whole padded image; crops go through the local branch, fusion
   and head ``crop_batch`` at a time, each crop with its window of the shared global map.
-* **Learning rates** (§4.2, after GLNet): :meth:`GLSNet.param_groups` gives the global
-  branch (ResNet-18, its proj and aux head) ``lr_global`` (1e-4 in the paper) and the local
-  branch (ResNet-50, its proj and aux head) ``lr_local`` (2e-5). The fusion and main head run
-  per crop on the local path, as GLNet's local FPN and ensemble layer do, and get
-  ``lr_local`` unless ``lr_fusion`` is given.
+* **Learning rates** (§4.2, after GLNet): the global branch (``global_branch.*``: ResNet-18,
+  its proj and aux head) gets 1e-4 and the local branch (``local_branch.*``: ResNet-50, its
+  proj and aux head) 2e-5. The paper does not place the fusion; ``fusion.*`` and ``head.*``
+  are freshly initialised (no pretrained weights to protect), so they get the global/base
+  rate 1e-4. This is what the engine's name-prefix ``group_lrs: {global: 1e-4, local: 2e-5}``
+  with base ``lr: 1e-4`` does, and what :meth:`GLSNet.param_groups` returns.
 
 BatchNorm in train mode normalises each chunk of ``crop_batch`` crops with that chunk's own
 statistics, so train-mode outputs depend on ``crop_batch``; eval-mode outputs do not.
@@ -368,7 +369,7 @@ class GLSNet(SegmentationModel):
         Args:
             lr_global: for ``global_branch`` (ResNet-18, proj, aux head); 1e-4 in the paper.
             lr_local: for ``local_branch`` (ResNet-50, proj, aux head); 2e-5 in the paper.
-            lr_fusion: for ``fusion`` and ``head``; ``None`` = ``lr_local``.
+            lr_fusion: for ``fusion`` and ``head``; ``None`` = ``lr_global``.
 
         Returns:
             ``[{"name", "params", "lr"}, ...]`` covering every parameter once.
@@ -377,7 +378,7 @@ class GLSNet(SegmentationModel):
         return [
             {"name": "global", "params": list(self.global_branch.parameters()), "lr": lr_global},
             {"name": "local", "params": list(self.local_branch.parameters()), "lr": lr_local},
-            {"name": "fusion", "params": fusion, "lr": lr_local if lr_fusion is None else lr_fusion},
+            {"name": "fusion", "params": fusion, "lr": lr_global if lr_fusion is None else lr_fusion},
         ]
 
     def pretrained_backbones(self) -> dict[str, str]:
