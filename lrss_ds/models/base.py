@@ -44,13 +44,17 @@ class InputNormalizer(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        mean_t = torch.zeros(in_channels) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        std_t = torch.ones(in_channels) if std is None else torch.as_tensor(std, dtype=torch.float32)
-        for key, value in (("band_mean", mean_t), ("band_std", std_t)):
-            if value.shape != (in_channels,):
-                raise ConfigError(key, f"needs {in_channels} values (one per band), got {list(value.shape)}")
-        if bool((std_t <= 0).any()):
-            raise ConfigError("band_std", f"every value must be > 0, got {std_t.tolist()}")
+        # Validate as Python floats so that building on the meta device (to count FLOPs)
+        # never reads tensor data.
+        mean_v = [0.0] * in_channels if mean is None else [float(v) for v in mean]
+        std_v = [1.0] * in_channels if std is None else [float(v) for v in std]
+        for key, values in (("band_mean", mean_v), ("band_std", std_v)):
+            if len(values) != in_channels:
+                raise ConfigError(key, f"needs {in_channels} values (one per band), got {len(values)}")
+        if any(not v > 0 for v in std_v):
+            raise ConfigError("band_std", f"every value must be > 0, got {std_v}")
+        mean_t = torch.tensor(mean_v, dtype=torch.float32)
+        std_t = torch.tensor(std_v, dtype=torch.float32)
         self.register_buffer("mean", mean_t.clone())
         self.register_buffer("std", std_t.clone())
 
