@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lrss_ds.errors import InputFileError
+from lrss_ds.errors import InputFileError, LrssError
 
 WEIGHTS_FORMAT = "lrss_ds.weights.v1"
 """The ``format`` value of an exported weights file (see :mod:`lrss_ds.engine.export`)."""
@@ -111,7 +111,7 @@ def load_model(
     config = dict(meta["model"])
     try:
         model = builder(**config)
-    except (TypeError, ValueError, KeyError) as error:
+    except (TypeError, ValueError, KeyError, LrssError) as error:
         raise InputFileError(meta["source"], f"cannot build model from its config {config}: {error}") from error
     _load_into(model, state_dict, meta["source"])
     return model.to(device).eval(), meta

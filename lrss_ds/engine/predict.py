@@ -174,31 +174,33 @@ class Predictor:
     """Runs a model over a scene and yields finished rows of classes (and probabilities).
 
     Holistic models see the whole scene in one forward. Patch models (or any model when
-    ``window`` is set) slide a ``window`` x ``window`` patch with ``overlap`` pixels of overlap;
+    ``window`` is set) slide ``window = (h, w)`` patches overlapping by ``overlap`` pixels;
     softmax probabilities are blended with weights that ramp linearly across the overlap, so seams
     disappear and every pixel's weights sum to a positive number. Blending accumulates in float32
-    over one row of windows only (``K x window x W``), and rows are yielded as soon as no later
+    over one row of windows only (``K x h x W``), and rows are yielded as soon as no later
     window touches them.
 
     Attributes:
         model: eval-mode model; ``model(x (1, C, h, w) native dtype) -> logits (1, K, h, w)``.
         num_classes: K.
         ignore_index: class value written where the input is nodata (None: never).
-        window: patch size for sliding-window inference; None = holistic.
-        overlap: overlap between neighbouring windows in pixels (``0 <= overlap < window``).
+        window: ``(height, width)`` of the sliding windows; None = holistic.
+        overlap: overlap between neighbouring windows in pixels (``0 <= overlap < min(window)``).
         device: where the model runs.
     """
 
     model: nn.Module
     num_classes: int
     ignore_index: int | None = 255
-    window: int | None = None
+    window: tuple[int, int] | None = None
     overlap: int = 0
     device: str | torch.device = "cpu"
 
     def __post_init__(self) -> None:
-        if self.window is not None and not 0 <= self.overlap < self.window:
-            raise ValueError(f"overlap must be in [0, window), got overlap={self.overlap}, window={self.window}")
+        if self.window is not None:
+            self.window = (int(self.window[0]), int(self.window[1]))
+            if min(self.window) < 1 or not 0 <= self.overlap < min(self.window):
+                raise ValueError(f"need window >= 1 and overlap in [0, window), got window={self.window}, overlap={self.overlap}")
 
     def strips(self, source: RasterSource, probabilities: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """Predict ``source`` and yield its rows top to bottom.
@@ -255,10 +257,9 @@ class Predictor:
         """Blend overlapping windows row by row of windows, yielding rows once final."""
         assert self.window is not None
         height, width, k = source.height, source.width, self.num_classes
-        win_h, win_w = min(self.window, height), min(self.window, width)
-        stride = self.window - self.overlap
-        row_starts = window_starts(height, win_h, stride)
-        col_starts = window_starts(width, win_w, stride)
+        win_h, win_w = min(self.window[0], height), min(self.window[1], width)
+        row_starts = window_starts(height, win_h, self.window[0] - self.overlap)
+        col_starts = window_starts(width, win_w, self.window[1] - self.overlap)
         weight = torch.from_numpy(np.outer(ramp(win_h, self.overlap), ramp(win_w, self.overlap))).to(self.device)
         # Rows [r, r + win_h) of the current row of windows, in float32 (why: blending in half
         # precision loses the small edge weights); the overlap carries over to the next row.
@@ -322,34 +323,44 @@ def _nodata_mask(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
 def predictor_for(model: nn.Module, meta: dict[str, Any], window: int | None = None, overlap: int | None = None, device: str | torch.device = "cpu") -> Predictor:
     """The predictor a checkpoint asks for: holistic, or sliding windows for patch models.
 
-    A model config with ``mode == "patch"`` slides a window of its ``patch_size`` (default
-    512); every other model (holistic, downsampled, and GLNet/GLSNet, which cut their own
-    patches inside) sees the whole scene. ``window`` forces sliding windows of that size.
+    A model config with ``mode == "patch"`` slides windows of its ``patch_size`` (an int or
+    ``[h, w]``, default 512) overlapping by its ``overlap`` (default a quarter of the window);
+    every other model (holistic, downsampled, and GLNet/GLSNet, which cut their own patches
+    inside) sees the whole scene. ``window`` forces square sliding windows of that size.
 
     Args:
         model: the eval-mode model.
         meta: checkpoint metadata.
-        window: override the window size (0 forces holistic).
-        overlap: window overlap in pixels (default a quarter of the window).
+        window: override: square window size (0 forces holistic).
+        overlap: override: window overlap in pixels (default: the config's, else window / 4).
         device: where the model runs.
 
     Returns:
         the predictor.
+
+    Raises:
+        LrssError: an overlap that is not smaller than the window.
     """
     config = meta["model"]
+    size: tuple[int, int] | None = None
     if window is None and config.get("mode") == "patch":
-        window = int(config.get("patch_size") or BLOCK)
-    if window == 0:
-        window = None
-    if window is not None and overlap is None:
-        overlap = window // 4
+        patch = config.get("patch_size") or BLOCK
+        size = (int(patch), int(patch)) if isinstance(patch, (int, float)) else (int(patch[0]), int(patch[1]))
+        if overlap is None and config.get("overlap") is not None:
+            overlap = int(config["overlap"])
+    elif window:
+        size = (int(window), int(window))
+    if size is not None and overlap is None:
+        overlap = min(size) // 4
+    if size is not None and not 0 <= int(overlap or 0) < min(size):
+        raise LrssError("--overlap", f"must be in [0, {min(size)}) for windows of {size[0]}x{size[1]}, got {overlap}")
     dataset = meta.get("dataset") or {}
     ignore = dataset.get("ignore_index", 255)
     return Predictor(
         model=model,
         num_classes=int(config["num_classes"]),
         ignore_index=ignore if ignore is not None and 0 <= int(ignore) <= 255 else None,
-        window=window,
+        window=size,
         overlap=int(overlap or 0),
         device=device,
     )
@@ -547,8 +558,6 @@ def run(args: argparse.Namespace) -> int:
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device)
-    if predictor.window is not None and args.overlap is not None and not 0 <= args.overlap < predictor.window:
-        raise LrssError("--overlap", f"must be in [0, window={predictor.window}), got {args.overlap}")
     progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=len(sources) < 2 and not sys.stderr.isatty())
     for source, (output, probabilities) in progress:
         progress.set_postfix_str(source.name)

@@ -152,7 +152,7 @@ def test_sliding_windows_agree_with_holistic_for_pointwise_model(runs: dict[str,
     model, meta = load_model(runs["point"])
     holistic_classes, holistic_probs = _collect(predictor_for(model, meta), path)
     sliding = predictor_for(model, meta, window=64, overlap=16)
-    assert sliding.window == 64 and sliding.overlap == 16
+    assert sliding.window == (64, 64) and sliding.overlap == 16
     classes, probs = _collect(sliding, path)
     assert np.allclose(probs, holistic_probs, atol=1e-5)
     assert np.array_equal(classes, holistic_classes)
@@ -172,7 +172,7 @@ def test_windows_covering_the_scene_equal_holistic_for_a_context_model(runs: dic
 def test_patch_model_slides_its_patch_size(runs: dict[str, Path], tmp_path: Path) -> None:
     model, meta = load_model(runs["patch"])
     predictor = predictor_for(model, meta)
-    assert (predictor.window, predictor.overlap) == (32, 8)
+    assert (predictor.window, predictor.overlap) == ((32, 32), 8)
     path = write_geotiff(tmp_path / "c.tif", _image(101, 77, seed=4))
     classes, probs = _collect(predictor, path)
     expected = torch.softmax(_direct(model, open_geotiff(path).read(0, 0, 101, 77)), 0).numpy()
@@ -308,3 +308,32 @@ def test_a_failed_prediction_leaves_nothing_behind(runs: dict[str, Path], tmp_pa
               "--probabilities", str(out_dir / "p.tif"), "--window", "256", "--overlap", "0"])  # fmt: skip
     assert calls["n"] == 3
     assert list(out_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ a real model
+
+
+@pytest.mark.slow
+def test_real_hrnet_fcn_patch_model_checkpoint_predicts_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The project's build_model: patch-mode HRNet-FCN -> DeepSpeed ZeRO-1 -> predict and export."""
+    real_models = pytest.importorskip("lrss_ds.models")
+    if "hrnet_fcn" not in getattr(real_models, "MODEL_BUILDERS", {}):
+        pytest.skip("hrnet_fcn is not registered in lrss_ds.models.MODEL_BUILDERS")
+    monkeypatch.undo()  # the autouse stand-in builder: use the real one here
+    config = dict(name="hrnet_fcn", num_classes=3, in_channels=3, mode="patch", patch_size=64, overlap=16)
+    make_checkpoints([dict(run_dir=str(tmp_path / "run"), config=config, stage=1, input_dtype="uint8",
+                           band_mean=MEAN, band_std=STD, real=True, size=64, steps=1)])  # fmt: skip
+    model, meta = load_model(tmp_path / "run")
+    assert type(model).__name__ == "HRNetFCN" and meta["model"]["patch_size"] == [64, 64]
+    predictor = predictor_for(model, meta)
+    assert (predictor.window, predictor.overlap) == ((64, 64), 16)
+    source = write_geotiff(tmp_path / "scene.tif", _image(100, 90, seed=6))
+    output, weights = tmp_path / "pred.tif", tmp_path / "hrnet.pt"
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--input", str(source), "--output", str(output)]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(weights)]) == 0
+    exported, _ = load_model(weights)
+    x = _image(40, 40, seed=8)
+    assert torch.equal(_direct(model, x), _direct(exported, x))
+    with rasterio.open(output) as out, rasterio.open(source) as src:
+        assert out.transform == src.transform and out.shape == src.shape
+        assert set(np.unique(out.read(1))) <= {0, 1, 2}

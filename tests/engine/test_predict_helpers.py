@@ -133,7 +133,16 @@ def _save_all(specs: list[dict[str, Any]]) -> None:
 
     for spec in specs:
         torch.manual_seed(spec.get("seed", 0))
-        model = build_stand_in(**spec["config"], band_mean=spec["band_mean"], band_std=spec["band_std"])
+        real = spec.get("real", False)
+        if real:  # the project's own build_model and loss (train mode returns the output dict)
+            from lrss_ds.models import build_model
+            from lrss_ds.models.losses import build_loss
+
+            model = build_model(**spec["config"], band_mean=spec["band_mean"], band_std=spec["band_std"])
+            loss_fn = build_loss("ce", spec["config"]["num_classes"], 255)
+        else:
+            model = build_stand_in(**spec["config"], band_mean=spec["band_mean"], band_std=spec["band_std"])
+            loss_fn = lambda outputs, target: nn.functional.cross_entropy(outputs, target.long())  # noqa: E731
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -143,14 +152,15 @@ def _save_all(specs: list[dict[str, Any]]) -> None:
         }
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         channels = spec["config"]["in_channels"]
-        for _ in range(2):
-            x = torch.randint(0, 255, (1, channels, 24, 24), dtype=torch.uint8)
-            target = torch.randint(0, spec["config"]["num_classes"], (1, 24, 24))
-            loss = nn.functional.cross_entropy(engine(x), target)
+        size = spec.get("size", 24)
+        for _ in range(spec.get("steps", 2)):
+            x = torch.randint(0, 255, (1, channels, size, size), dtype=torch.uint8)
+            target = torch.randint(0, spec["config"]["num_classes"], (1, size, size), dtype=torch.uint8)
+            loss = loss_fn(engine(x), target)
             engine.backward(loss)
             engine.step()
         root = Path(spec["run_dir"]) / "checkpoints"
-        tag = "step_0000002"
+        tag = f"step_{spec.get('steps', 2):07d}"
         engine.save_checkpoint(str(root), tag=tag)
         meta = {
             "model": model.config(),
@@ -158,7 +168,7 @@ def _save_all(specs: list[dict[str, Any]]) -> None:
             "input_dtype": spec["input_dtype"],
             "band_mean": spec["band_mean"],
             "band_std": spec["band_std"],
-            "iteration": 2,
+            "iteration": spec.get("steps", 2),
             "metrics": {"miou": 0.5},
         }
         (root / tag / "lrss_meta.json").write_text(json.dumps(meta))
