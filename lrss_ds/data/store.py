@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import sys
@@ -240,6 +241,13 @@ class ChunkReader:
             out[region] = self.fill_value
             return
         raw, chunk = self._buffers()
+        if self.blosc and size > 0:
+            # Decompress straight from the page cache: one copy fewer than read-then-decode.
+            with open(path, "rb", buffering=0) as handle, \
+                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                blosc.decompress(mapped, chunk)
+            out[region] = chunk[inside]
+            return
         if size > len(raw):
             raw = self._local.raw = bytearray(size)
         view = memoryview(raw)[:size]
