@@ -337,3 +337,23 @@ def test_real_hrnet_fcn_patch_model_checkpoint_predicts_and_exports(tmp_path: Pa
     with rasterio.open(output) as out, rasterio.open(source) as src:
         assert out.transform == src.transform and out.shape == src.shape
         assert set(np.unique(out.read(1))) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_sharded_checkpoint_consolidates(tmp_path: Path) -> None:
+    """ZeRO-2 over 2 ranks splits the fp32 master weights into two shards; loading joins them."""
+    spec = dict(run_dir=str(tmp_path / "run"), config=dict(name="contextnet", num_classes=3, in_channels=3), stage=2,
+                input_dtype="uint8", band_mean=MEAN, band_std=STD)  # fmt: skip
+    make_checkpoints([spec], world_size=2)
+    tag = tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+    model, _ = load_model(tmp_path / "run")
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, module[key].float() if module[key].is_floating_point() else module[key]), key
+    weights = tmp_path / "w.pt"
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(weights)]) == 0
+    exported, _ = load_model(weights)
+    x = _image(33, 29, seed=9)
+    assert torch.equal(_direct(model, x), _direct(exported, x))

@@ -111,20 +111,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_checkpoints(specs: list[dict[str, Any]]) -> None:
-    """Train each model 2 steps with DeepSpeed in a fresh process and save a real checkpoint.
+def make_checkpoints(specs: list[dict[str, Any]], world_size: int = 1) -> None:
+    """Train each model a step or two with DeepSpeed in fresh processes and save real checkpoints.
 
-    A subprocess keeps DeepSpeed's process group and environment out of the test process.
+    Subprocesses keep DeepSpeed's process group and environment out of the test process; with
+    ``world_size > 1`` each rank is one process (gloo on loopback), so ZeRO shards the optimizer.
 
     Args:
         specs: dicts with ``run_dir``, ``config`` (stand-in config), ``stage`` (ZeRO stage),
-            ``input_dtype``, ``band_mean``, ``band_std``.
+            ``input_dtype``, ``band_mean``, ``band_std`` (optional ``real``, ``size``, ``steps``).
+        world_size: number of ranks.
     """
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", DS_ACCELERATOR="cpu")
-    code = f"import json, sys; from tests.engine.test_predict_helpers import _save_all; _save_all(json.loads(sys.argv[1]))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(specs)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"checkpoint subprocess failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    port = str(_free_port())
+    code = "import json, sys; from tests.engine.test_predict_helpers import _save_all; _save_all(json.loads(sys.argv[1]))"
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world_size),
+                   LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(specs)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    if any(proc.returncode != 0 for proc in procs):
+        raise RuntimeError("checkpoint subprocess failed:\n" + "\n".join(out[-3000:] for out in outputs))
 
 
 def _save_all(specs: list[dict[str, Any]]) -> None:
@@ -171,4 +179,5 @@ def _save_all(specs: list[dict[str, Any]]) -> None:
             "iteration": spec.get("steps", 2),
             "metrics": {"miou": 0.5},
         }
-        (root / tag / "lrss_meta.json").write_text(json.dumps(meta))
+        if int(os.environ.get("RANK", "0")) == 0:
+            (root / tag / "lrss_meta.json").write_text(json.dumps(meta))
