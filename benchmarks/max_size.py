@@ -22,7 +22,7 @@ from _harness import GIB, MIB, Column, Report, machine_header, run_config, write
 from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
-QUICK_MODES = ["none", "fullres_fp32"]
+QUICK_MODES = ["none", "ckpt_stage"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -109,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny cap and sizes for the test suite")
     parser.add_argument("--model", default="ehsnet")
     parser.add_argument("--modes", default=None, help="comma-separated memory modes")
-    parser.add_argument("--cap", type=float, default=None, help="RSS cap in GiB (default 3; quick 0.9)")
+    parser.add_argument("--cap", type=float, default=None, help="RSS cap in GiB (default 3; quick 1.0)")
     parser.add_argument("--start", type=int, default=None, help="first side tried (default 1024; quick 128)")
     parser.add_argument("--limit", type=int, default=16384, help="largest side tried")
-    parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64; quick 32)")
+    parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     args = parser.parse_args(argv)
-    cap = args.cap if args.cap is not None else (0.9 if args.quick else 3.0)
+    cap = args.cap if args.cap is not None else (1.0 if args.quick else 3.0)
     start = args.start or (128 if args.quick else 1024)
-    resolution = args.resolution or (32 if args.quick else 64)
-    limit = min(args.limit, 512) if args.quick else args.limit
+    resolution = args.resolution or 64
+    limit = min(args.limit, 256) if args.quick else args.limit
     modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
     for mode in modes:
         if mode not in PLAN_MODES:

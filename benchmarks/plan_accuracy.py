@@ -32,7 +32,7 @@ from lrss_ds.engine.plan import (  # noqa: E402
 )
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
-QUICK_MODES = ["none", "fullres_fp32"]
+QUICK_MODES = ["none", "ckpt_stage"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
     parser.add_argument("--model", default="ehsnet")
     parser.add_argument("--modes", default=None, help="comma-separated memory modes")
-    parser.add_argument("--fit-sides", default=None, help="sides for the fit (default 256,384,512; quick 64,96)")
-    parser.add_argument("--check-sides", default=None, help="two held-out sides (default 768,1024; quick 128,160)")
+    parser.add_argument("--fit-sides", default=None, help="sides for the fit (default 256,384,512; quick 128,160)")
+    parser.add_argument("--check-sides", default=None, help="two held-out sides (default 768,1024; quick 192,224)")
     parser.add_argument("--cap", type=float, default=6.0, help="RSS cap per probe, GiB")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--target", default="6800x7200", help="size the recommendation is made for")
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="measurement cache (default: none, measure afresh)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     args = parser.parse_args(argv)
-    fit_sides = [int(s) for s in (args.fit_sides or ("64,96" if args.quick else "256,384,512")).split(",")]
-    check_sides = [int(s) for s in (args.check_sides or ("128,160" if args.quick else "768,1024")).split(",")]
+    fit_sides = [int(s) for s in (args.fit_sides or ("128,160" if args.quick else "256,384,512")).split(",")]
+    check_sides = [int(s) for s in (args.check_sides or ("192,224" if args.quick else "768,1024")).split(",")]
     modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
     for mode in modes:
         if mode not in PLAN_MODES:

@@ -1,0 +1,96 @@
+"""Each benchmark script runs end to end with --quick and writes a complete, measured table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _run_script(name: str, out: Path, *extra: str, timeout: float = 900) -> dict:
+    """Run ``benchmarks/<name>.py --quick --out out`` and return its JSON report."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    stem = "plan" if name == "plan_accuracy" else name
+    for suffix in ("md", "csv", "json"):
+        assert (out / f"{stem}.{suffix}").stat().st_size > 0
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def _measured(row: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert isinstance(row.get(key), (int, float)), f"{key} not measured in {row}"
+
+
+def test_memory_time_quick(tmp_path: Path) -> None:
+    report = _run_script("memory_time", tmp_path)
+    rows = report["rows"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet"}
+    assert [r["memory_mode"] for r in rows if r["method"] == "EHSNet"] == ["none", "ckpt_stage"]
+    for row in rows:
+        for key in ("method", "memory_mode", "size", "miou", "miou_source", "device_peak_mib",
+                    "saved_activation_mib", "host_peak_gib", "train_s", "test_s"):
+            assert key in row, key
+        assert row["status"] == "ok", row
+        assert row["device_peak_mib"] is None  # CPU: no device allocator
+        _measured(row, ["miou", "saved_activation_mib", "host_peak_gib", "train_s", "test_s"])
+        assert row["miou_source"]
+    ehs = {r["memory_mode"]: r for r in rows if r["method"] == "EHSNet"}
+    assert ehs["ckpt_stage"]["saved_activation_mib"] < ehs["none"]["saved_activation_mib"]
+    inference = report["tables"][next(t for t in report["tables"] if t.startswith("Local vs global"))]
+    assert {r["method"] for r in inference} == methods
+    for row in inference:
+        _measured(row, ["global_miou", "global_peak_mib", "global_s"])
+        if row["method"] not in ("GLNet", "GLSNet"):
+            _measured(row, ["local_miou", "local_peak_mib", "local_s"])
+    assert report["papers"]["ehsnet_table3"]["rows"][-1]["method"] == "EHSNet"
+    assert "THEIR figures" in (tmp_path / "memory_time.md").read_text()
+
+
+def test_scaling_quick(tmp_path: Path) -> None:
+    report = _run_script("scaling", tmp_path)
+    rows = report["rows"]
+    assert {r["memory_mode"] for r in rows} == {"none", "ckpt_stage"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        _measured(row, ["saved_activation_mib", "host_peak_gib", "step_s", "step_cpu_s"])
+    for fit in report["fits"]:
+        _measured(fit, ["saved_bytes_per_px", "host_bytes_per_px", "step_us_per_px"])
+        assert fit["saved_bytes_per_px"] > 0
+    assert len(list(tmp_path.glob("scaling_*.png"))) == 4
+
+
+def test_max_size_quick(tmp_path: Path) -> None:
+    report = _run_script("max_size", tmp_path)
+    rows = report["rows"]
+    assert [r["memory_mode"] for r in rows] == ["none", "ckpt_stage"]
+    for row in rows:
+        assert row["probes"] >= 2
+        # either a largest fitting side was found (and measured there) or none fits the cap
+        if row["max_side"] is not None:
+            _measured(row, ["host_peak_gib_at_max", "saved_activation_mib_at_max"])
+            assert row["host_peak_gib_at_max"] <= row["cap_gib"]
+
+
+def test_plan_accuracy_quick(tmp_path: Path) -> None:
+    report = _run_script("plan_accuracy", tmp_path)
+    rows = report["rows"]
+    assert len(rows) == 2 * 2  # two modes x two held-out sides
+    for row in rows:
+        _measured(row, ["measured_host_gib", "predicted_host_gib", "host_error_pct", "device_error_pct"])
+    assert isinstance(report["worst_memory_error_pct"], float)
+    assert report["plan"]["recommendation"] in (None, "none", "ckpt_stage")
