@@ -274,12 +274,17 @@ class PlanMode:
         memory_preset: the ``lrss_ds.memory`` preset entered around forward + backward.
         ds_config: the DeepSpeed JSON (relative to the repository root) the step trains with.
         summary: one line for tables.
+        ds_override: keys merged into that JSON (``deepspeed.override`` of an experiment).
     """
 
     name: str
     memory_preset: str
     ds_config: str
     summary: str
+    ds_override: dict[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
 
 # Ordered from the least to the most memory machinery. "Cheapest" in a recommendation is decided
@@ -292,10 +297,13 @@ PLAN_MODES: dict[str, PlanMode] = {
         PlanMode("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
         PlanMode("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
                  "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
+        # These JSONs say cpu_checkpointing false; the memory mode and the JSON must agree.
         PlanMode("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
-                 "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped"),
+                 "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
+                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
         PlanMode("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
-                 "ckpt_offload + ZeRO-3, parameters and optimizer offloaded"),
+                 "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
+                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
         PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
                  "fine checkpoints + loss in row bands + channels-last, fp32"),
         PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
@@ -385,7 +393,7 @@ def probe_training_step(
         model=ModelConfig(name=model, options=dict(model_options or {})),
         memory=MemoryConfig(preset=plan_mode.memory_preset),
         deepspeed=DeepSpeedConfigRef(config=str(_PACKAGE_ROOT / plan_mode.ds_config),
-                                     override={"csv_monitor": {"enabled": False},
+                                     override={**plan_mode.ds_override, "csv_monitor": {"enabled": False},
                                                "tensorboard": {"enabled": False}}),
         train=TrainConfig(output=tempfile.gettempdir()),
     )
@@ -888,7 +896,10 @@ def make_plan(
     on_accelerator = any(m.probe.get("device_peak_bytes") is not None for m in measurements)
     ds_config = None
     if best is not None:
-        ds_config = json.loads((_PACKAGE_ROOT / best.ds_config).read_text())
+        from lrss_ds.engine.config import merge
+
+        ds_config = merge(json.loads((_PACKAGE_ROOT / best.ds_config).read_text()),
+                          PLAN_MODES[best.mode].ds_override)
     return {
         "model": model,
         "size": [height, width],
@@ -902,6 +913,7 @@ def make_plan(
         "recommendation": None if best is None else best.mode,
         "memory_preset": None if best is None else best.memory_preset,
         "ds_config_path": None if best is None else best.ds_config,
+        "ds_override": None if best is None else PLAN_MODES[best.mode].ds_override,
         "ds_config": ds_config,
     }
 
@@ -938,6 +950,7 @@ def run(args: argparse.Namespace) -> int:
     if plan["recommendation"] is None:
         print("recommendation: no mode fits these budgets; see 'max side' above")
         return 1
+    override = f" with deepspeed.override {json.dumps(plan['ds_override'])}" if plan["ds_override"] else ""
     print(f"recommendation: {plan['recommendation']} (memory preset {plan['memory_preset']!r}, "
-          f"DeepSpeed JSON {plan['ds_config_path']})")
+          f"DeepSpeed JSON {plan['ds_config_path']}{override})")
     return 0
