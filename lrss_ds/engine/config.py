@@ -55,7 +55,7 @@ class SynthConfig:
         val_scenes: scenes in the val split.
         height: scene height in pixels.
         width: scene width in pixels.
-        bands: number of image bands.
+        bands: number of image bands (the ``synthetic`` dataset has 4: NIR, R, G, B).
         seed: generator seed (the same seed gives the same scenes).
     """
 
@@ -63,7 +63,7 @@ class SynthConfig:
     val_scenes: int = 2
     height: int = 512
     width: int = 512
-    bands: int = 3
+    bands: int = 4
     seed: int = 0
 
 

@@ -58,6 +58,8 @@ def init_distributed() -> DistInfo:
     Under ``deepspeed``/``torchrun``/SLURM the launcher sets ``RANK``, ``WORLD_SIZE`` and
     ``MASTER_ADDR``; without them this sets a single rank on a free loopback port so the same
     code runs in ``lrss-ds train``. The backend is the accelerator's (gloo on CPU, NCCL on CUDA).
+    Ranks sharing a host split its cores (``torch.set_num_threads``) unless ``OMP_NUM_THREADS``
+    is set.
 
     Returns:
         This process's :class:`DistInfo`.
@@ -72,6 +74,12 @@ def init_distributed() -> DistInfo:
         )
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
+    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if local_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a host would each start one thread per core; oversubscribed OpenMP
+        # threads spin against each other (a 64x64 HRNet step went from 0.3 s to 5-10 s here).
+        # The launcher's --bind_cores_to_rank does this split but needs numactl.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     return DistInfo(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from lrss_ds.engine import checkpoints
 from lrss_ds.engine.config import ExperimentConfig, save_config
 from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
-from lrss_ds.engine.metrics import ConfusionMatrix, jsonable
+from lrss_ds.engine.metrics import ConfusionMatrix
+from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
     DistInfo,
     init_distributed,
@@ -320,13 +321,14 @@ def train(run: Run, resume: bool) -> int:
             record = {"iteration": iteration, "loss": mean_loss, "lr": engine.get_lr()[0]}
             run.history.append(record)
             stats = {**memory_now(), **ledger_summary(run.ledger)}
-            bar.update(iteration - bar.n)
             bar.set_postfix(
                 loss=f"{mean_loss:.4f}", rss=f"{stats['rss_gib']:.2f}G",
-                saved=f"{stats['saved_device_peak_gib']:.2f}/{stats['saved_offloaded_peak_gib']:.2f}G",
-                wait=f"{data_wait:.1f}s", refresh=False,
-                **({"accel": f"{stats['accel_peak_gib']:.2f}G"} if "accel_peak_gib" in stats else {}),
+                **({"accel_peak": f"{stats['accel_peak_gib']:.2f}G"} if "accel_peak_gib" in stats else {}),
+                # the ledger: peak saved activations kept on the device / offloaded, this step
+                saved=f"{stats['saved_device_peak_gib'] * 1024:.0f}/{stats['saved_offloaded_peak_gib'] * 1024:.0f}M",
+                data_wait=f"{data_wait:.1f}s", refresh=False,
             )
+            bar.update(iteration - bar.n)
             if iteration % cfg.log_every == 0:
                 run.say(
                     f"it {iteration} loss {mean_loss:.4f} lr {record['lr']:.3g} data_wait {data_wait:.2f}s "
@@ -424,6 +426,10 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     dist_info = init_distributed()
     seed_everything(config.train.seed + dist_info.rank)
     out.mkdir(parents=True, exist_ok=True)
+    if config.data.synthetic is not None:
+        if dist_info.rank == 0:  # one writer; idempotent, so a rerun reuses the store
+            prepare_synthetic_store(config.data, log=lambda line: None)
+        dist.barrier()
     ds_config = load_deepspeed_json(config)
     memory_mode = resolve_memory_mode(config)
 
