@@ -35,6 +35,9 @@ class DatasetSpec:
         label_map: raw label value -> stored value (a class index or ``ignore_index``), for
             index labels that are not already ``0..K-1``; when given, only its keys are valid.
         ignore_colours: RGB colours of RGB-coded labels stored as ``ignore_index``.
+        rgb_threshold: for RGB-coded labels whose palette uses only 0 and 255 per channel but
+            whose files were lossily compressed: channel values >= this become 255, the rest 0,
+            before the palette lookup (DeepGlobe: 128, its organisers' advice).
         splits: split name -> scene ids listed for it.
         default_split: split of scenes no list names.
         description: one line on the source and conventions.
@@ -50,6 +53,7 @@ class DatasetSpec:
     image_suffix: str = ""
     label_map: dict[int, int] | None = None
     ignore_colours: list[Colour] = field(default_factory=list)
+    rgb_threshold: int | None = None
     splits: dict[str, list[str]] = field(default_factory=dict)
     default_split: str = "train"
     description: str = ""
@@ -118,6 +122,8 @@ class DatasetSpec:
             raise ConfigError(f"{where}: palette", "is required when label_encoding is 'rgb'")
         if not self.bands:
             raise ConfigError(f"{where}: bands", "must name at least one band")
+        if self.rgb_threshold is not None and not 1 <= self.rgb_threshold <= 255:
+            raise ConfigError(f"{where}: rgb_threshold", "must be in 1..255")
         if self.label_map is not None:
             for raw, value in self.label_map.items():
                 if value != self.ignore_index and not 0 <= value < len(self.classes):
@@ -193,7 +199,9 @@ def _convert(key: str, value: Any, where: str) -> Any:
         return value
     if key in ("classes", "bands"):
         return _str_list(key, value, where)
-    if key == "ignore_index":
+    if key == "rgb_threshold" and value is None:
+        return None
+    if key in ("ignore_index", "rgb_threshold"):
         if not _is_int(value):
             raise ConfigError(f"{where}: {key}", f"must be an integer, not {type(value).__name__}")
         return value
@@ -283,6 +291,8 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
                     [0, 0, 255], [255, 255, 255]],
         "ignore_index": 255,
         "label_encoding": "rgb",
+        # The masks are PNGs, but some were saved from lossy images: threshold at 128.
+        "rgb_threshold": 128,
         "bands": ["R", "G", "B"],
         "image_suffix": "_sat",
         "label_suffix": "_mask",

@@ -164,6 +164,8 @@ class LabelDecoder:
         """Decode ``raw`` (bands, h, w) into ``(h, w)`` uint8; unknown values become ignore_index."""
         if self.spec.label_encoding == "rgb":
             rgb = raw[:3].astype(np.int64)
+            if self.spec.rgb_threshold is not None:
+                rgb = np.where(rgb >= self.spec.rgb_threshold, 255, 0)
             keys = (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
             idx = np.clip(np.searchsorted(self._keys, keys), 0, len(self._keys) - 1)
             known = self._keys[idx] == keys

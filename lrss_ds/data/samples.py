@@ -20,7 +20,8 @@ class SceneSamples(Dataset):
     The store is opened lazily in the process that reads (each DataLoader worker opens its own;
     nothing opened before a ``fork`` is reused after it). Patch positions are a pure function
     of ``(seed, epoch, scene, k)``: every worker and every rank draws the same positions, and
-    ``set_epoch(e)`` moves to the next draw.
+    ``set_epoch(e)`` moves to the next draw (with ``persistent_workers=True`` the workers keep
+    their own copy, so recreate the DataLoader iterator or leave persistence off).
 
     Args:
         store_path: the tile store directory.

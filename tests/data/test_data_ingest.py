@@ -225,3 +225,16 @@ def test_label_map_and_label_suffix_from_a_user_yaml(tmp_path) -> None:
     image, stored = store.read("tile7")
     assert image.dtype == np.uint16 and np.array_equal(stored, (label == 255).astype(np.uint8))
     assert store.band_stats() == ([1000.0] * 3, [0.0] * 3)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_rgb_threshold_cleans_lossy_colour_labels(tmp_path) -> None:
+    spec = get_dataset("deepglobe")
+    index = (np.arange(64 * 64).reshape(64, 64) // 600 % 7).astype(np.uint8)
+    rgb = np.array(spec.palette, np.int16)[index].transpose(2, 0, 1)
+    noisy = np.clip(rgb + np.where(rgb > 127, -20, 20), 0, 255).astype(np.uint8)  # as after JPEG
+    write_raster(tmp_path / "img" / "42_sat.tif", np.zeros((3, 64, 64), np.uint8), crs=None, transform=None)
+    write_raster(tmp_path / "lbl" / "42_mask.tif", noisy, crs=None, transform=None)
+    ingest(tmp_path / "s.zarr", str(tmp_path / "img"), str(tmp_path / "lbl"), "deepglobe", log=_quiet)
+    store = TileStore.open(tmp_path / "s.zarr")
+    assert np.array_equal(store.read("42_sat")[1], index) and store.scenes("val") == ["42_sat"]
