@@ -1,0 +1,220 @@
+"""Time the LRD's depth-wise convolutions and the whole LRD module, plain vs fast method.
+
+Usage::
+
+    DS_ACCELERATOR=cpu python benchmarks/lrd_kernels.py [--height 213 --width 225]
+        [--channels 256] [--repeats 3] [--dtypes float32 bfloat16] [--out benchmarks/results]
+
+The default feature size, 256 x 213 x 225, is 1/16 of the area of the stride-8 feature map
+of a 6800x7200 FBP scene (256 x 850 x 900); time scales linearly with area for the direct
+convolutions and as ``N log N`` for the FFT weight gradient, so the ratios carry over.
+Each measurement is one warm-up then ``--repeats`` timed runs; the median and the minimum
+are reported, with the 1-minute load average before and after (the machine is shared).
+Writes ``lrd_kernels.json`` and ``lrd_kernels.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lrss_ds.models.large_kernel import depthwise_conv2d  # noqa: E402
+from lrss_ds.models.lrd import LRDModule  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def time_it(fn: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Median and minimum seconds of ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
+
+
+def bench_depthwise(channels: int, height: int, width: int, kernel: int, dtype: torch.dtype, method: str, repeats: int) -> dict:
+    """Forward and forward+backward of one depth-wise convolution."""
+    torch.manual_seed(0)
+    x = torch.randn(1, channels, height, width, dtype=dtype, requires_grad=True)
+    weight = torch.randn(channels, 1, kernel, kernel, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, channels, height, width, dtype=dtype)
+
+    def forward() -> None:
+        with torch.no_grad():
+            depthwise_conv2d(x, weight, None, method)
+
+    def train_step() -> None:
+        depthwise_conv2d(x, weight, None, method).backward(grad)
+
+    flops = 2.0 * channels * height * width * kernel * kernel
+    fwd, both = time_it(forward, repeats), time_it(train_step, repeats)
+    return {
+        "kernel": kernel, "dtype": str(dtype).removeprefix("torch."), "method": method,
+        "fwd": fwd, "fwd_bwd": both,
+        "fwd_gflops": flops / fwd["median_s"] / 1e9, "fwd_bwd_gflops": 3 * flops / both["median_s"] / 1e9,
+    }
+
+
+def bench_lrd(in_channels: int, channels: int, height: int, width: int, dtype: torch.dtype, method: str, channels_last: bool, repeats: int) -> dict:
+    """Forward and forward+backward of the whole LRD module (train mode)."""
+    torch.manual_seed(0)
+    lrd = LRDModule(in_channels, k=channels, d=channels, dw_method=method).to(dtype)
+    x = torch.randn(1, in_channels, height, width, dtype=dtype, requires_grad=True)
+    if channels_last:
+        lrd = lrd.to(memory_format=torch.channels_last)
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def forward() -> None:
+        with torch.no_grad():
+            lrd(x)
+
+    def train_step() -> None:
+        lrd(x).float().square().mean().backward()
+
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "method": method, "channels_last": channels_last,
+        "fwd": time_it(forward, repeats), "fwd_bwd": time_it(train_step, repeats),
+    }
+
+
+def machine() -> dict:
+    """Where and under what load the numbers were taken."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def to_markdown(result: dict) -> str:
+    """The report table."""
+    size = result["size"]
+    lines = [
+        "# LRD kernels: plain PyTorch vs the fast exact method",
+        "",
+        f"Feature map {size['channels']} x {size['height']} x {size['width']} (batch 1); "
+        f"{result['note']}",
+        "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+        f"{result['machine']['torch']}, {result['machine']['threads']} threads, {result['machine']['date']}. "
+        f"Load average (1 min) before {result['load_before']:.1f}, after {result['load_after']:.1f} "
+        "(the machine is shared with other jobs: compare ratios, not absolute times).",
+        "Times are medians (min in brackets) of the timed runs after one warm-up.",
+        "",
+        "## One depth-wise convolution",
+        "",
+        "| K | dtype | method | fwd ms | fwd GFLOP/s | fwd+bwd ms | fwd+bwd GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["depthwise"]:
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {r['method']} | {r['fwd']['median_s'] * 1e3:.1f} ({r['fwd']['min_s'] * 1e3:.1f}) "
+            f"| {r['fwd_gflops']:.1f} | {r['fwd_bwd']['median_s'] * 1e3:.1f} ({r['fwd_bwd']['min_s'] * 1e3:.1f}) "
+            f"| {r['fwd_bwd_gflops']:.1f} |"
+        )
+    lines += ["", "## Speed-up (direct / fast, medians)", "", "| K | dtype | fwd | fwd+bwd |", "|---|---|---|---|"]
+    by_key = {(r["kernel"], r["dtype"], r["method"]): r for r in result["depthwise"]}
+    for (kernel, dtype, method), r in by_key.items():
+        if method == "fast" and (kernel, dtype, "direct") in by_key:
+            d = by_key[(kernel, dtype, "direct")]
+            lines.append(
+                f"| {kernel} | {dtype} | {d['fwd']['median_s'] / r['fwd']['median_s']:.1f}x "
+                f"| {d['fwd_bwd']['median_s'] / r['fwd_bwd']['median_s']:.1f}x |"
+            )
+    lines += [
+        "",
+        f"## Whole LRD module (in {result['lrd_in_channels']} -> k = d = {size['channels']}, train mode)",
+        "",
+        "| dtype | depth-wise method | memory format | fwd ms | fwd+bwd ms |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["lrd"]:
+        fmt = "channels_last" if r["channels_last"] else "NCHW"
+        lines.append(
+            f"| {r['dtype']} | {r['method']} | {fmt} | {r['fwd']['median_s'] * 1e3:.0f} ({r['fwd']['min_s'] * 1e3:.0f}) "
+            f"| {r['fwd_bwd']['median_s'] * 1e3:.0f} ({r['fwd_bwd']['min_s'] * 1e3:.0f}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--height", type=int, default=213)
+    parser.add_argument("--width", type=int, default=225)
+    parser.add_argument("--lrd-in-channels", type=int, default=270, help="HRNet-W18 concat: 18+36+72+144")
+    parser.add_argument("--kernels", type=int, nargs="+", default=[7, 15, 31])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-lrd", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    load_before = os.getloadavg()[0]
+    depthwise, lrd = [], []
+    for dtype_name in args.dtypes:
+        for kernel in args.kernels:
+            for method in ("direct", "fast"):
+                r = bench_depthwise(args.channels, args.height, args.width, kernel, DTYPES[dtype_name], method, args.repeats)
+                depthwise.append(r)
+                print(
+                    f"K={kernel} {dtype_name} {method}: fwd {r['fwd']['median_s'] * 1e3:.1f} ms, "
+                    f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.1f} ms",
+                    flush=True,
+                )
+    if not args.skip_lrd:
+        for dtype_name in args.dtypes:
+            for method, channels_last in (("direct", False), ("fast", False), ("fast", True)):
+                r = bench_lrd(args.lrd_in_channels, args.channels, args.height, args.width, DTYPES[dtype_name], method, channels_last, args.repeats)
+                lrd.append(r)
+                print(
+                    f"LRD {dtype_name} {method} cl={channels_last}: fwd {r['fwd']['median_s'] * 1e3:.0f} ms, "
+                    f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.0f} ms",
+                    flush=True,
+                )
+    result = {
+        "size": {"channels": args.channels, "height": args.height, "width": args.width},
+        "note": (
+            "1/16 of the area of the stride-8 map of a 6800x7200 scene (256 x 850 x 900)"
+            if (args.height, args.width) == (213, 225) else "custom size"
+        ),
+        "lrd_in_channels": args.lrd_in_channels,
+        "machine": machine(), "load_before": load_before, "load_after": os.getloadavg()[0],
+        "depthwise": depthwise, "lrd": lrd,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("lrd_kernels.json", json.dumps(result, indent=2)), ("lrd_kernels.md", to_markdown(result))):
+        tmp = args.out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out / name)
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
