@@ -21,12 +21,15 @@ def efficient_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         v: ``(B, Nk, Cv)`` values.
 
     Returns:
-        ``(B, Nq, Cv)``.
+        ``(B, Nq, Cv)`` in ``v``'s dtype.
     """
-    q = q.softmax(dim=-1)
-    k = k.softmax(dim=-2)
-    context = k.transpose(-2, -1) @ v  # (B, Ck, Cv)
-    return q @ context
+    # In at least float32 whatever the input dtype: the key softmax runs over up to ~10^6 positions
+    # and the context sums over all of them.
+    compute = torch.promote_types(v.dtype, torch.float32)
+    q = q.to(compute).softmax(dim=-1)
+    k = k.to(compute).softmax(dim=-2)
+    context = k.transpose(-2, -1) @ v.to(compute)  # (B, Ck, Cv)
+    return (q @ context).to(v.dtype)
 
 
 class ECRModule(nn.Module):
