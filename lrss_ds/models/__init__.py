@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel
 from lrss_ds.models.ehsnet import EHSNet
+from lrss_ds.models.glnet import build_glnet
+from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
 
@@ -15,6 +17,8 @@ from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
 MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "ehsnet": EHSNet,
     "hrnet_fcn": HRNetFCN,
+    "glsnet": build_glsnet,
+    "glnet": build_glnet,
 }
 
 

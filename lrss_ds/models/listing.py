@@ -28,6 +28,9 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only
 # knows conv and matmul kernels).
 COUNTING_OPTIONS: dict[str, dict[str, Any]] = {"ehsnet": {"dw_method": "direct"}}
+# A model whose forward reads tensor data (so it cannot run on meta tensors) is counted in a
+# real run instead, if the input is at most this many pixels (a few seconds of CPU).
+REAL_RUN_PIXELS = 1024 * 1024
 
 
 @dataclass
@@ -99,8 +102,9 @@ def model_cost(
         **options: model options.
 
     Returns:
-        the :class:`ModelCost`; if the forward cannot run on meta tensors, ``flops`` is None
-        and ``note`` says why.
+        the :class:`ModelCost`; if the forward cannot run on meta tensors it is counted in a
+        real CPU run when the input has at most ``REAL_RUN_PIXELS`` pixels, otherwise
+        ``flops`` is None and ``note`` says why.
     """
     build_options = {**options, **COUNTING_OPTIONS.get(name, {})}
     with torch.device(device):
@@ -112,11 +116,15 @@ def model_cost(
         patch = model.patch_size
         factor = patch_count(size, patch, model.overlap)
         height, width = min(height, patch[0]), min(width, patch[1])
-    x = torch.empty(1, in_channels, height, width, device=device)
+    x = torch.zeros(1, in_channels, height, width, device=device)
     try:
         cost.flops = count_flops(model, x) * factor
     except (NotImplementedError, RuntimeError) as error:  # a data-dependent op has no meta kernel
-        cost.note = f"not countable on {device}: {str(error).splitlines()[0][:80]}"
+        if str(device) == "meta" and height * width <= REAL_RUN_PIXELS:
+            real = model_cost(name, num_classes, in_channels, size, "cpu", **options)
+            cost.flops, cost.note = real.flops, "counted in a real CPU run (not countable on meta tensors)"
+        else:
+            cost.note = f"not countable on {device}: {str(error).splitlines()[0][:80]}"
     return cost
 
 
@@ -150,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         cost = model_cost(name, args.classes, args.bands, size, **options)
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"
-        flops = f"{cost.flops / 1e9:10.1f}" if cost.flops is not None else f"{'n/a':>10}  {cost.note}"
+        flops = f"{cost.flops / 1e9:10.1f}" if cost.flops is not None else f"{'n/a':>10}"
+        flops += f"  {cost.note}" if cost.note else ""
         print(f"{name:<10} {shown:<42} {cost.parameters / 1e6:10.2f} {cost.output_stride:>3} {flops}")
     return 0
