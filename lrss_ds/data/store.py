@@ -42,6 +42,8 @@ FORMAT_VERSION = 1
 PARTIAL_DIR = "_partial"
 DEFAULT_TILE = 512
 ATTR_KEY = "lrss_ds"
+_BLOSC_HEADER = 16  # blosc1 frame header bytes
+_BLOSC_MEMCPYED = 0x02  # header flag: payload stored as is
 
 Window = tuple[int, int, int, int]
 
@@ -245,8 +247,15 @@ class ChunkReader:
             # Decompress straight from the page cache: one copy fewer than read-then-decode.
             with open(path, "rb", buffering=0) as handle, \
                     mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                blosc.decompress(mapped, chunk)
-            out[region] = chunk[inside]
+                if mapped[2] & _BLOSC_MEMCPYED and size == _BLOSC_HEADER + self._chunk_bytes:
+                    # Blosc stored this chunk uncompressed (incompressible data): copy the
+                    # payload straight into place instead of through the scratch chunk.
+                    payload = np.frombuffer(mapped, self.dtype, offset=_BLOSC_HEADER).reshape(self.chunks)
+                    out[region] = payload[inside]
+                    del payload  # the mmap cannot close while a view of it exists
+                else:
+                    blosc.decompress(mapped, chunk)
+                    out[region] = chunk[inside]
             return
         if size > len(raw):
             raw = self._local.raw = bytearray(size)
