@@ -117,3 +117,21 @@ def test_adapt_fewer_bands_keeps_the_filter_sum() -> None:
         out = adapt_input_bands(weight, bands)
         assert out.shape == (8, bands, 7, 7)
         assert torch.allclose(out.sum(dim=1), weight.sum(dim=1), atol=1e-5)
+
+
+def test_torchvision_resnet_files_find_their_branch_of_glsnet(tmp_path: Path) -> None:
+    """GLSNet holds a ResNet-18 and a ResNet-50: each file must pick its own branch by itself."""
+    from lrss_ds.models import build_model
+    from lrss_ds.models.resnet import ResNet
+
+    model = build_model("glsnet", 3, 4, d_model=32)
+    where = {arch: path + "." for path, arch in model.pretrained_backbones().items()}
+    for depth in (18, 50):
+        state = ResNet(depth, 3).state_dict()
+        state["fc.weight"] = torch.zeros(1000, 512 if depth == 18 else 2048)
+        path = tmp_path / f"resnet{depth}.pth"
+        torch.save(state, path)
+        report = load_pretrained(model, path)
+        assert report.prefix == where[f"resnet{depth}"]
+        assert report.unexpected == ["fc.weight"] and not report.missing
+        assert report.adapted == [report.prefix + "conv1.weight"]
