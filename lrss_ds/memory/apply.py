@@ -39,9 +39,10 @@ def prepare_model(
 ) -> TorchCheckpointRunner | DeepSpeedCheckpointRunner | None:
     """Prepare a model for a memory mode, once, before ``deepspeed.initialize``.
 
-    Converts the model to channels-last (before DeepSpeed, because ZeRO keeps references to
-    the parameter tensors) and installs the segment runner that checkpoints the segments of
-    ``model.checkpoint_plan(mode.checkpointing)``. With ``cpu_checkpointing`` it also applies
+    Installs the segment runner that checkpoints the segments of
+    ``model.checkpoint_plan(mode.checkpointing)`` and, with ``channels_last``, hands every
+    segment its 4-D inputs in channels-last layout (activations only: DeepSpeed refuses
+    channels-last parameters; see :func:`channels_last_inputs`). With ``cpu_checkpointing`` it also applies
     DeepSpeed's activation checkpointing settings, which needs distributed init done (the
     engine's ``deepspeed.init_distributed`` comes first).
 
@@ -56,14 +57,21 @@ def prepare_model(
 
     Raises:
         ConfigError: if checkpointing is asked of a model without ``checkpoint_plan``, or the
-            DeepSpeed config disagrees with the mode.
+            DeepSpeed config disagrees with the mode (``cpu_checkpointing``, or ``bf16``
+            enabled together with ``mode.bf16``).
     """
     from lrss_ds.models.base import set_segment_runner
 
     mode.validate()
+    if mode.bf16 and ((ds_config or {}).get("bf16") or {}).get("enabled"):
+        # autocast over bf16 weights gains nothing and DeepSpeed's bf16 (on CPU, with
+        # buffer_dtype bf16) keeps BatchNorm running statistics in bf16, which hurt eval here
+        raise ConfigError(
+            "bf16.enabled",
+            "memory.bf16 runs bf16 autocast over float32 weights (BatchNorm statistics stay float32); "
+            "use a DeepSpeed config without bf16 enabled",
+        )
     model = _unwrap(model)
-    if mode.channels_last:
-        model.to(memory_format=torch.channels_last)
     runner: TorchCheckpointRunner | DeepSpeedCheckpointRunner | None = None
     if mode.checkpointing != "none":
         if not hasattr(model, "checkpoint_plan"):
@@ -71,9 +79,11 @@ def prepare_model(
         plan = model.checkpoint_plan(mode.checkpointing)
         if mode.cpu_checkpointing:
             configure_deepspeed_checkpointing(True, ds_config)
-            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), _device_type(model))
+            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), _device_type(model), mode.channels_last)
         else:
-            runner = TorchCheckpointRunner(plan, batchnorm_modules(model))
+            runner = TorchCheckpointRunner(plan, batchnorm_modules(model), mode.channels_last)
+    elif mode.channels_last:  # a runner that checkpoints nothing, only converts layouts
+        runner = TorchCheckpointRunner((), (), channels_last=True)
     set_segment_runner(model, runner)
     setattr(model, _PREPARED_ATTR, mode)
     setattr(model, _RUNNER_ATTR, runner)

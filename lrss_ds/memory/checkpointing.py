@@ -49,24 +49,51 @@ def frozen_batchnorm_statistics(batchnorms: Iterable[_BatchNorm]) -> Iterator[No
                 bn.num_batches_tracked.copy_(count)
 
 
+def _to_channels_last(value: Any) -> Any:
+    """4-D tensors to ``torch.channels_last`` (a no-op for those already in it)."""
+    if isinstance(value, Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def channels_last_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fn`` so that its 4-D tensor arguments (also inside lists) arrive channels-last.
+
+    Activations, not parameters, are converted: convolutions give channels-last outputs
+    when their input is channels-last, and DeepSpeed cannot take channels-last parameters
+    (``deepspeed.initialize`` broadcasts ``p.data.view(torch.uint8)``, which needs a unit
+    last stride). The conversion runs inside the segment, so a checkpoint saves the
+    caller's tensor (e.g. the raw image the caller holds anyway), not a converted copy.
+    """
+
+    def run(*args: Any) -> Any:
+        return fn(*pytree.tree_map(_to_channels_last, args))
+
+    return run
+
+
 class _PlanRunner:
     """Base of the segment runners: checkpoint the planned names, run the others directly.
 
     Args:
         plan: segment names to checkpoint (from ``model.checkpoint_plan(granularity)``).
         batchnorms: BatchNorm layers to freeze during recomputation.
+        channels_last: give every segment its 4-D tensor inputs in channels-last layout.
 
     Attributes:
         seen: planned names that have been checkpointed at least once (``plan - seen`` after
             a forward reveals names the model never uses).
     """
 
-    def __init__(self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm]) -> None:
+    def __init__(self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm], channels_last: bool = False) -> None:
         self.plan = frozenset(plan)
         self.batchnorms = list(batchnorms)
+        self.channels_last = channels_last
         self.seen: set[str] = set()
 
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.channels_last:
+            fn = channels_last_inputs(fn)
         # eval / no_grad forwards build no graph, so there is nothing to recompute
         if name not in self.plan or not torch.is_grad_enabled():
             return fn(*args)
@@ -122,10 +149,13 @@ class DeepSpeedCheckpointRunner(_PlanRunner):
         plan: segment names to checkpoint.
         batchnorms: BatchNorm layers to freeze during recomputation.
         device_type: the autocast device type, e.g. ``"cpu"`` or ``"cuda"``.
+        channels_last: give every segment its 4-D tensor inputs in channels-last layout.
     """
 
-    def __init__(self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm], device_type: str) -> None:
-        super().__init__(plan, batchnorms)
+    def __init__(
+        self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm], device_type: str, channels_last: bool = False
+    ) -> None:
+        super().__init__(plan, batchnorms, channels_last)
         self.device_type = device_type
         self.ledger: SavedTensorLedger | None = None
 

@@ -29,8 +29,8 @@ class MemoryMode:
             ``None`` = one piece.
         bf16: run forward and loss under ``torch.autocast(dtype=torch.bfloat16)``; weights,
             gradients and BatchNorm running statistics stay float32.
-        channels_last: convert the model to ``torch.channels_last`` (faster convolutions on
-            CPU/oneDNN and tensor cores).
+        channels_last: run activations in ``torch.channels_last`` layout (faster convolutions
+            on CPU/oneDNN and tensor cores); each segment's 4-D inputs are converted.
 
     Raises:
         ConfigError: on an unknown granularity, a wrong type, ``cpu_checkpointing`` without

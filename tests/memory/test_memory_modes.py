@@ -79,3 +79,11 @@ def test_cpu_checkpointing_from_the_deepspeed_json_runs_on_the_cpu_accelerator(t
         [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-2000:]
+
+
+def test_bf16_autocast_refuses_a_bf16_deepspeed_config() -> None:
+    from lrss_ds.memory import prepare_model
+    from tests.memory.toy import ToySegmented
+
+    with pytest.raises(ConfigError, match="bf16.enabled"):
+        prepare_model(ToySegmented(), get_memory_mode("fullres_bf16"), {"bf16": {"enabled": True}})
