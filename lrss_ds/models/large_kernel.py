@@ -128,7 +128,9 @@ class _FastDepthwise(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # Adjoint of a stride-1 'same' conv with odd K: the conv with the flipped kernel.
-            grad_x = _conv_fast_format(grad_out, weight.flip(-2, -1), None)
+            # Under autocast the forward ran in the autocast dtype while x and weight are
+            # saved in their own: convolve in the gradient's dtype, return in x's.
+            grad_x = _conv_fast_format(grad_out, weight.to(grad_out.dtype).flip(-2, -1), None).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = depthwise_weight_grad_fft(x, grad_out, weight.shape[-1]).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

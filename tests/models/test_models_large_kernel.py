@@ -81,6 +81,23 @@ def test_bfloat16_matches_float32_reference():
         assert ((g.float() - w).abs().max() / w.abs().max()) < 3e-2
 
 
+def test_autocast_bfloat16_gradients_have_the_parameter_dtypes():
+    torch.manual_seed(4)
+    x = torch.randn(1, 3, 17, 19)
+    weight = torch.randn(3, 1, 15, 15) / 15
+    bias = torch.randn(3)
+    grad = torch.randn(1, 3, 17, 19)
+    want = _reference(x, weight, bias, grad)
+    x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv2d(x, weight, bias, "fast")
+    assert out.dtype == torch.bfloat16
+    out.backward(grad.bfloat16())
+    for got, ref in zip((out, x.grad, weight.grad, bias.grad), want):
+        assert ((got.float() - ref).abs().max() / ref.abs().max()) < 3e-2
+    assert (x.grad.dtype, weight.grad.dtype, bias.grad.dtype) == (torch.float32,) * 3
+
+
 def test_weight_grad_fft_matches_explicit_sum():
     torch.manual_seed(3)
     x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
