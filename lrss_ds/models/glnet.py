@@ -243,12 +243,18 @@ class GLNet(SegmentationModel):
     def global_input_size(self, padded: tuple[int, int]) -> tuple[int, int]:
         """Size of the downsampled global input for a padded image (sides multiples of 32)."""
         scale = min(1.0, self.global_size / max(padded))
-        return tuple(max(TILE_MULTIPLE, round(s * scale / TILE_MULTIPLE) * TILE_MULTIPLE) for s in padded)  # type: ignore[return-value]
+        height, width = (max(TILE_MULTIPLE, round(s * scale / TILE_MULTIPLE) * TILE_MULTIPLE) for s in padded)
+        return height, width
 
     def param_groups(self, lr_global: float, lr_local: float) -> list[dict[str, Any]]:
-        """Optimizer groups: ``global_*`` (backbone + FPN) at ``lr_global``, ``local_*`` at
-        ``lr_local``, the freshly initialised ``ensemble`` layer at ``lr_global`` (the same
-        split as the engine's name-prefix ``group_lrs`` with base lr = ``lr_global``).
+        """Optimizer parameter groups with GLNet's two learning rates.
+
+        The freshly initialised ``ensemble`` layer takes ``lr_global``: the same split as the
+        engine's name-prefix ``group_lrs: {global, local}`` with base ``lr`` = ``lr_global``.
+
+        Args:
+            lr_global: for ``global_backbone`` and ``global_fpn`` (1e-4 in GLNet/GLSNet).
+            lr_local: for ``local_backbone`` and ``local_fpn`` (2e-5).
 
         Returns:
             ``[{"name", "params", "lr"}, ...]`` covering every parameter once.

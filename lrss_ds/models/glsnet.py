@@ -338,9 +338,13 @@ class GLSNet(SegmentationModel):
             global_context=global_context,
             crop_batch=crop_batch,
         )
-        _check_options(crop_size, d_model, num_heads, global_depth, local_depth, global_stride, local_stride, crop_batch)
+        _check_options(
+            crop_size, d_model, num_heads, global_depth, local_depth, global_stride, local_stride, crop_batch
+        )
         if global_context < 0 or global_context % global_stride:
-            raise ConfigError("global_context", f"must be a multiple of global_stride={global_stride} >= 0, got {global_context}")
+            raise ConfigError(
+                "global_context", f"must be a multiple of global_stride={global_stride} >= 0, got {global_context}"
+            )
         self.crop_size = crop_size
         self.global_stride = global_stride
         self.local_stride = local_stride

@@ -103,7 +103,8 @@ def test_local_branch_is_crop_local_and_global_map_is_shared() -> None:
     with torch.no_grad():
         a, b = model(x), model(y)
     local_a, local_b = a["aux"][1], b["aux"][1]  # stride 16: crop (1, 1) is rows/cols 4..7
-    assert torch.equal(local_a[..., :4, :], local_b[..., :4, :]) and torch.equal(local_a[..., :, :4], local_b[..., :, :4])
+    assert torch.equal(local_a[..., :4, :], local_b[..., :4, :])
+    assert torch.equal(local_a[..., :, :4], local_b[..., :, :4])
     assert not torch.equal(local_a[..., 4:, 4:], local_b[..., 4:, 4:])
     # the change reaches crop (0, 0)'s main logits only through the shared global map
     assert not torch.equal(a["aux"][0], b["aux"][0])
