@@ -72,6 +72,35 @@ def _write_zarr(source: Path, target: Path, chunks: tuple[int, int, int], compre
             array[:, row:row + window.height, :] = src.read(window=window)
 
 
+LANDSAT = ROOT.parent / "shared" / "realdata" / "rasterio_rgb_byte" / "RGB.byte.tif"
+
+
+def _write_mirrored_landsat(image_path: Path, label_path: Path, height: int, width: int) -> None:
+    """Write a scene of real pixels: the Landsat test image mirrored (reflected) up to the size."""
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(LANDSAT) as src:
+        pixels = src.read()
+        profile = dict(driver="GTiff", height=height, width=width, dtype="uint8", crs=src.crs,
+                       transform=src.transform, tiled=True, blockxsize=WINDOW, blockysize=WINDOW,
+                       compress="deflate", zlevel=1, predictor=2)
+
+    def reflect(index: np.ndarray, n: int) -> np.ndarray:
+        index = index % (2 * n)
+        return np.where(index < n, index, 2 * n - 1 - index)
+
+    cols = reflect(np.arange(width), pixels.shape[2])
+    with rasterio.open(image_path, "w", count=3, **profile) as img, \
+            rasterio.open(label_path, "w", count=1, **profile) as lbl:
+        for row in range(0, height, WINDOW):
+            rows = reflect(np.arange(row, min(row + WINDOW, height)), pixels.shape[1])
+            block = pixels[:, rows][:, :, cols]
+            window = Window(0, row, width, len(rows))
+            img.write(block, window=window)
+            lbl.write(((block[0].astype(np.int32) // 64) % 3).astype(np.uint8), 1, window=window)
+
+
 def _windows(height: int, width: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
     rng = np.random.default_rng(seed)
     return [(int(rng.integers(0, height - WINDOW + 1)), int(rng.integers(0, width - WINDOW + 1))) for _ in range(count)]
@@ -106,7 +135,7 @@ import numpy, zarr, rasterio
 from lrss_ds.data.ingest import ingest
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-ingest(sys.argv[1], sys.argv[2], sys.argv[3], "synthetic", log=lambda s: None)
+ingest(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], log=lambda s: None)
 elapsed = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(base * 1024, peak * 1024, elapsed)
@@ -149,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--scene", choices=["synthetic", "landsat"], default="synthetic",
+                        help="synthetic (lrss-ds synth) or real Landsat pixels mirrored to --size "
+                             "(needs ../shared/realdata)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilestore_io")
     args = parser.parse_args(argv)
 
@@ -167,14 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         (work / "labels").mkdir(exist_ok=True)
         start = time.perf_counter()
         base = work / "images" / "scene.tif"
-        write_scene(base, work / "labels" / "scene.tif", make_layout(0, 0, height, width), 0, args.bands,
-                    compress="deflate")
+        dataset = "synthetic"
+        if args.scene == "synthetic":
+            write_scene(base, work / "labels" / "scene.tif", make_layout(0, 0, height, width), 0, args.bands,
+                        compress="deflate")
+            content = "lrss-ds synth scene (seed 0)"
+        else:
+            args.bands = 3
+            dataset = str(work / "landsat.yaml")
+            Path(dataset).write_text("name: landsat\nclasses: [dark, mid, bright]\nignore_index: 255\n"
+                                     "label_encoding: index\nbands: [R, G, B]\n")
+            _write_mirrored_landsat(base, work / "labels" / "scene.tif", height, width)
+            content = "real Landsat pixels: rasterio's RGB.byte.tif mirrored to size (nodata borders included)"
         synth_seconds = time.perf_counter() - start
 
         # Ingest (the store's own writer) in a subprocess, for its peak RSS.
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         out = subprocess.run([sys.executable, "-c", INGEST_RSS_SCRIPT, str(work / "store.zarr"),
-                              str(work / "images"), str(work / "labels")],
+                              str(work / "images"), str(work / "labels"), dataset],
                              env=env, capture_output=True, text=True, check=True).stdout.split()
         rss_base, rss_peak, ingest_seconds = int(out[0]), int(out[1]), float(out[2])
 
@@ -277,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "scene": {"bands": args.bands, "height": height, "width": width, "dtype": "uint8",
-                  "content": "lrss-ds synth scene (seed 0)", "bytes_raw": args.bands * height * width},
+                  "content": content, "bytes_raw": args.bands * height * width},
         "conditions": {
             "cache": "warm page cache; GDAL_CACHEMAX 64 MiB; GeoTIFF reopened per full read",
             "repeats": args.repeats, "order": "round robin over formats, full read then a batch of windows", "windows": args.windows, "window": WINDOW,

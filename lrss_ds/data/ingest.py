@@ -22,6 +22,7 @@ import numpy as np
 
 from lrss_ds.data.catalog import DatasetSpec, get_dataset
 from lrss_ds.data.store import (
+    CODECS,
     DEFAULT_TILE,
     PARTIAL_DIR,
     BandStats,
@@ -319,7 +320,7 @@ def _band_names(src, spec: DatasetSpec) -> list[str]:
 
 def ingest(
     store: str | Path, images: str, labels: str, dataset: str | Path, split: str | None = None,
-    tile: int = DEFAULT_TILE, log: Callable[[str], None] = print,
+    tile: int = DEFAULT_TILE, log: Callable[[str], None] = print, codec: str = "lz4",
 ) -> dict[str, list[str]]:
     """Ingest all image/label pairs into ``store``, skipping complete scenes.
 
@@ -331,6 +332,7 @@ def ingest(
         split: split for every scene; default: the dataset's split rule.
         tile: chunk size.
         log: where progress lines go.
+        codec: chunk codec of new scenes: ``lz4`` (default), ``zstd`` or ``none``.
 
     Returns:
         ``{"ingested": [...], "skipped": [...], "redone": [...]}`` scene ids.
@@ -342,7 +344,7 @@ def ingest(
         raise ConfigError("--tile", "must be at least 16")
     spec = get_dataset(dataset)
     pairs = pair_scenes(expand_paths(images, "--images"), expand_paths(labels, "--labels"), spec)
-    writer = StoreWriter(store, spec)
+    writer = StoreWriter(store, spec, codec)
     leftovers = sorted(p.name for p in (writer.path / PARTIAL_DIR).glob("*")) if (writer.path / PARTIAL_DIR).is_dir() else []
     result: dict[str, list[str]] = {"ingested": [], "skipped": [], "redone": []}
     for name in leftovers:
@@ -379,6 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="built-in dataset name or dataset YAML")
     parser.add_argument("--split", default=None, help="split for all these scenes (default: the dataset's rule)")
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help="chunk size in pixels (default 512)")
+    parser.add_argument("--codec", choices=CODECS, default="lz4",
+                        help="chunk compression: lz4 (default, fast), zstd (smaller, slower) or none")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
-    result = ingest(args.store, args.images, args.labels, args.dataset, args.split, args.tile, log)
+    result = ingest(args.store, args.images, args.labels, args.dataset, args.split, args.tile, log, args.codec)
     print(f"ingest: {len(result['ingested'])} scenes ingested, {len(result['skipped'])} already complete "
           f"-> {args.store}")
     return 0

@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from lrss_ds.data.catalog import DatasetSpec
-from lrss_ds.errors import StoreError
+from lrss_ds.errors import ConfigError, StoreError
 
 FORMAT_NAME = "lrss_ds.tilestore"
 FORMAT_VERSION = 1
@@ -48,13 +48,24 @@ _BLOSC_MEMCPYED = 0x02  # header flag: payload stored as is
 Window = tuple[int, int, int, int]
 
 
-def default_compressor() -> BloscCodec:
-    """Return the codec for image and label chunks: blosc-lz4, the fastest to decode here.
+CODECS = ("lz4", "zstd", "none")
 
-    Byte shuffle does nothing for 1-byte samples and costs time, so it is used only for wider
-    dtypes (``typesize`` is filled in by zarr from the array's dtype).
+
+def default_compressor(codec: str = "lz4") -> BloscCodec | None:
+    """Return the chunk codec: blosc-lz4 (default, the fastest to decode), blosc-zstd or none.
+
+    Args:
+        codec: ``"lz4"``, ``"zstd"`` (smaller, several times slower to read) or ``"none"``
+            (largest, the fastest to read when pixels compress well enough to cost lz4 time).
+
+    Byte shuffle is a no-op for 1-byte samples; for wider dtypes it groups the bytes of equal
+    significance, which helps both codecs (zarr fills in ``typesize`` from the dtype).
     """
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    if codec == "none":
+        return None
+    if codec not in CODECS:
+        raise ConfigError("--codec", f"must be one of {', '.join(CODECS)}, not {codec!r}")
+    return BloscCodec(cname=codec, clevel=5 if codec == "lz4" else 3, shuffle="shuffle")
 
 
 @dataclass
@@ -287,11 +298,11 @@ class ChunkReader:
                 region.append(slice(lo - s, hi - s))
                 inside.append(slice(lo - ci * c, hi - ci * c))
             jobs.append((chunk_index, tuple(region), tuple(inside)))
-        if len(jobs) == 1:
-            self._decode_into(jobs[0][0], out, jobs[0][1], jobs[0][2])
-        else:
-            for future in [self._executor().submit(self._decode_into, idx, out, reg, ins) for idx, reg, ins in jobs]:
-                future.result()
+        # Even a single chunk is decoded on the pool: numcodecs' blosc uses its global context
+        # and internal threads (behind a lock) when called from the main thread, which is
+        # slower on a busy machine than one plain decode per pool thread.
+        for future in [self._executor().submit(self._decode_into, idx, out, reg, ins) for idx, reg, ins in jobs]:
+            future.result()
         return out
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -501,14 +512,17 @@ class StoreWriter:
     Args:
         path: the store directory (created if absent).
         spec: the dataset spec; must equal the store's if the store exists.
+        codec: chunk codec of new scenes (see ``default_compressor``).
 
     Raises:
         StoreError: the path holds something else, or a store of another dataset spec.
     """
 
-    def __init__(self, path: str | Path, spec: DatasetSpec) -> None:
+    def __init__(self, path: str | Path, spec: DatasetSpec, codec: str = "lz4") -> None:
         self.path = Path(path)
         self.spec = spec
+        self.codec = codec
+        default_compressor(codec)  # validate early
         if (self.path / "zarr.json").is_file():
             store = TileStore.open(self.path)
             if store.spec.to_dict() != spec.to_dict():
@@ -569,7 +583,7 @@ class StoreWriter:
             shape=(bands, height, width),
             chunks=(bands, tile, tile),
             dtype=dtype,
-            compressors=default_compressor(),
+            compressors=default_compressor(self.codec),
             fill_value=0,
             dimension_names=("band", "y", "x"),
         )
@@ -578,7 +592,7 @@ class StoreWriter:
             shape=(height, width),
             chunks=(tile, tile),
             dtype=np.uint8,
-            compressors=default_compressor(),
+            compressors=default_compressor("lz4" if self.codec == "none" else self.codec),
             fill_value=self.spec.ignore_index,
             dimension_names=("y", "x"),
         )
