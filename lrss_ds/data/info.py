@@ -47,6 +47,12 @@ def describe(path: str | Path) -> str:
     else:
         lines.append("band statistics: none (no scenes)")
     lines.append(f"pixels    {total / 2**20:.1f} MiB uncompressed")
+    if scenes:
+        meta = store.array(scenes[0], "image").metadata.to_dict()
+        codecs = [c["name"] + (f"-{c['configuration']['cname']}" if c["name"] == "blosc" else "")
+                  for c in meta["codecs"] if c["name"] != "bytes"]
+        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        lines.append(f"storage   image chunks {chunks}, codec {', '.join(codecs) or 'none'} (first scene)")
     partial = Path(path) / PARTIAL_DIR
     if partial.is_dir() and any(partial.iterdir()):
         names = ", ".join(sorted(p.name for p in partial.iterdir()))

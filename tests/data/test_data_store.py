@@ -126,6 +126,7 @@ def test_splits_stats_and_info(tmp_path, capsys) -> None:
     assert main(["info", str(store_path)]) == 0
     out = capsys.readouterr().out
     assert "train 2" in out and "val 1" in out and "river" in out and "EPSG:32633" in out and "mean" in out
+    assert "codec blosc-lz4" in out
 
 
 def test_codecs_read_back_identically(tmp_path) -> None:
