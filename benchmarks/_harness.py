@@ -57,6 +57,7 @@ def run_config(
     cap_gib: float | None = None,
     timeout_s: float = 1800.0,
     env: dict[str, str] | None = None,
+    threads: int | None = None,
 ) -> IsolatedRun:
     """Run one benchmark configuration in a fresh process, optionally under a memory cap.
 
@@ -68,18 +69,35 @@ def run_config(
             ``over_cap``. ``None``: no cap.
         timeout_s: wall-clock limit for the child.
         env: extra environment variables (e.g. ``MALLOC_MMAP_THRESHOLD_``).
+        threads: intra-op threads of the child (``OMP_NUM_THREADS``); ``None`` = torch's
+            default. One thread keeps timings meaningful on an oversubscribed machine, where
+            OpenMP barriers wait for descheduled threads.
 
     Returns:
         The child's ``IsolatedRun`` (status, result dict, exact peak RSS, wall and CPU seconds).
     """
     cap = None if cap_gib is None else int(cap_gib * GIB)
+    child_env = dict(env or {})
+    if threads is not None:
+        child_env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return run_isolated(
-        target, params, cap_bytes=cap, timeout_s=timeout_s, env=env, sys_path=[BENCH_DIR]
+        target, params, cap_bytes=cap, timeout_s=timeout_s, env=child_env, sys_path=[BENCH_DIR]
     )
 
 
+def set_child_threads(threads: int | None) -> None:
+    """Make every child started from now on use ``threads`` intra-op threads (None: default)."""
+    if threads is not None:
+        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
 def _git_commit() -> str:
-    """The checkout's commit (with ``+dirty`` when tracked files differ), or ``"unknown"``."""
+    """The checkout's commit (with ``+dirty`` when tracked files differ), or ``"unknown"``.
+
+    ``LRSS_BENCH_COMMIT`` overrides it, for runs from an exported snapshot (``git archive``).
+    """
+    if os.environ.get("LRSS_BENCH_COMMIT"):
+        return os.environ["LRSS_BENCH_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -160,6 +178,7 @@ def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict
         "numpy": numpy.__version__,
         "git_commit": _git_commit(),
         "torch_threads": torch.get_num_threads(),
+        "child_threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
         "load_at_start": _other_load(),
         "conditions": conditions,

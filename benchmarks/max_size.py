@@ -17,7 +17,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import GIB, MIB, Column, Report, machine_header, run_config, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    GIB,
+    MIB,
+    Column,
+    machine_header,
+    Report,
+    run_config,
+    set_child_threads,
+    write_report,
+)
 
 from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
 
@@ -115,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
     args = parser.parse_args(argv)
+    set_child_threads(args.threads)
     cap = args.cap if args.cap is not None else (1.0 if args.quick else 3.0)
     start = args.start or (128 if args.quick else 1024)
     resolution = args.resolution or 64

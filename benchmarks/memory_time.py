@@ -26,7 +26,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _papers  # noqa: E402
-from _harness import GIB, MIB, Column, Report, machine_header, parse_size, run_config, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    GIB,
+    MIB,
+    Column,
+    machine_header,
+    parse_size,
+    Report,
+    run_config,
+    set_child_threads,
+    write_report,
+)
 from _workloads import METHODS, options_for  # noqa: E402
 
 from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
@@ -250,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
     parser.add_argument("--modes", default=None, help="comma-separated EHSNet memory modes")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
     args = parser.parse_args(argv)
+    set_child_threads(args.threads)
     quick = args.quick
     size = parse_size(args.size) if args.size else ((128, 128) if quick else (1024, 1024))
     args.train_budget = args.train_budget if args.train_budget is not None else (2.0 if quick else 240.0)

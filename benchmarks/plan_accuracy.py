@@ -19,7 +19,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import GIB, MIB, Column, Report, machine_header, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    GIB,
+    MIB,
+    Column,
+    machine_header,
+    Report,
+    set_child_threads,
+    write_report,
+)
 
 from lrss_ds.engine.plan import (  # noqa: E402
     PLAN_MODES,
@@ -84,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-mem", default="20G", help="host budget of the recommendation")
     parser.add_argument("--cache", type=Path, default=None, help="measurement cache (default: none, measure afresh)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
     args = parser.parse_args(argv)
+    set_child_threads(args.threads)
     fit_sides = [int(s) for s in (args.fit_sides or ("128,160" if args.quick else "256,384,512")).split(",")]
     check_sides = [int(s) for s in (args.check_sides or ("192,224" if args.quick else "768,1024")).split(",")]
     modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)

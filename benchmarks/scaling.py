@@ -18,14 +18,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import GIB, MIB, Column, Report, machine_header, run_config, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    GIB,
+    MIB,
+    Column,
+    machine_header,
+    Report,
+    set_child_threads,
+    write_report,
+)
 
-from lrss_ds.engine.plan import PLAN_MODES, fit_linear  # noqa: E402
+from lrss_ds.engine.plan import PLAN_MODES, fit_linear, measure  # noqa: E402
 
-FULL_SIDES = [512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
+FULL_SIDES = [256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
 QUICK_SIDES = [128, 192]
 QUICK_MODES = ["none", "ckpt_stage"]
-DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "fullres_fp32", "fullres_bf16"]
+DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -51,36 +59,35 @@ FIT_COLUMNS = [
 
 
 def measure_mode(
-    model: str, mode: str, sides: list[int], cap_gib: float, bands: int, steps: int,
-    options: dict[str, Any],
+    model: str, mode: str, sides: list[int], cap_gib: float, bands: int, steps: int, cache: Path | None,
 ) -> list[dict[str, Any]]:
-    """Measure ``mode`` at increasing ``sides`` until one does not fit; one row per probe."""
+    """Measure ``mode`` at increasing ``sides`` until one does not fit; one row per probe.
+
+    Measurements go through the planner's cache (``lrss_ds.engine.plan.measure``), so
+    ``plan_accuracy.py --cache`` with the same folder reuses them instead of measuring again.
+    """
     rows = []
     for side in sides:
-        run = run_config(
-            "lrss_ds.engine.plan:probe_training_step",
-            {"model": model, "height": side, "width": side, "mode": mode, "steps": steps,
-             "bands": bands, "model_options": options},
-            cap_gib=cap_gib,
-        )
-        row: dict[str, Any] = {"memory_mode": mode, "side": side, "pixels": side * side,
-                               "status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
-                               "cpu_s": run.cpu_s, "device_peak_mib": None}
-        if run.fits:
-            res = run.result
+        found = measure(model, side, mode, bands=bands, cap_bytes=int(cap_gib * GIB), cache_dir=cache, steps=steps)
+        res = found.probe
+        row: dict[str, Any] = {"memory_mode": mode, "side": side, "pixels": side * side, "status": found.status,
+                               "device_peak_mib": None}
+        if found.status == "ok":
             row.update(
+                host_peak_gib=found.host_bytes / GIB,
                 saved_activation_mib=res["saved_activation_peak_bytes"] / MIB,
                 saved_total_mib=res["saved_total_peak_bytes"] / MIB,
                 device_peak_mib=None if res["device_peak_bytes"] is None else res["device_peak_bytes"] / MIB,
-                step_s=res["step_min_s"],
-                step_cpu_s=res["step_cpu_min_s"],
+                step_s=found.step_s,
+                step_cpu_s=found.step_cpu_s,
             )
         else:
-            row["error"] = run.error
+            row["host_peak_gib"] = res.get("peak_rss_bytes", 0) / GIB
+            row["error"] = res.get("error", "")[-500:]
         rows.append(row)
-        print(f"[scaling] {mode:>14} {side:>5}px {run.status:>8} rss {run.peak_rss_bytes / GIB:.2f} GiB "
+        print(f"[scaling] {mode:>14} {side:>5}px {found.status:>8} rss {row['host_peak_gib']:.2f} GiB "
               f"step {row.get('step_s', math.nan):.2f} s", flush=True)
-        if not run.fits:
+        if found.status != "ok":
             break
     return rows
 
@@ -146,21 +153,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=3.0, help="RSS cap per probe, GiB (default 3)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="planner measurement cache to fill and reuse (plan_accuracy.py --cache reads it)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
     args = parser.parse_args(argv)
+    set_child_threads(args.threads)
     modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
     sides = [int(s) for s in args.sides.split(",")] if args.sides else (QUICK_SIDES if args.quick else FULL_SIDES)
     for mode in modes:
         if mode not in PLAN_MODES:
             parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
-    options: dict[str, Any] = {}
     conditions = (f"{args.model}, batch 1, {args.bands} bands uint8, random labels; each point a fresh process "
                   f"under a {args.cap} GiB RSS cap; {args.steps} steps, time = fastest after the first. "
                   + args.conditions)
     header = machine_header(conditions, {"cap_gib": args.cap, "model": args.model})
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        rows += measure_mode(args.model, mode, sides, args.cap, args.bands, args.steps, options)
+        rows += measure_mode(args.model, mode, sides, args.cap, args.bands, args.steps, args.cache)
     fits = [fit_rows(mode, rows) for mode in modes]
     args.out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, modes, args.out, "scaling")

@@ -543,7 +543,7 @@ def _cache_key(params: dict[str, Any]) -> str:
     import torch
 
     ident = dict(params, torch=torch.__version__, python=platform.python_version(),
-                 machine=platform.machine(), threads=torch.get_num_threads())
+                 machine=platform.machine(), threads=os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{params['model']}_{params['mode']}_{params['height']}x{params['width']}_{digest}.json"
 
