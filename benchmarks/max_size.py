@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=None, help="first side tried (default 1024; quick 128)")
     parser.add_argument("--limit", type=int, default=16384, help="largest side tried")
     parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64)")
+    parser.add_argument("--growth", type=float, default=2.0, help="growth factor before bisection (default 2)")
+    parser.add_argument("--starts", default="", help="per-mode first sides, e.g. none=768,fullres_bf16=2048")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     parser.add_argument("--threads", type=int, default=None,
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             return run
 
-        best, failing, runs = search(probe, start, limit, resolution)
+        starts = dict(item.split("=") for item in args.starts.split(",") if item)
+        best, failing, runs = search(probe, int(starts.get(mode, start)), limit, resolution, args.growth)
         for side, run in sorted(runs.items()):
             probes.append({"memory_mode": mode, "side": side, "status": run.status,
                            "host_peak_gib": run.peak_rss_bytes / GIB, "error": run.error[-300:]})
