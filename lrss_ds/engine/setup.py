@@ -299,8 +299,13 @@ def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dic
     mode = resolve_memory_mode(config)
     prepare_model(model, mode, ds_config)
     offloaded = optimizer_offloaded(ds_config)
-    if offloaded and config.optim.type == "sgd":
-        ds_config = {**ds_config, "zero_force_ds_cpu_optimizer": False}
+    if config.optim.type == "sgd" and ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+        # ZeRO runs torch.optim.SGD on its flat fp32 partitions like any client optimizer; DeepSpeed
+        # only vets its own and Adam-family optimizers, so SGD must be allowed explicitly, and
+        # under offload it must be told not to insist on DeepSpeedCPUAdam.
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+        if offloaded:
+            ds_config["zero_force_ds_cpu_optimizer"] = False
     optimizer = build_optimizer(param_groups(model, config.optim), config.optim, offloaded)
     scheduler = build_scheduler(optimizer, config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

@@ -352,8 +352,9 @@ def train(run: Run, resume: bool) -> int:
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started
+    digests = parameter_digests(engine)
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests)
     if exit_code == 0 and last_eval is not None:
         run.say(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -377,8 +378,28 @@ def _debug_kill_after_checkpoint(iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def parameter_digests(engine: Any) -> list[str] | None:
+    """SHA-256 of every rank's parameters (a collective): data parallelism keeps them equal.
+
+    Returns:
+        One hex digest per rank, or None under ZeRO-3 (each rank holds only its partition).
+    """
+    import hashlib
+
+    if engine.zero_optimization_stage() >= 3:
+        return None
+    digest = hashlib.sha256()
+    for name, param in sorted(engine.module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return digests
+
+
 def _write_metrics(
-    run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int
+    run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
+    digests: list[str] | None,
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     best_tag, best_miou = checkpoints.read_best(run.out / "checkpoints")
@@ -397,6 +418,8 @@ def _write_metrics(
         "nonfinite_skipped": nonfinite,
         "memory": {**memory_now(), **ledger_summary(run.ledger)},
         "memory_mode": run.memory_mode.to_dict(),
+        # equal on every rank unless data parallelism broke (None under ZeRO-3)
+        "parameter_sha256_per_rank": digests,
     }
     checkpoints.write_json(run.out / "metrics.json", data)
 
