@@ -279,15 +279,29 @@ class SegmentationLoss(nn.Module):
         maps, weights, padded, input_size = self._unpack(outputs)
         if tuple(target.shape[-2:]) != tuple(input_size) or target.dim() != 3:
             raise ValueError(f"loss: target {tuple(target.shape)} does not match the input size {tuple(input_size)}")
-        bad = (target != self.ignore_index) & (target.long() >= self.num_classes)
+        bad = self._out_of_range(target)
         if bool(bad.any()):
             raise ValueError(
-                f"loss: labels {sorted(set(target[bad].unique().tolist()))[:5]} are >= num_classes "
-                f"{self.num_classes} and not the ignore index {self.ignore_index}"
+                f"loss: labels {target[bad].unique().tolist()[:5]} are outside 0..{self.num_classes - 1} "
+                f"(num_classes {self.num_classes}) and not the ignore index {self.ignore_index}"
             )
         if self.config.band_rows is None:
             return self._whole(maps, weights, padded, input_size, target)
         return self._banded(maps, weights, padded, input_size, target)
+
+    def _out_of_range(self, target: Tensor) -> Tensor:
+        """``(B, H, W)`` bool: labels that are neither a class nor the ignore index.
+
+        Compared in the target's own dtype: a ``.long()`` copy of a whole-scene uint8 mask
+        would cost 8 bytes per pixel.
+        """
+        if target.dtype == torch.uint8 and self.num_classes > 255:
+            too_big = torch.zeros_like(target, dtype=torch.bool)
+        else:
+            too_big = target >= self.num_classes
+        if target.is_signed() or target.is_floating_point():
+            too_big = too_big | (target < 0)
+        return too_big & (target != self.ignore_index)
 
     def _unpack(self, outputs: dict[str, Any] | Tensor) -> tuple[list[Tensor], list[float], tuple[int, int], tuple[int, int]]:
         """The maps, their weights (main first, 1.0), padded size and input size."""

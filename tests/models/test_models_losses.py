@@ -163,6 +163,10 @@ def test_errors():
     bad[0, 0, 0] = 7
     with pytest.raises(ValueError, match="num_classes"):
         build_loss("ce", 4, IGNORE)(outputs, bad)
+    negative = target.long()
+    negative[0, 1, 1] = -1
+    with pytest.raises(ValueError, match="num_classes"):
+        build_loss("ce", 4, IGNORE)(outputs, negative)
     with pytest.raises(ValueError, match="input size"):
         build_loss("ce", 4, IGNORE)(outputs, target[:, :-1])
     with pytest.raises(ValueError, match="aux"):
