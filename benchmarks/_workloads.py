@@ -67,7 +67,7 @@ def options_for(method: Method, patch: int) -> dict[str, Any]:
         options["overlap"] = patch // 4
     elif method.model in ("glsnet",):
         options["crop_size"] = patch
-        options["global_context"] = 0 if patch < 128 else min(256, patch // 2) // 32 * 32
+        options["global_context"] = max(32, min(256, patch // 2) // 32 * 32)
     elif method.model == "glnet":
         # As in GLNet: the global view is the whole image downsampled to one patch's size.
         options["crop_size"] = patch

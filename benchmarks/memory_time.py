@@ -18,6 +18,7 @@ synthetic river/lake task (same CPU-second budget per method); ``miou_source`` s
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -259,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
     parser.add_argument("--modes", default=None, help="comma-separated EHSNet memory modes")
+    parser.add_argument("--phase", choices=("all", "train"), default="all",
+                        help="train: only the short trainings (scores and states for a later run)")
+    parser.add_argument("--training-from", type=Path, default=None,
+                        help="reuse the scores and states of an earlier --phase train run in this folder")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
@@ -298,8 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     # 1. accuracy: checkpoint or short training per method (also leaves states for inference)
     trained: dict[str, dict[str, Any]] = {}
     states: dict[str, str | None] = {}
-    for label in methods:
-        trained[label], states[label] = trained_state(label, args, states_dir)
+    if args.training_from:
+        # An earlier `--phase train` run: its scores and states, so that the timed phase can
+        # run on an idle machine without repeating the training.
+        earlier = json.loads((args.training_from / "memory_time_training.json").read_text())
+        for label in methods:
+            trained[label] = earlier["training"][label]
+            state = args.training_from / "memory_time_states" / f"{_slug(label)}.pt"
+            states[label] = str(state) if state.exists() else None
+    else:
+        for label in methods:
+            trained[label], states[label] = trained_state(label, args, states_dir)
+        payload = {"header": header, "training": trained}
+        tmp = args.out / "memory_time_training.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.replace(args.out / "memory_time_training.json")
+    if args.phase == "train":
+        print(args.out / "memory_time_training.json")
+        return 0
 
     # 2. GLSNet-style table: local vs global inference, on the trained models' scenes
     inference_rows = []
