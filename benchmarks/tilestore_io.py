@@ -182,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic (lrss-ds synth) or real Landsat pixels mirrored to --size "
                              "(needs ../shared/realdata)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilestore_io")
+    parser.add_argument("--rerender", type=Path, default=None,
+                        help="only rewrite <out>.md (and the targets) from an existing results JSON")
     args = parser.parse_args(argv)
+    if args.rerender:
+        result = json.loads(args.rerender.read_text())
+        result["targets"] = _targets(result["rows"])
+        args.rerender.write_text(json.dumps(result, indent=2) + "\n")
+        args.rerender.with_suffix(".md").write_text(_markdown(result))
+        return 0
 
     import zarr
     from zarr.codecs import BloscCodec
@@ -306,17 +314,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
 
-    by_name = {r["format"]: r for r in rows}
-    ours = rows[0]
-    floor = min((by_name[k] for k in by_name if k.startswith("GeoTIFF uncompressed")), key=lambda r: r["full_read_s"])
-    floor_windows = max((by_name[k] for k in by_name if k.startswith("GeoTIFF uncompressed")), key=lambda r: r["windows_per_s"])
-    zstd = by_name["GeoTIFF zstd (GDAL default level), tiled"]
-    targets = {
-        "full_read_vs_uncompressed_floor": ours["full_read_s"] / floor["full_read_s"],
-        "windows_vs_uncompressed_floor": floor_windows["windows_per_s"] / ours["windows_per_s"],
-        "full_read_speedup_vs_zstd": zstd["full_read_s"] / ours["full_read_s"],
-        "windows_speedup_vs_zstd": ours["windows_per_s"] / zstd["windows_per_s"],
-    }
     result = {
         "scene": {"bands": args.bands, "height": height, "width": width, "dtype": "uint8",
                   "content": content, "bytes_raw": args.bands * height * width},
@@ -331,13 +328,34 @@ def main(argv: list[str] | None = None) -> int:
                    "peak_above_interpreter_bytes": rss_peak - rss_base, "source": "deflate GeoTIFF (lrss-ds synth)"},
         "synth_seconds": synth_seconds,
         "rows": rows,
-        "targets": targets,
+        "targets": _targets(rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(result))
-    print(json.dumps(targets, indent=2))
+    print(json.dumps(result["targets"], indent=2))
     return 0
+
+
+def _targets(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Return the target ratios from the measured rows, from medians and from best rounds."""
+    by_name = {r["format"]: r for r in rows}
+    ours = rows[0]
+
+    def ratios(full_key: str, window_key: str) -> dict[str, float]:
+        plain = [by_name[k] for k in by_name if k.startswith("GeoTIFF uncompressed")]
+        floor_full = min(r[full_key] for r in plain)
+        floor_windows = max(r[window_key] for r in plain)
+        zstd = by_name["GeoTIFF zstd (GDAL default level), tiled"]
+        return {
+            "full_read_vs_uncompressed_floor": ours[full_key] / floor_full,
+            "windows_vs_uncompressed_floor": floor_windows / ours[window_key],
+            "full_read_speedup_vs_zstd": zstd[full_key] / ours[full_key],
+            "windows_speedup_vs_zstd": ours[window_key] / zstd[window_key],
+        }
+
+    # Medians include the other jobs' load; the best round is closest to the formats' own cost.
+    return {"median": ratios("full_read_s", "windows_per_s"), "best": ratios("full_read_min_s", "windows_per_s_best")}
 
 
 def _markdown(result: dict) -> str:
@@ -364,11 +382,19 @@ def _markdown(result: dict) -> str:
                      f"{row['windows_per_s']:.0f} | {row['windows_per_s_best']:.0f} | {row['bytes_on_disk'] / 2**20:.1f} |")
     lines += [
         "",
-        "Targets (tile store = first row, read with `TileStore.read`; Zarr alternatives are read the same way; floor = fastest uncompressed GeoTIFF; zstd = GDAL default, single-threaded):",
-        f"- full read vs uncompressed floor: {t['full_read_vs_uncompressed_floor']:.2f}x (target <= 1.3x)",
-        f"- window rate, floor / store: {t['windows_vs_uncompressed_floor']:.2f}x (target <= 1.3x)",
-        f"- full read speed-up vs zstd GeoTIFF: {t['full_read_speedup_vs_zstd']:.2f}x (target >= 3x)",
-        f"- window speed-up vs zstd GeoTIFF: {t['windows_speedup_vs_zstd']:.2f}x (target >= 3x)",
+        "Targets (tile store = first row, read with `TileStore.read`; Zarr alternatives are read the same way; "
+        "floor = fastest uncompressed GeoTIFF; zstd = GDAL default level, single-threaded):",
+        "",
+        "| ratio | from medians | from best rounds | target |",
+        "|---|---:|---:|---|",
+        f"| full read, store / uncompressed floor | {t['median']['full_read_vs_uncompressed_floor']:.2f}x | "
+        f"{t['best']['full_read_vs_uncompressed_floor']:.2f}x | <= 1.3x |",
+        f"| window rate, floor / store | {t['median']['windows_vs_uncompressed_floor']:.2f}x | "
+        f"{t['best']['windows_vs_uncompressed_floor']:.2f}x | <= 1.3x |",
+        f"| full read speed-up vs zstd GeoTIFF | {t['median']['full_read_speedup_vs_zstd']:.2f}x | "
+        f"{t['best']['full_read_speedup_vs_zstd']:.2f}x | >= 3x |",
+        f"| window speed-up vs zstd GeoTIFF | {t['median']['windows_speedup_vs_zstd']:.2f}x | "
+        f"{t['best']['windows_speedup_vs_zstd']:.2f}x | >= 3x |",
         "",
         f"Ingest of the scene from its deflate GeoTIFF: {ingest['seconds']:.1f} s, peak RSS "
         f"{ingest['peak_rss_bytes'] / 2**20:.0f} MiB, {ingest['peak_above_interpreter_bytes'] / 2**20:.0f} MiB above "
