@@ -32,6 +32,10 @@ BLOCK = 512
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".TIF", ".TIFF")
 
+# GDAL's block cache defaults to 5 % of RAM and fills with dirty tiles while we stream rows out;
+# a fixed cap keeps the writer's memory independent of the scene and the machine.
+GDAL_CACHE_MB = 256
+
 
 # ----------------------------------------------------------------------------- input rasters
 
@@ -463,6 +467,7 @@ def write_prediction(
         )  # fmt: skip
         with contextlib.ExitStack() as stack:
             stack.enter_context(_quiet_georef())
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
             class_ds = stack.enter_context(rasterio.open(class_part, "w", count=1, dtype="uint8", nodata=predictor.ignore_index, **base))
             class_ds.write_colormap(1, class_colormap(dataset, k))
             class_ds.set_band_description(1, "class")
@@ -488,7 +493,7 @@ def write_prediction(
             finals.append((prob_part, probabilities, "AVERAGE", {"NBITS": 16}))
         for part, final, resampling, extra in finals:
             cog = _temporary(final, "tmp", temporaries)
-            with _quiet_georef():
+            with _quiet_georef(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
                 gdal_copy(
                     part, cog, driver="COG", COMPRESS=compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
                     OVERVIEWS="AUTO" if overviews else "NONE", RESAMPLING=resampling, **extra,
