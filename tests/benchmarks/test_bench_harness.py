@@ -119,3 +119,38 @@ def test_plan_cli_parses_sizes_and_refuses_bad_input() -> None:
         plan.parse_bytes("-3G", "--host-mem")
     with pytest.raises(ConfigError, match="--modes"):
         plan.make_plan("ehsnet", 64, 64, device_mem=None, host_mem=None, modes=["turbo"], fit_sides=[64])
+
+
+def _fake_cache(cache: Path, sides: list[int], modes: dict[str, tuple[float, float]]) -> None:
+    """Cached measurements: per mode (device bytes/px, host bytes/px) on a 0.5 GiB base."""
+    for mode, (dev, host) in modes.items():
+        for side in sides:
+            params = {"model": "ehsnet", "height": side, "width": side, "mode": mode, "steps": 2,
+                      "bands": 4, "num_classes": 6, "model_options": {}}
+            found = plan.Measurement(mode=mode, side=side, status="ok", device_bytes=dev * side * side,
+                                     host_bytes=0.5 * plan.GIB + host * side * side, step_s=1e-5 * side * side,
+                                     step_cpu_s=(2e-5 if mode == "none" else 3e-5) * side * side)
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / plan._cache_key(params)).write_text(json.dumps(plan.dataclasses.asdict(found)))
+
+
+def test_plan_cli_predicts_from_cached_measurements_and_recommends(tmp_path: Path, capsys) -> None:
+    from lrss_ds.cli import main
+
+    _fake_cache(tmp_path, [128, 192], {"none": (1000.0, 2000.0), "ckpt_stage": (100.0, 400.0)})
+    argv = ["plan", "--model", "ehsnet", "--size", "4000x4000", "--device-mem", "4G", "--host-mem", "8G",
+            "--modes", "none,ckpt_stage", "--fit-sides", "128,192", "--cache", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    preds = {p["mode"]: p for p in out["predictions"]}
+    # none: 16e6 px * 1000 B = 14.9 GiB device -> does not fit; ckpt_stage: 1.49 GiB device, 6.5 GiB host
+    assert not preds["none"]["fits"] and preds["ckpt_stage"]["fits"]
+    assert preds["ckpt_stage"]["host_bytes"] == pytest.approx(0.5 * plan.GIB + 400 * 16e6, rel=1e-6)
+    assert out["recommendation"] == "ckpt_stage" and out["ds_config"]["zero_optimization"]["stage"] == 2
+    assert main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "recommendation: ckpt_stage" in text and "ds_configs/cpu.json" in text
+    small = argv[:4] + ["64x64"] + argv[5:-1]
+    assert main(small) == 0 and "recommendation: none" in capsys.readouterr().out  # fastest that fits
+    tight = argv[:6] + ["1M"] + argv[7:-1]
+    assert main(tight) == 1 and "no mode fits" in capsys.readouterr().out
