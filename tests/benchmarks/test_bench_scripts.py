@@ -16,18 +16,37 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow
 
 
-def _run_script(name: str, out: Path, *extra: str, timeout: float = 900) -> dict:
-    """Run ``benchmarks/<name>.py --quick --out out`` and return its JSON report."""
+SCRIPTS = {"memory_time": "memory_time", "scaling": "scaling", "max_size": "max_size", "plan_accuracy": "plan"}
+
+
+@pytest.fixture(scope="module")
+def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, Path]]:
+    """Run every benchmark script with --quick, all at once (they are process-bound, the machine
+    has several cores), and return each one's JSON report and output folder."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out), *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    stem = "plan" if name == "plan_accuracy" else name
+    running = {}
+    for name in SCRIPTS:
+        out = tmp_path_factory.mktemp(name)
+        proc = subprocess.Popen(
+            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        running[name] = (proc, out)
+    reports = {}
+    for name, (proc, out) in running.items():
+        log, _ = proc.communicate(timeout=1200)
+        reports[name] = (proc.returncode, log, out)
+    return reports
+
+
+def _report(quick_reports: dict, name: str) -> tuple[dict, Path]:
+    """The JSON report of ``name`` after checking that it ran and wrote all three files."""
+    code, log, out = quick_reports[name]
+    assert code == 0, log[-4000:]
+    stem = SCRIPTS[name]
     for suffix in ("md", "csv", "json"):
         assert (out / f"{stem}.{suffix}").stat().st_size > 0
-    return json.loads((out / f"{stem}.json").read_text())
+    return json.loads((out / f"{stem}.json").read_text()), out
 
 
 def _measured(row: dict, keys: list[str]) -> None:
@@ -35,8 +54,8 @@ def _measured(row: dict, keys: list[str]) -> None:
         assert isinstance(row.get(key), (int, float)), f"{key} not measured in {row}"
 
 
-def test_memory_time_quick(tmp_path: Path) -> None:
-    report = _run_script("memory_time", tmp_path)
+def test_memory_time_quick(quick_reports: dict) -> None:
+    report, tmp_path = _report(quick_reports, "memory_time")
     rows = report["rows"]
     methods = {r["method"] for r in rows}
     assert methods == {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet"}
@@ -61,8 +80,8 @@ def test_memory_time_quick(tmp_path: Path) -> None:
     assert "THEIR figures" in (tmp_path / "memory_time.md").read_text()
 
 
-def test_scaling_quick(tmp_path: Path) -> None:
-    report = _run_script("scaling", tmp_path)
+def test_scaling_quick(quick_reports: dict) -> None:
+    report, tmp_path = _report(quick_reports, "scaling")
     rows = report["rows"]
     assert {r["memory_mode"] for r in rows} == {"none", "ckpt_stage"}
     for row in rows:
@@ -71,11 +90,11 @@ def test_scaling_quick(tmp_path: Path) -> None:
     for fit in report["fits"]:
         _measured(fit, ["saved_bytes_per_px", "host_bytes_per_px", "step_us_per_px"])
         assert fit["saved_bytes_per_px"] > 0
-    assert len(list(tmp_path.glob("scaling_*.png"))) == 4
+    assert len(list(tmp_path.glob("scaling_*.png"))) == 4  # RSS, saved activations, wall and CPU time
 
 
-def test_max_size_quick(tmp_path: Path) -> None:
-    report = _run_script("max_size", tmp_path)
+def test_max_size_quick(quick_reports: dict) -> None:
+    report, _ = _report(quick_reports, "max_size")
     rows = report["rows"]
     assert [r["memory_mode"] for r in rows] == ["none", "ckpt_stage"]
     for row in rows:
@@ -86,8 +105,8 @@ def test_max_size_quick(tmp_path: Path) -> None:
             assert row["host_peak_gib_at_max"] <= row["cap_gib"]
 
 
-def test_plan_accuracy_quick(tmp_path: Path) -> None:
-    report = _run_script("plan_accuracy", tmp_path)
+def test_plan_accuracy_quick(quick_reports: dict) -> None:
+    report, _ = _report(quick_reports, "plan_accuracy")
     rows = report["rows"]
     assert len(rows) == 2 * 2  # two modes x two held-out sides
     for row in rows:
