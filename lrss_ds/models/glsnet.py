@@ -426,17 +426,22 @@ class GLSNet(SegmentationModel):
             ``(N, Lg)`` bool validity mask, or ``None`` when every token is inside the map.
         """
         gs, margin = self.global_stride, self.global_context // self.global_stride
+        map_h, map_w = int(global_map.shape[-2]), int(global_map.shape[-1])
         padded_map = F.pad(global_map, (margin, margin, margin, margin)) if margin else global_map
-        inside = torch.ones(1, 1, *global_map.shape[-2:], dtype=torch.bool, device=global_map.device)
-        inside = F.pad(inside, (margin, margin, margin, margin), value=False) if margin else inside
-        parts, valid = [], []
+        parts, boxes = [], []
         for b, (r0, c0, ch, cw) in windows:
             rows = slice(r0 // gs, (r0 + ch) // gs + 2 * margin)
             cols = slice(c0 // gs, (c0 + cw) // gs + 2 * margin)
             parts.append(padded_map[b, :, rows, cols])
-            valid.append(inside[0, 0, rows, cols].reshape(-1))
-        mask = torch.stack(valid)
-        return torch.stack(parts), (None if bool(mask.all()) else mask)
+            boxes.append((rows, cols))
+        window = torch.stack(parts)
+        # decided from the geometry, not from data, so that the model also runs on meta tensors
+        if all(r.start >= margin and r.stop <= map_h + margin and c.start >= margin and c.stop <= map_w + margin
+               for r, c in boxes):
+            return window, None
+        inside = torch.ones(map_h, map_w, dtype=torch.bool, device=global_map.device)
+        inside = F.pad(inside[None], (margin, margin, margin, margin), value=False)[0]
+        return window, torch.stack([inside[r, c].reshape(-1) for r, c in boxes])
 
     def crop_forward(self, crops: Tensor, valid: Sequence[tuple[int, int]], global_window: Tensor,
                      global_valid: Tensor | None) -> tuple[Tensor, Tensor]:

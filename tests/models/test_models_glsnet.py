@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -174,3 +175,24 @@ def test_bad_options_are_refused() -> None:
         build_glsnet(3, 3, d_model=30, num_heads=4)
     with pytest.raises(ConfigError, match="patch_size"):
         build_glsnet(3, 3, patch_size=512)
+
+
+def test_whole_scene_on_meta_keeps_attention_per_crop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 6800 x 7200 scene with default options (but crop_batch), shapes only: meta tensors hold no data."""
+    extents: list[tuple[int, int]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, **kw: Any) -> Tensor:
+        extents.append((q.shape[-2], k.shape[-2]))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(glsnet_module.F, "scaled_dot_product_attention", spy)
+    with torch.device("meta"):
+        model = build_glsnet(7, 4, crop_batch=16).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(1, 4, 6800, 7200, dtype=torch.uint8))
+    assert out.shape == (1, 7, 6800, 7200)
+    # 14 x 15 crops of 512 x 480: three attentions per chunk of 16 crops, each at most
+    # (512/16 * 480/16) local x ((512 + 512)/32 * (480 + 512)/32) global tokens
+    assert len(extents) == 3 * math.ceil(14 * 15 / 16)
+    assert max(q * k for q, k in extents) == (32 * 30) * (32 * 31)
