@@ -260,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
     parser.add_argument("--modes", default=None, help="comma-separated EHSNet memory modes")
-    parser.add_argument("--phase", choices=("all", "train"), default="all",
-                        help="train: only the short trainings (scores and states for a later run)")
+    parser.add_argument("--phase", choices=("all", "train", "measure"), default="all",
+                        help="train: only the short trainings (scores and states for a later run); "
+                             "measure: only the memory/time probes (no training, no inference table)")
+    parser.add_argument("--rows-from", type=Path, default=None,
+                        help="reuse the memory/time rows of an earlier --phase measure run in this folder")
     parser.add_argument("--training-from", type=Path, default=None,
                         help="reuse the scores and states of an earlier --phase train run in this folder")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             trained[label] = earlier["training"][label]
             state = args.training_from / "memory_time_states" / f"{_slug(label)}.pt"
             states[label] = str(state) if state.exists() else None
+    elif args.phase == "measure":
+        for label in methods:
+            trained[label] = {"miou": None, "miou_source": "pending: measured with --phase measure"}
+            states[label] = None
     else:
         for label in methods:
             trained[label], states[label] = trained_state(label, args, states_dir)
@@ -325,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. GLSNet-style table: local vs global inference, on the trained models' scenes
     inference_rows = []
     views: dict[tuple[str, str], dict[str, Any]] = {}
-    for label in methods:
+    for label in methods if args.phase != "measure" else []:
         if METHODS[label].model in TWO_VIEW_MODELS:
             # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
             local = {"status": "n/a: the model combines local and global views itself"}
@@ -344,21 +351,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. memory and time per method (plain training), then EHSNet per memory mode
     rows: list[dict[str, Any]] = []
-    test_cache: dict[str, dict[str, Any]] = {}
+    earlier_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    if args.rows_from:
+        # Memory and time rows of an earlier `--phase measure` run (same size), reused as measured.
+        earlier = json.loads((args.rows_from / "memory_time.json").read_text())
+        earlier_rows = {(r["method"], r["memory_mode"]): r for r in earlier["rows"]}
+        header["measured_rows_from"] = earlier["header"]
     for label in methods:
         spec = METHODS[label]
         view = "local" if spec.sampling == "patch" else "global"
-        if size == (args.scene_size, args.scene_size):
+        label_modes = modes if label == "EHSNet" else ["none"]
+        if all((label, mode) in earlier_rows for mode in label_modes):
+            test = {}
+        elif size == (args.scene_size, args.scene_size) and (label, view) in views:
             test = views[(label, view)]  # the same probe at the same size: measured once
         else:
             test = infer_probe(label, size[0], args.patch, view, args.cap, args.bands, None)
-        test_cache[label] = test
-        label_modes = modes if label == "EHSNet" else ["none"]
         for mode in label_modes:
-            row = {"method": label, "memory_mode": mode, "size": size_text}
-            row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
-            row["test_s"] = test.get("test_s")
-            row["test_peak_gib"] = test.get("peak_mib", 0) / 1024 if test.get("peak_mib") else None
+            if (label, mode) in earlier_rows:
+                row = dict(earlier_rows[(label, mode)])
+            else:
+                row = {"method": label, "memory_mode": mode, "size": size_text}
+                row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
+                row["test_s"] = test.get("test_s")
+                row["test_peak_gib"] = test.get("peak_mib", 0) / 1024 if test.get("peak_mib") else None
             scores = trained[label]
             if mode == "none" or mode in FP32_EQUAL:
                 row["miou"] = scores.get("miou")
