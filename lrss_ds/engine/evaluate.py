@@ -407,7 +407,7 @@ def _dataset_dict(args: argparse.Namespace) -> dict[str, Any]:
 
         return get_dataset(args.dataset).to_dict()
     if args.checkpoint:
-        from lrss_ds.engine.model_io import load_state
+        from lrss_ds.engine.model_io import load_meta
 
-        return load_state(args.checkpoint)[1]["dataset"]
+        return load_meta(args.checkpoint)["dataset"]
     raise LrssError("--dataset", "needed with --predictions/--labels (or give --checkpoint to use its dataset)")

@@ -85,6 +85,24 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return state_dict, meta
 
 
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """Read only a checkpoint's metadata (``lrss_meta.json``; the whole file for weights files).
+
+    Args:
+        path: anything :func:`resolve_checkpoint` accepts.
+
+    Returns:
+        the metadata as :func:`load_state` returns it, without consolidating any weights.
+
+    Raises:
+        InputFileError: missing or corrupt checkpoint or metadata.
+    """
+    resolved = resolve_checkpoint(path)
+    meta = _load_weights_file(resolved)[1] if resolved.is_file() else _read_meta(resolved / META_FILE)
+    meta["source"] = str(resolved)
+    return meta
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
