@@ -241,13 +241,12 @@ class ChunkReader:
         return cls(directory, tuple(meta["shape"]), tuple(grid["configuration"]["chunk_shape"]), dtype,
                    meta.get("fill_value", 0), blosc="blosc" in names)
 
-    def _buffers(self) -> tuple[bytearray, np.ndarray]:
-        # Per-thread scratch: reusing buffers avoids a fresh mmap + page faults per chunk.
-        local = self._local
-        if getattr(local, "raw", None) is None:
-            local.raw = bytearray(self._chunk_bytes + 64)
-            local.chunk = np.empty(self.chunks, self.dtype)
-        return local.raw, local.chunk
+    def _scratch(self) -> np.ndarray:
+        # Per-thread scratch chunk: reusing it avoids a fresh mmap + page faults per chunk.
+        chunk = getattr(self._local, "chunk", None)
+        if chunk is None:
+            chunk = self._local.chunk = np.empty(self.chunks, self.dtype)
+        return chunk
 
     def _decode_into(self, index: tuple[int, ...], out: np.ndarray, region: tuple[slice, ...],
                      inside: tuple[slice, ...]) -> None:
@@ -259,35 +258,27 @@ class ChunkReader:
         except FileNotFoundError:
             out[region] = self.fill_value
             return
-        raw, chunk = self._buffers()
-        if self.blosc and size > 0:
-            # Decompress straight from the page cache: one copy fewer than read-then-decode.
-            with open(path, "rb", buffering=0) as handle, \
-                    mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                if mapped[2] & _BLOSC_MEMCPYED and size == _BLOSC_HEADER + self._chunk_bytes:
-                    # Blosc stored this chunk uncompressed (incompressible data): copy the
-                    # payload straight into place instead of through the scratch chunk.
-                    payload = np.frombuffer(mapped, self.dtype, offset=_BLOSC_HEADER).reshape(self.chunks)
-                    out[region] = payload[inside]
-                    del payload  # the mmap cannot close while a view of it exists
-                else:
-                    blosc.decompress(mapped, chunk)
-                    out[region] = chunk[inside]
-            return
-        if size > len(raw):
-            raw = self._local.raw = bytearray(size)
-        view = memoryview(raw)[:size]
-        with open(path, "rb", buffering=0) as handle:
-            got = handle.readinto(view)
-        if got != size:
-            raise OSError(f"{path}: short read ({got} of {size} bytes)")
-        if self.blosc:
-            blosc.decompress(view, chunk)
-        else:
-            if size != self._chunk_bytes:
-                raise OSError(f"{path}: raw chunk of {size} bytes, expected {self._chunk_bytes}")
-            chunk.reshape(-1).view(np.uint8)[:] = np.frombuffer(view, np.uint8)
-        out[region] = chunk[inside]
+        if size == 0:
+            raise OSError(f"{path}: empty chunk file")
+        if not self.blosc and size != self._chunk_bytes:
+            raise OSError(f"{path}: raw chunk of {size} bytes, expected {self._chunk_bytes}")
+        # Read straight from the page cache through mmap: one copy fewer than read-then-decode.
+        with open(path, "rb", buffering=0) as handle, \
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            if not self.blosc:
+                offset = 0
+            elif size == _BLOSC_HEADER + self._chunk_bytes and mapped[2] & _BLOSC_MEMCPYED:
+                offset = _BLOSC_HEADER  # blosc kept this chunk as is (incompressible pixels)
+            else:
+                offset = None
+            if offset is None:
+                chunk = self._scratch()
+                blosc.decompress(mapped, chunk)
+                out[region] = chunk[inside]
+            else:
+                payload = np.frombuffer(mapped, self.dtype, offset=offset).reshape(self.chunks)
+                out[region] = payload[inside]
+                del payload  # the mmap cannot close while a view of it exists
 
     def read(self, box: tuple[slice, ...]) -> np.ndarray:
         """Return ``array[box]`` for a box of unit-step slices within the array."""
