@@ -320,7 +320,9 @@ class SegmentationLoss(nn.Module):
     def _whole(self, maps: list[Tensor], weights: list[float], padded: tuple[int, int], input_size: tuple[int, int], target: Tensor) -> Tensor:
         """All at once: each map upsampled to the full input size."""
         pixel_w = self.pixel_weights(target)
-        total = pixel_w.sum().clamp_min(1.0)
+        # Integer-valued: summed in float64 it is exact (float32 is not beyond 2^24 pixels),
+        # so banded and unbanded divide by the very same number.
+        total = pixel_w.sum(dtype=torch.float64).clamp_min(1.0).float()
         loss = maps[0].new_zeros((), dtype=torch.float32)
         for logits, weight in zip(maps, weights):
             full = upsample_logits(logits, padded, input_size)
@@ -340,8 +342,8 @@ class SegmentationLoss(nn.Module):
             return target[:, lo:hi], start - lo
 
         with torch.no_grad():
-            total = sum(self._band_weights(*band_target(s, e), e - s).sum() for s, e in bands)
-        total = torch.as_tensor(total, dtype=torch.float32).clamp_min(1.0)
+            total = sum(self._band_weights(*band_target(s, e), e - s).sum(dtype=torch.float64) for s, e in bands)
+        total = torch.as_tensor(total, dtype=torch.float64).clamp_min(1.0).float()
 
         def band_loss(start: int, stop: int, target_halo: Tensor, offset: int, *band_maps: Tensor) -> Tensor:
             pixel_w = self._band_weights(target_halo, offset, stop - start)
