@@ -155,6 +155,21 @@ def to_markdown(result: dict) -> str:
             f"| {r['dtype']} | {r['method']} | {fmt} | {r['fwd']['median_s'] * 1e3:.0f} ({r['fwd']['min_s'] * 1e3:.0f}) "
             f"| {r['fwd_bwd']['median_s'] * 1e3:.0f} ({r['fwd_bwd']['min_s'] * 1e3:.0f}) |"
         )
+    lines += [
+        "",
+        "## What `fast` does (lrss_ds/models/large_kernel.py)",
+        "",
+        "- forward: `F.conv2d` in the memory format oneDNN runs fast for the kernel (NCHW up to",
+        "  13x13, channels-last for larger kernels; the input's own format when it is already",
+        "  channels-last), returned in the input's format;",
+        "- input gradient: the same fast convolution of the output gradient with the flipped kernel;",
+        "- weight gradient: input/gradient cross-correlation at the K x K lags through real FFTs",
+        "  (cost independent of K), batch summed in the frequency domain, channel-chunked.",
+        "",
+        "The plain `direct` path's weight gradient runs at 0.2-7 GFLOP/s for every kernel size",
+        "and memory format, which is why even the 7x7 gains in training. All paths are exact;",
+        "float32 results match `F.conv2d` to ~1e-6 relative (tests/models/test_models_large_kernel.py).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-lrd", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--render", type=Path, default=None, help="only re-write the .md from this .json")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        _write(args.out, "lrd_kernels.md", to_markdown(result))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -207,13 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "load_before": load_before, "load_after": os.getloadavg()[0],
         "depthwise": depthwise, "lrd": lrd,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("lrd_kernels.json", json.dumps(result, indent=2)), ("lrd_kernels.md", to_markdown(result))):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
+    _write(args.out, "lrd_kernels.json", json.dumps(result, indent=2))
+    _write(args.out, "lrd_kernels.md", to_markdown(result))
     print(to_markdown(result))
     return 0
+
+
+def _write(folder: Path, name: str, text: str) -> None:
+    """Write ``folder/name`` under a temporary name, then rename it into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(folder / name)
 
 
 if __name__ == "__main__":
