@@ -20,8 +20,10 @@ Where the paper is vague, this is what we do and why:
   image). A crop of ``ch x cw`` pixels at ``(r0, c0)`` gives ``Ll = (ch/ls)(cw/ls)`` local
   tokens (its own layer4 map) and ``Lg = (ch + 2m)/gs * (cw + 2m)/gs`` global tokens: the
   whole-image global map inside the crop's window enlarged by ``m = global_context`` pixels on
-  each side. Global positions outside the padded image are masked out of every attention.
-  ``global_context=0`` is the literal reading (global tokens aligned with the crop).
+  each side. Global positions outside the padded image are zeros and are masked out
+  wherever global tokens serve as keys/values (their own query rows in the first encoder
+  are computed and then never read). ``global_context=0`` is the literal reading (global
+  tokens aligned with the crop, no mask).
 * **Projections.** The paper takes Q from the global features and K = V from the local
   ones "directly", without W_Q/W_K/W_V. The two branches have 512 and 2048 channels, so a dot
   product needs one shared width: each branch has ONE projection (``proj``: 1x1 conv + BN +
