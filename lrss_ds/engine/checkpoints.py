@@ -49,6 +49,14 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a process without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def save(
     engine: Any,
     root: Path,
@@ -70,16 +78,14 @@ def save(
     Returns:
         The tag directory.
     """
-    import torch.distributed as dist
-
     tag = tag_for(iteration)
     tag_dir = root / tag
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's files are on disk before the tag is declared complete
+    barrier()  # every rank's files are on disk before the tag is declared complete
     if rank == 0:
         write_json(tag_dir / "lrss_meta.json", meta)
-    dist.barrier()
+    barrier()
     return tag_dir
 
 

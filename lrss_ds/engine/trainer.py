@@ -206,7 +206,7 @@ def save_checkpoint(run: Run, iteration: int, data_position: int, metrics: dict[
             if metrics["miou"] > best:
                 checkpoints.mark_best(root, tag, float(metrics["miou"]))
         checkpoints.prune(root, run.config.train.keep_last)
-    dist.barrier()
+    checkpoints.barrier()
     return tag
 
 
@@ -392,6 +392,8 @@ def parameter_digests(engine: Any) -> list[str] | None:
     for name, param in sorted(engine.module.named_parameters()):
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    if not dist.is_initialized():
+        return [digest.hexdigest()]
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest.hexdigest())
     return digests

@@ -20,7 +20,7 @@ from lrss_ds.engine.prepare import prepare_synthetic_store
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN_JOB = REPO / "ds_configs" / "ehsnet_synthetic.yaml"
-TIMEOUT = 600
+TIMEOUT = 900
 
 # Tiny EHSNet on 128x128 scenes (the smallest size whose last HRNet branch still has >1 pixel
 # at output stride 8); SGD so that no DeepSpeedCPUAdam build is needed by these runs.
