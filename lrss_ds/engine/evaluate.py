@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +25,9 @@ REPORT_FILES = ("metrics.json", "metrics.md", "confusion.png")
 # ----------------------------------------------------------------------------- counting
 
 
-def count_pixels(matrix: ConfusionMatrix, pred: np.ndarray, label: np.ndarray, where: str, unpredicted: int | None = None) -> int:
+def count_pixels(
+    matrix: ConfusionMatrix, pred: np.ndarray, label: np.ndarray, where: str, unpredicted: int | None = None
+) -> int:
     """Add one block of prediction/label pixels to ``matrix``, turning bad classes into user errors.
 
     Pixels whose prediction is ``unpredicted`` (the ignore value a prediction map writes where
@@ -87,7 +88,9 @@ def encode_label(raw: np.ndarray, dataset: dict[str, Any], where: str) -> np.nda
     k = len(dataset["classes"])
     if dataset.get("label_encoding", "index") == "rgb":
         if raw.shape[0] < 3:
-            raise InputFileError(where, f"has {raw.shape[0]} band(s); dataset {dataset['name']!r} labels are RGB colours")
+            raise InputFileError(
+                where, f"has {raw.shape[0]} band(s); dataset {dataset['name']!r} labels are RGB colours"
+            )
         packed = (raw[0].astype(np.int64) << 16) | (raw[1].astype(np.int64) << 8) | raw[2].astype(np.int64)
         out = np.full(packed.shape, 254, dtype=np.int64)  # 254 never survives: checked below
         known = np.zeros(packed.shape, bool)
@@ -116,7 +119,10 @@ def encode_label(raw: np.ndarray, dataset: dict[str, Any], where: str) -> np.nda
         values = out
     bad = (values != ignore) & ((values < 0) | (values >= k))
     if bad.any():
-        raise InputFileError(where, f"unknown class: label value {int(values[bad][0])} (dataset {dataset['name']!r} has classes 0..{k - 1} and ignore {ignore})")
+        raise InputFileError(
+            where,
+            f"unknown class: label value {int(values[bad][0])} (dataset {dataset['name']!r} has classes 0..{k - 1} and ignore {ignore})",
+        )
     return values.astype(np.uint8)
 
 
@@ -150,7 +156,9 @@ def evaluate_store(
     store = TileStore.open(store_path)
     scenes = store.scenes(split)
     if not scenes:
-        raise StoreError(store_path, f"split {split!r} has no scenes (splits: {', '.join(sorted(store.splits)) or 'none'})")
+        raise StoreError(
+            store_path, f"split {split!r} has no scenes (splits: {', '.join(sorted(store.splits)) or 'none'})"
+        )
     torch_device = resolve_device(device)
     model, meta = load_model(checkpoint, device=torch_device)
     spec = store.spec.to_dict()
@@ -163,7 +171,7 @@ def evaluate_store(
     sources = [open_store_scene(store_path, scene) for scene in scenes]
     for source in sources:
         check_source(source, meta)
-    for source in tqdm(sources, desc=f"evaluate {split}", unit="scene", disable=not sys.stderr.isatty()):
+    for source in tqdm(sources, desc=f"evaluate {split}", unit="scene", disable=None):
         scene_matrix = ConfusionMatrix(k, total.ignore_index, spec["classes"])
         for row, classes, _ in predictor.strips(source):
             label = store.read_label(source.name, window=(row, 0, classes.shape[0], source.width))
@@ -172,9 +180,15 @@ def evaluate_store(
         per_scene.append(_scene_summary(source.name, scene_matrix))
     report = total.compute()
     report.update(
-        mode="store", checkpoint=meta["source"], store=str(store_path), split=split, dataset=spec["name"],
-        iteration=meta.get("iteration"), scenes=per_scene, unpredicted_pixels=skipped,
-    )  # fmt: skip
+        mode="store",
+        checkpoint=meta["source"],
+        store=str(store_path),
+        split=split,
+        dataset=spec["name"],
+        iteration=meta.get("iteration"),
+        scenes=per_scene,
+        unpredicted_pixels=skipped,
+    )
     return report
 
 
@@ -203,15 +217,21 @@ def evaluate_pairs(predictions: str, labels: str, dataset: dict[str, Any]) -> di
     for pred in pred_files:
         label = label_files.get(pred.stem) or label_files.get(_label_stem(pred.stem, dataset))
         if label is None:
-            raise InputFileError(pred, f"no label file for it among {labels} (looked for stems {pred.stem!r} and {_label_stem(pred.stem, dataset)!r})")
+            raise InputFileError(
+                pred,
+                f"no label file for it among {labels} (looked for stems {pred.stem!r} and {_label_stem(pred.stem, dataset)!r})",
+            )
         pairs.append((pred, label))
     total = ConfusionMatrix(k, ignore, dataset["classes"])
     per_scene, skipped = [], 0
-    for pred_path, label_path in tqdm(pairs, desc="evaluate", unit="scene", disable=not sys.stderr.isatty()):
+    for pred_path, label_path in tqdm(pairs, desc="evaluate", unit="scene", disable=None):
         scene_matrix = ConfusionMatrix(k, ignore, dataset["classes"])
         with _open(pred_path) as pred_ds, _open(label_path) as label_ds:
             if pred_ds.shape != label_ds.shape:
-                raise InputFileError(label_path, f"is {label_ds.shape[0]}x{label_ds.shape[1]}, its prediction {pred_path} is {pred_ds.shape[0]}x{pred_ds.shape[1]}")
+                raise InputFileError(
+                    label_path,
+                    f"is {label_ds.shape[0]}x{label_ds.shape[1]}, its prediction {pred_path} is {pred_ds.shape[0]}x{pred_ds.shape[1]}",
+                )
             for _, window in pred_ds.block_windows(1):  # block by block: memory bounded by one tile row
                 pred = pred_ds.read(1, window=window)
                 label = encode_label(label_ds.read(window=window), dataset, str(label_path))
@@ -219,7 +239,14 @@ def evaluate_pairs(predictions: str, labels: str, dataset: dict[str, Any]) -> di
         total.matrix += scene_matrix.matrix
         per_scene.append(_scene_summary(pred_path.stem, scene_matrix))
     report = total.compute()
-    report.update(mode="pairs", predictions=predictions, labels=labels, dataset=dataset["name"], scenes=per_scene, unpredicted_pixels=skipped)
+    report.update(
+        mode="pairs",
+        predictions=predictions,
+        labels=labels,
+        dataset=dataset["name"],
+        scenes=per_scene,
+        unpredicted_pixels=skipped,
+    )
     return report
 
 
@@ -308,7 +335,9 @@ def markdown_report(report: dict[str, Any]) -> str:
             lines.append(f"- {key}: `{report[key]}`")
     lines.append(f"- scenes: {len(report.get('scenes', []))}, labeled pixels counted: {report['pixels']:,}")
     if report.get("unpredicted_pixels"):
-        lines.append(f"- labeled pixels without a prediction (input nodata), left out: {report['unpredicted_pixels']:,}")
+        lines.append(
+            f"- labeled pixels without a prediction (input nodata), left out: {report['unpredicted_pixels']:,}"
+        )
     lines += ["", "| class | IoU | precision | recall | F1 | label pixels |", "|---|---:|---:|---:|---:|---:|"]
     for index, name in enumerate(report["classes"]):
         cells = [_pct(report[key][index]) for key in ("iou", "precision", "recall", "f1")]
@@ -318,7 +347,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"**mIoU {_pct(report['miou'])}** · mean F1 {_pct(report['mean_f1'])} · OA {_pct(report['oa'])} (percent)",
         "",
         "IoU = TP/(TP+FP+FN), F1 = 2·P·R/(P+R) per class; mIoU and mean F1 average the classes present in the",
-        "labels or the predictions (– = class absent from both, left out); OA = correct pixels / labeled pixels.",
+        "labels or the predictions; OA = correct pixels / labeled pixels. – = undefined (precision of a class never",
+        "predicted; every metric of a class in neither labels nor predictions, which the means leave out).",
         "Confusion matrix (rows = label, columns = prediction, row-normalised): `confusion.png`.",
         "",
     ]
@@ -354,8 +384,15 @@ def draw_confusion(matrix: Iterable[Iterable[int]], classes: list[str], path: Pa
         for i in range(k):
             for j in range(k):
                 if not math.isnan(rates[i, j]):
-                    axes.text(j, i, f"{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                              color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+                    axes.text(
+                        j,
+                        i,
+                        f"{rates[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")
@@ -367,15 +404,26 @@ def draw_confusion(matrix: Iterable[Iterable[int]], classes: list[str], path: Pa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``lrss-ds evaluate`` options to ``parser``."""
-    parser.add_argument("--checkpoint", help="run directory, checkpoint tag directory or exported weights file (with --store)")
+    parser.add_argument(
+        "--checkpoint", help="run directory, checkpoint tag directory or exported weights file (with --store)"
+    )
     parser.add_argument("--store", help="tile store whose split to predict and score")
     parser.add_argument("--split", help="split of --store to score (e.g. val, test)")
-    parser.add_argument("--predictions", help="class-map GeoTIFFs (file, directory or quoted glob) to score against --labels")
-    parser.add_argument("--labels", help="label GeoTIFFs (file, directory or quoted glob) matching --predictions by name")
+    parser.add_argument(
+        "--predictions", help="class-map GeoTIFFs (file, directory or quoted glob) to score against --labels"
+    )
+    parser.add_argument(
+        "--labels", help="label GeoTIFFs (file, directory or quoted glob) matching --predictions by name"
+    )
     parser.add_argument("--dataset", help="dataset name or YAML for --labels (default: the --checkpoint's dataset)")
     parser.add_argument("--output", required=True, help="report directory (metrics.json, metrics.md, confusion.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    parser.add_argument("--window", type=int, default=None, help="sliding-window size for prediction (default: as the model was trained)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="sliding-window size for prediction (default: as the model was trained)",
+    )
     parser.add_argument("--overlap", type=int, default=None, help="sliding-window overlap in pixels")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
@@ -393,8 +441,12 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_pairs(args.predictions, args.labels, _dataset_dict(args))
     else:
         if not (args.checkpoint and args.store and args.split):
-            raise LrssError("evaluate", "give --checkpoint, --store and --split (or --predictions, --labels and --dataset)")
-        report = evaluate_store(args.checkpoint, args.store, args.split, window=args.window, overlap=args.overlap, device=args.device)
+            raise LrssError(
+                "evaluate", "give --checkpoint, --store and --split (or --predictions, --labels and --dataset)"
+            )
+        report = evaluate_store(
+            args.checkpoint, args.store, args.split, window=args.window, overlap=args.overlap, device=args.device
+        )
     write_report(report, args.output, overwrite=args.overwrite)
     print(f"mIoU {_pct(report['miou'])}  mean F1 {_pct(report['mean_f1'])}  OA {_pct(report['oa'])}  -> {args.output}")
     return 0

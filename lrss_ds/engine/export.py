@@ -15,7 +15,9 @@ from lrss_ds.errors import OutputExistsError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``lrss-ds export`` options to ``parser``."""
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints directory or DeepSpeed tag directory")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run directory, checkpoints directory or DeepSpeed tag directory"
+    )
     parser.add_argument("--output", required=True, help="weights file to write (e.g. model.pt)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 

@@ -28,8 +28,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     Args:
         path: a run directory (holding ``checkpoints/latest``), a checkpoints directory (holding
-            ``latest``), a DeepSpeed tag directory (holding ``lrss_meta.json``), or an exported
-            weights file.
+            ``latest``), a ``latest`` or ``best`` file naming a tag, a DeepSpeed tag directory
+            (holding ``lrss_meta.json``), or an exported weights file.
 
     Returns:
         the tag directory or the weights file.
@@ -38,10 +38,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         InputFileError: the path does not exist, or is a directory with none of the above.
     """
     path = Path(path)
+    if path.is_file() and path.name in ("latest", "best") and path.stat().st_size < 1024:
+        # DeepSpeed's ``latest`` (and the trainer's ``best``) file names a tag directory beside it.
+        tag_dir = path.parent / path.read_text().strip()
+        if not (tag_dir / META_FILE).is_file():
+            raise InputFileError(path, f"names checkpoint tag {tag_dir.name!r}, but {tag_dir / META_FILE} does not exist")
+        return tag_dir
     if path.is_file():
         return path
     if not path.is_dir():
-        raise InputFileError(path, "checkpoint not found (give a run directory, a checkpoint tag directory or an exported .pt file)")
+        raise InputFileError(
+            path, "checkpoint not found (give a run directory, a checkpoint tag directory or an exported .pt file)"
+        )
     if (path / META_FILE).is_file():
         return path
     for checkpoints in (path / "checkpoints", path):
@@ -155,7 +163,9 @@ def _load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: st
 def _read_meta(meta_path: Path) -> dict[str, Any]:
     """Read and check ``lrss_meta.json``."""
     if not meta_path.is_file():
-        raise InputFileError(meta_path, "missing; a checkpoint tag directory needs the lrss_meta.json the trainer writes")
+        raise InputFileError(
+            meta_path, "missing; a checkpoint tag directory needs the lrss_meta.json the trainer writes"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -195,7 +205,10 @@ def _load_deepspeed_tag(tag_dir: Path) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except Exception as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
-        raise InputFileError(_first_corrupt(model_files + optim_files) or tag_dir, f"cannot consolidate DeepSpeed checkpoint: {type(error).__name__}: {error}") from error
+        raise InputFileError(
+            _first_corrupt(model_files + optim_files) or tag_dir,
+            f"cannot consolidate DeepSpeed checkpoint: {type(error).__name__}: {error}",
+        ) from error
     return {k: _fp32(v) for k, v in state_dict.items()}
 
 
@@ -213,7 +226,9 @@ def _load_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """Load an exported weights file (``weights_only=True``) and split it into state and meta."""
     payload = _torch_load(path, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-        raise InputFileError(path, f"not an lrss-ds weights file (expected format {WEIGHTS_FORMAT!r}; make one with `lrss-ds export`)")
+        raise InputFileError(
+            path, f"not an lrss-ds weights file (expected format {WEIGHTS_FORMAT!r}; make one with `lrss-ds export`)"
+        )
     state_dict = payload.get("state_dict")
     if not isinstance(state_dict, dict):
         raise InputFileError(path, "weights file has no state_dict")

@@ -9,7 +9,6 @@ import glob
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,8 @@ def check_source(source: RasterSource, meta: dict[str, Any]) -> None:
     trained_dtype = meta.get("input_dtype")
     if trained_dtype and np.dtype(source.dtype) != np.dtype(trained_dtype):
         raise InputFileError(
-            source.where, f"has dtype {source.dtype}, the model was trained on {trained_dtype} (its band statistics are in those units)"
+            source.where,
+            f"has dtype {source.dtype}, the model was trained on {trained_dtype} (its band statistics are in those units)",
         )
     if source.crs is None:
         warnings.warn(f"{source.where}: no CRS; the output keeps the pixel geometry only", stacklevel=2)
@@ -204,9 +204,13 @@ class Predictor:
         if self.window is not None:
             self.window = (int(self.window[0]), int(self.window[1]))
             if min(self.window) < 1 or not 0 <= self.overlap < min(self.window):
-                raise ValueError(f"need window >= 1 and overlap in [0, window), got window={self.window}, overlap={self.overlap}")
+                raise ValueError(
+                    f"need window >= 1 and overlap in [0, window), got window={self.window}, overlap={self.overlap}"
+                )
 
-    def strips(self, source: RasterSource, probabilities: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    def strips(
+        self, source: RasterSource, probabilities: bool = False
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """Predict ``source`` and yield its rows top to bottom.
 
         Args:
@@ -233,7 +237,14 @@ class Predictor:
             raise RuntimeError(f"model returned {tuple(logits.shape)} for input {tuple(x.shape)}")
         return logits[0].float()
 
-    def _finish(self, probs_or_logits: torch.Tensor, image_rows: np.ndarray, source: RasterSource, probabilities: bool, are_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _finish(
+        self,
+        probs_or_logits: torch.Tensor,
+        image_rows: np.ndarray,
+        source: RasterSource,
+        probabilities: bool,
+        are_probs: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Turn ``(K, h, W)`` scores into uint8 classes (+ float32 probabilities), masking nodata."""
         classes = probs_or_logits.argmax(dim=0).to(torch.uint8).cpu().numpy()
         probs = None
@@ -248,7 +259,9 @@ class Predictor:
                 probs[:, mask] = np.nan
         return classes, probs
 
-    def _holistic(self, source: RasterSource, probabilities: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    def _holistic(
+        self, source: RasterSource, probabilities: bool
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """One forward over the whole scene; results leave in BLOCK-row strips."""
         image = source.read(0, 0, source.height, source.width)
         logits = self._forward(image)
@@ -257,7 +270,9 @@ class Predictor:
             classes, probs = self._finish(logits[:, rows], image[:, rows], source, probabilities, are_probs=False)
             yield row, classes, probs
 
-    def _sliding(self, source: RasterSource, probabilities: bool) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    def _sliding(
+        self, source: RasterSource, probabilities: bool
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """Blend overlapping windows row by row of windows, yielding rows once final."""
         assert self.window is not None
         height, width, k = source.height, source.width, self.num_classes
@@ -324,7 +339,13 @@ def _nodata_mask(image: np.ndarray, nodata: float | None) -> np.ndarray | None:
     return (image == nodata).all(axis=0)
 
 
-def predictor_for(model: nn.Module, meta: dict[str, Any], window: int | None = None, overlap: int | None = None, device: str | torch.device = "cpu") -> Predictor:
+def predictor_for(
+    model: nn.Module,
+    meta: dict[str, Any],
+    window: int | None = None,
+    overlap: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Predictor:
     """The predictor a checkpoint asks for: holistic, or sliding windows for patch models.
 
     A model config with ``mode == "patch"`` slides windows of its ``patch_size`` (an int or
@@ -461,22 +482,38 @@ def write_prediction(
         class_part = _temporary(output, "part", temporaries)
         prob_part = _temporary(probabilities, "part", temporaries) if probabilities else None
         base = dict(
-            driver="GTiff", width=source.width, height=source.height, crs=source.crs, transform=source.transform,
-            tiled=True, blockxsize=BLOCK, blockysize=BLOCK, BIGTIFF="IF_SAFER",
-            compress="zstd", ZSTD_LEVEL=1,  # fast: this copy only lives until the COG copy below
-        )  # fmt: skip
+            driver="GTiff",
+            width=source.width,
+            height=source.height,
+            crs=source.crs,
+            transform=source.transform,
+            tiled=True,
+            blockxsize=BLOCK,
+            blockysize=BLOCK,
+            BIGTIFF="IF_SAFER",
+            compress="zstd",
+            ZSTD_LEVEL=1,  # fast: this copy only lives until the COG copy below
+        )
         with contextlib.ExitStack() as stack:
             stack.enter_context(_quiet_georef())
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
-            class_ds = stack.enter_context(rasterio.open(class_part, "w", count=1, dtype="uint8", nodata=predictor.ignore_index, **base))
+            class_ds = stack.enter_context(
+                rasterio.open(class_part, "w", count=1, dtype="uint8", nodata=predictor.ignore_index, **base)
+            )
             class_ds.write_colormap(1, class_colormap(dataset, k))
             class_ds.set_band_description(1, "class")
-            class_ds.update_tags(classes=json.dumps(dataset.get("classes") or [str(i) for i in range(k)]), model=json.dumps(meta["model"]))
+            class_ds.update_tags(
+                classes=json.dumps(dataset.get("classes") or [str(i) for i in range(k)]),
+                model=json.dumps(meta["model"]),
+            )
             class_rows = _RowBuffer(class_ds, 1, source.width, np.dtype("uint8"))
             prob_rows = None
             if prob_part is not None:
-                # float32 + NBITS=16 is how GDAL 3.10 stores IEEE half floats in GeoTIFF (rasterio has no float16 dtype).
-                prob_ds = stack.enter_context(rasterio.open(prob_part, "w", count=k, dtype="float32", nbits=16, nodata=float("nan"), **base))
+                # float32 + NBITS=16 is how GDAL 3.10 stores IEEE half floats in a GeoTIFF
+                # (rasterio 1.4 has no float16 dtype).
+                prob_ds = stack.enter_context(
+                    rasterio.open(prob_part, "w", count=k, dtype="float32", nbits=16, nodata=float("nan"), **base)
+                )
                 for index, name in enumerate(dataset.get("classes") or [], start=1):
                     if index <= k:
                         prob_ds.set_band_description(index, str(name))
@@ -495,9 +532,16 @@ def write_prediction(
             cog = _temporary(final, "tmp", temporaries)
             with _quiet_georef(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
                 gdal_copy(
-                    part, cog, driver="COG", COMPRESS=compress.upper(), BLOCKSIZE=BLOCK, BIGTIFF="IF_SAFER",
-                    OVERVIEWS="AUTO" if overviews else "NONE", RESAMPLING=resampling, **extra,
-                )  # fmt: skip
+                    part,
+                    cog,
+                    driver="COG",
+                    COMPRESS=compress.upper(),
+                    BLOCKSIZE=BLOCK,
+                    BIGTIFF="IF_SAFER",
+                    OVERVIEWS="AUTO" if overviews else "NONE",
+                    RESAMPLING=resampling,
+                    **extra,
+                )
         for part, final, _, _ in finals:
             os.replace(_temporary_name(final, "tmp"), final)
     finally:
@@ -531,18 +575,32 @@ def _quiet_georef() -> Iterator[None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``lrss-ds predict`` options to ``parser``."""
-    parser.add_argument("--checkpoint", required=True, help="run directory, DeepSpeed checkpoint tag directory or exported weights file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="run directory, DeepSpeed checkpoint tag directory or exported weights file"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="GeoTIFF, directory of GeoTIFFs, or glob pattern (quote it)")
     source.add_argument("--store", help="tile store to read scenes from (with --scene)")
     parser.add_argument("--scene", action="append", help="scene id in --store (repeatable)")
     parser.add_argument("--output", required=True, help="output GeoTIFF for one input, or a directory for several")
-    parser.add_argument("--probabilities", help="also write per-class float16 probabilities here (file, or directory for several inputs)")
+    parser.add_argument(
+        "--probabilities",
+        help="also write per-class float16 probabilities here (file, or directory for several inputs)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    parser.add_argument("--window", type=int, default=None, help="sliding-window size (default: holistic, or the patch size of patch models; 0 forces holistic)")
-    parser.add_argument("--overlap", type=int, default=None, help="sliding-window overlap in pixels (default: window/4)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="sliding-window size (default: holistic, or the patch size of patch models; 0 forces holistic)",
+    )
+    parser.add_argument(
+        "--overlap", type=int, default=None, help="sliding-window overlap in pixels (default: window/4)"
+    )
     parser.add_argument("--no-overviews", dest="overviews", action="store_false", help="do not build overviews")
-    parser.add_argument("--compress", choices=("deflate", "zstd"), default="deflate", help="GeoTIFF compression (default deflate)")
+    parser.add_argument(
+        "--compress", choices=("deflate", "zstd"), default="deflate", help="GeoTIFF compression (default deflate)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
@@ -555,18 +613,26 @@ def run(args: argparse.Namespace) -> int:
     if args.window is not None and args.window < 0:
         raise LrssError("--window", f"must be >= 0, got {args.window}")
     sources: list[RasterSource] = (
-        [open_store_scene(args.store, scene) for scene in args.scene] if args.store else [open_geotiff(p) for p in expand_inputs(args.input)]
+        [open_store_scene(args.store, scene) for scene in args.scene]
+        if args.store
+        else [open_geotiff(p) for p in expand_inputs(args.input)]
     )
-    outputs = plan_outputs(sources, Path(args.output), Path(args.probabilities) if args.probabilities else None, args.overwrite)
+    outputs = plan_outputs(
+        sources, Path(args.output), Path(args.probabilities) if args.probabilities else None, args.overwrite
+    )
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device=device)
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device)
-    progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=len(sources) < 2 and not sys.stderr.isatty())
+    progress = tqdm(
+        list(zip(sources, outputs)), desc="predict", unit="scene", disable=None
+    )
     for source, (output, probabilities) in progress:
         progress.set_postfix_str(source.name)
-        write_prediction(source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress)
+        write_prediction(
+            source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
+        )
         tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
     return 0
 
@@ -585,11 +651,15 @@ def expand_inputs(pattern: str) -> list[Path]:
     else:
         found = [path] if path.exists() else []
     if not found:
-        raise InputFileError(pattern, "no input raster found (give a GeoTIFF, a directory of .tif files or a quoted glob)")
+        raise InputFileError(
+            pattern, "no input raster found (give a GeoTIFF, a directory of .tif files or a quoted glob)"
+        )
     return found
 
 
-def plan_outputs(sources: Sequence[RasterSource], output: Path, probabilities: Path | None, overwrite: bool) -> list[tuple[Path, Path | None]]:
+def plan_outputs(
+    sources: Sequence[RasterSource], output: Path, probabilities: Path | None, overwrite: bool
+) -> list[tuple[Path, Path | None]]:
     """Decide every output path up front and refuse existing ones unless ``overwrite``.
 
     One input writes to ``output`` itself (or ``output/<name>.tif`` if it is an existing
@@ -605,13 +675,17 @@ def plan_outputs(sources: Sequence[RasterSource], output: Path, probabilities: P
         out = output / f"{source.name}.tif" if several else output
         prob = None
         if probabilities is not None:
-            prob = probabilities / f"{source.name}.tif" if (len(sources) > 1 or probabilities.is_dir()) else probabilities
+            prob = (
+                probabilities / f"{source.name}.tif" if (len(sources) > 1 or probabilities.is_dir()) else probabilities
+            )
         planned.append((out, prob))
     seen: dict[Path, str] = {}
     for source, paths in zip(sources, planned):
         for path in (p for p in paths if p is not None):
             if path in seen:
-                raise LrssError(path, f"both {seen[path]} and {source.where} would be written here; give inputs distinct names")
+                raise LrssError(
+                    path, f"both {seen[path]} and {source.where} would be written here; give inputs distinct names"
+                )
             seen[path] = source.where
             if path.exists() and not overwrite:
                 raise OutputExistsError(path, "already exists; pass --overwrite to replace it")

@@ -30,7 +30,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     specs: list[dict[str, Any]] = [
         dict(run_dir=str(root / "point"), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=1),
         dict(run_dir=str(root / "context"), config=dict(name="contextnet", num_classes=3, in_channels=3), stage=0),
-        dict(run_dir=str(root / "patch"), config=dict(name="pointnet", num_classes=3, in_channels=3, mode="patch", patch_size=32), stage=1),
+        dict(
+            run_dir=str(root / "patch"),
+            config=dict(name="pointnet", num_classes=3, in_channels=3, mode="patch", patch_size=32),
+            stage=1,
+        ),
     ]
     for spec in specs:
         spec.update(input_dtype="uint8", band_mean=MEAN, band_std=STD)
@@ -73,6 +77,11 @@ def test_resolve_and_load_consolidated_zero_checkpoint(runs: dict[str, Path]) ->
     assert resolve_checkpoint(run) == tag
     assert resolve_checkpoint(run / "checkpoints") == tag
     assert resolve_checkpoint(tag) == tag
+    (run / "checkpoints" / "best").write_text("step_0000002\n")  # the trainer's pointer to its best tag
+    assert resolve_checkpoint(run / "checkpoints" / "best") == tag
+    (run / "checkpoints" / "best").write_text("step_0000099\n")
+    with pytest.raises(InputFileError, match="step_0000099"):
+        resolve_checkpoint(run / "checkpoints" / "best")
     state, meta = load_state(run)
     assert meta["model"]["name"] == "pointnet" and meta["input_dtype"] == "uint8" and meta["iteration"] == 2
     # fp32 training: the consolidated ZeRO master weights equal the module copy DeepSpeed saved.
@@ -102,7 +111,22 @@ def test_prediction_geotiff_keeps_georeference_and_colour_map(runs: dict[str, Pa
     image = _image(700, 600, seed=1)
     source = write_geotiff(tmp_path / "scene.tif", image, crs="EPSG:32633")
     output = tmp_path / "out" / "scene_classes.tif"
-    assert main(["predict", "--checkpoint", str(runs["point"]), "--input", str(source), "--output", str(output), "--compress", "zstd"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(runs["point"]),
+                "--input",
+                str(source),
+                "--output",
+                str(output),
+                "--compress",
+                "zstd",
+            ]
+        )
+        == 0
+    )
     with rasterio.open(source) as src, rasterio.open(output) as out:
         assert out.crs == src.crs and out.transform == src.transform
         assert (out.width, out.height, out.count, out.dtypes[0]) == (600, 700, 1, "uint8")
@@ -125,8 +149,20 @@ def test_real_landsat_scene_with_probabilities_and_nodata(runs: dict[str, Path],
     if not RGB_BYTE.exists():
         pytest.skip(f"{RGB_BYTE} absent (shared real test data is not in a user's clone)")
     output, probs_path = tmp_path / "rgb_classes.tif", tmp_path / "rgb_probs.tif"
-    code = main(["predict", "--checkpoint", str(runs["point"]), "--input", str(RGB_BYTE), "--output", str(output),
-                 "--probabilities", str(probs_path), "--no-overviews"])  # fmt: skip
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(runs["point"]),
+            "--input",
+            str(RGB_BYTE),
+            "--output",
+            str(output),
+            "--probabilities",
+            str(probs_path),
+            "--no-overviews",
+        ]
+    )
     assert code == 0
     with rasterio.open(RGB_BYTE) as src, rasterio.open(output) as out, rasterio.open(probs_path) as prob:
         assert out.crs == src.crs and out.crs.to_epsg() == 32618
@@ -196,7 +232,20 @@ def test_several_inputs_go_to_a_directory(runs: dict[str, Path], tmp_path: Path)
     for i in range(2):
         write_geotiff(tmp_path / "in" / f"tile{i}.tif", _image(40, 50, seed=i))
     out = tmp_path / "maps"
-    assert main(["predict", "--checkpoint", str(runs["patch"]), "--input", str(tmp_path / "in" / "*.tif"), "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(runs["patch"]),
+                "--input",
+                str(tmp_path / "in" / "*.tif"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["tile0.tif", "tile1.tif"]
 
 
@@ -218,8 +267,24 @@ def test_exported_weights_reload_to_identical_outputs(runs: dict[str, Path], tmp
     assert torch.equal(_direct(original, x), _direct(exported, x))
     # The exported file drives predict exactly like the checkpoint.
     source = write_geotiff(tmp_path / "d.tif", x)
-    assert main(["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(tmp_path / "e.tif")]) == 0
-    assert main(["predict", "--checkpoint", str(runs["context"]), "--input", str(source), "--output", str(tmp_path / "f.tif")]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(tmp_path / "e.tif")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(runs["context"]),
+                "--input",
+                str(source),
+                "--output",
+                str(tmp_path / "f.tif"),
+            ]
+        )
+        == 0
+    )
     with rasterio.open(tmp_path / "e.tif") as e, rasterio.open(tmp_path / "f.tif") as f:
         assert np.array_equal(e.read(), f.read())
     assert main(["export", "--checkpoint", str(runs["context"]), "--output", str(weights)]) == 1  # exists
@@ -237,30 +302,68 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragme
     return err
 
 
-def test_bad_inputs_get_one_line_errors(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_inputs_get_one_line_errors(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = str(runs["point"])
     four = write_geotiff(tmp_path / "four.tif", _image(20, 20, bands=4))
-    _one_line_error(capsys, ["predict", "--checkpoint", ckpt, "--input", str(four), "--output", str(tmp_path / "o1.tif")], str(four), "4 bands", "trained on 3")
+    _one_line_error(
+        capsys,
+        ["predict", "--checkpoint", ckpt, "--input", str(four), "--output", str(tmp_path / "o1.tif")],
+        str(four),
+        "4 bands",
+        "trained on 3",
+    )
     wide = write_geotiff(tmp_path / "wide.tif", _image(20, 20, dtype="uint16"))
-    _one_line_error(capsys, ["predict", "--checkpoint", ckpt, "--input", str(wide), "--output", str(tmp_path / "o2.tif")], str(wide), "uint16", "uint8")
-    _one_line_error(capsys, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "none*.tif"), "--output", str(tmp_path / "o3.tif")], "none*.tif")
+    _one_line_error(
+        capsys,
+        ["predict", "--checkpoint", ckpt, "--input", str(wide), "--output", str(tmp_path / "o2.tif")],
+        str(wide),
+        "uint16",
+        "uint8",
+    )
+    _one_line_error(
+        capsys,
+        ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "none*.tif"), "--output", str(tmp_path / "o3.tif")],
+        "none*.tif",
+    )
     text = tmp_path / "not_a_raster.tif"
     text.write_text("hello")
-    _one_line_error(capsys, ["predict", "--checkpoint", ckpt, "--input", str(text), "--output", str(tmp_path / "o4.tif")], str(text), "not a readable raster")
+    _one_line_error(
+        capsys,
+        ["predict", "--checkpoint", ckpt, "--input", str(text), "--output", str(tmp_path / "o4.tif")],
+        str(text),
+        "not a readable raster",
+    )
     assert not list(tmp_path.glob("o*.tif"))
 
 
 def test_missing_crs_warns_and_keeps_pixel_geometry(runs: dict[str, Path], tmp_path: Path) -> None:
     plain = write_geotiff(tmp_path / "plain.tif", _image(30, 40), crs=None)
     with pytest.warns(UserWarning, match="no CRS"):
-        assert main(["predict", "--checkpoint", str(runs["point"]), "--input", str(plain), "--output", str(tmp_path / "p.tif")]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    "--checkpoint",
+                    str(runs["point"]),
+                    "--input",
+                    str(plain),
+                    "--output",
+                    str(tmp_path / "p.tif"),
+                ]
+            )
+            == 0
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with rasterio.open(tmp_path / "p.tif") as out:
             assert out.crs is None and out.transform == rasterio.Affine.identity() and out.shape == (30, 40)
 
 
-def test_existing_output_is_refused_unless_overwrite(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_refused_unless_overwrite(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = write_geotiff(tmp_path / "s.tif", _image(30, 40))
     output = tmp_path / "exists.tif"
     output.write_bytes(b"keep me")
@@ -272,24 +375,36 @@ def test_existing_output_is_refused_unless_overwrite(runs: dict[str, Path], tmp_
         assert out.shape == (30, 40)
 
 
-def test_corrupt_checkpoints_name_the_file(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_checkpoints_name_the_file(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = write_geotiff(tmp_path / "s.tif", _image(30, 40))
-    for name, victim in (("point", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ("context", "mp_rank_00_model_states.pt"), ("point", "lrss_meta.json")):
+    for name, victim in (
+        ("point", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        ("context", "mp_rank_00_model_states.pt"),
+        ("point", "lrss_meta.json"),
+    ):
         broken = tmp_path / f"broken_{name}_{victim}"
         shutil.copytree(runs[name], broken)
         file = broken / "checkpoints" / "step_0000002" / victim
         file.write_bytes(file.read_bytes()[:100])
         output = tmp_path / f"{victim}.tif"
-        _one_line_error(capsys, ["predict", "--checkpoint", str(broken), "--input", str(source), "--output", str(output)], str(file))
+        _one_line_error(
+            capsys, ["predict", "--checkpoint", str(broken), "--input", str(source), "--output", str(output)], str(file)
+        )
         assert not output.exists()
     weights = tmp_path / "junk.pt"
     weights.write_bytes(b"\x00" * 64)
-    _one_line_error(capsys, ["export", "--checkpoint", str(weights), "--output", str(tmp_path / "w.pt")], str(weights), "corrupt")
+    _one_line_error(
+        capsys, ["export", "--checkpoint", str(weights), "--output", str(tmp_path / "w.pt")], str(weights), "corrupt"
+    )
     with pytest.raises(InputFileError, match="not a checkpoint"):
         load_model(tmp_path)
 
 
-def test_a_failed_prediction_leaves_nothing_behind(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_prediction_leaves_nothing_behind(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = write_geotiff(tmp_path / "in.tif", _image(1100, 60))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -304,8 +419,23 @@ def test_a_failed_prediction_leaves_nothing_behind(runs: dict[str, Path], tmp_pa
 
     monkeypatch.setattr(Predictor, "_forward", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["predict", "--checkpoint", str(runs["point"]), "--input", str(source), "--output", str(out_dir / "m.tif"),
-              "--probabilities", str(out_dir / "p.tif"), "--window", "256", "--overlap", "0"])  # fmt: skip
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(runs["point"]),
+                "--input",
+                str(source),
+                "--output",
+                str(out_dir / "m.tif"),
+                "--probabilities",
+                str(out_dir / "p.tif"),
+                "--window",
+                "256",
+                "--overlap",
+                "0",
+            ]
+        )
     assert calls["n"] == 3
     assert list(out_dir.iterdir()) == []
 
@@ -314,22 +444,39 @@ def test_a_failed_prediction_leaves_nothing_behind(runs: dict[str, Path], tmp_pa
 
 
 @pytest.mark.slow
-def test_real_hrnet_fcn_patch_model_checkpoint_predicts_and_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_hrnet_fcn_patch_model_checkpoint_predicts_and_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The project's build_model: patch-mode HRNet-FCN -> DeepSpeed ZeRO-1 -> predict and export."""
     real_models = pytest.importorskip("lrss_ds.models")
     if "hrnet_fcn" not in getattr(real_models, "MODEL_BUILDERS", {}):
         pytest.skip("hrnet_fcn is not registered in lrss_ds.models.MODEL_BUILDERS")
     monkeypatch.undo()  # the autouse stand-in builder: use the real one here
     config = dict(name="hrnet_fcn", num_classes=3, in_channels=3, mode="patch", patch_size=64, overlap=16)
-    make_checkpoints([dict(run_dir=str(tmp_path / "run"), config=config, stage=1, input_dtype="uint8",
-                           band_mean=MEAN, band_std=STD, real=True, size=64, steps=1)])  # fmt: skip
+    make_checkpoints(
+        [
+            dict(
+                run_dir=str(tmp_path / "run"),
+                config=config,
+                stage=1,
+                input_dtype="uint8",
+                band_mean=MEAN,
+                band_std=STD,
+                real=True,
+                size=64,
+                steps=1,
+            )
+        ]
+    )
     model, meta = load_model(tmp_path / "run")
     assert type(model).__name__ == "HRNetFCN" and meta["model"]["patch_size"] == [64, 64]
     predictor = predictor_for(model, meta)
     assert (predictor.window, predictor.overlap) == ((64, 64), 16)
     source = write_geotiff(tmp_path / "scene.tif", _image(100, 90, seed=6))
     output, weights = tmp_path / "pred.tif", tmp_path / "hrnet.pt"
-    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--input", str(source), "--output", str(output)]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(tmp_path / "run"), "--input", str(source), "--output", str(output)]) == 0
+    )
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(weights)]) == 0
     exported, _ = load_model(weights)
     x = _image(40, 40, seed=8)
@@ -342,12 +489,20 @@ def test_real_hrnet_fcn_patch_model_checkpoint_predicts_and_exports(tmp_path: Pa
 @pytest.mark.slow
 def test_two_rank_zero2_sharded_checkpoint_consolidates(tmp_path: Path) -> None:
     """ZeRO-2 over 2 ranks splits the fp32 master weights into two shards; loading joins them."""
-    spec = dict(run_dir=str(tmp_path / "run"), config=dict(name="contextnet", num_classes=3, in_channels=3), stage=2,
-                input_dtype="uint8", band_mean=MEAN, band_std=STD)  # fmt: skip
+    spec = dict(
+        run_dir=str(tmp_path / "run"),
+        config=dict(name="contextnet", num_classes=3, in_channels=3),
+        stage=2,
+        input_dtype="uint8",
+        band_mean=MEAN,
+        band_std=STD,
+    )
     make_checkpoints([spec], world_size=2)
     tag = tmp_path / "run" / "checkpoints" / "step_0000002"
     assert sorted(p.name for p in tag.glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     model, _ = load_model(tmp_path / "run")
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     for key, value in model.state_dict().items():

@@ -25,8 +25,18 @@ TRANSFORM = rasterio.Affine(2.0, 0.0, 300000.0, 0.0, -2.0, 5000000.0)
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real ZeRO-1 DeepSpeed checkpoint of the pointwise stand-in."""
     root = tmp_path_factory.mktemp("eval_run")
-    make_checkpoints([dict(run_dir=str(root), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=1,
-                           input_dtype="uint8", band_mean=MEAN, band_std=STD)])  # fmt: skip
+    make_checkpoints(
+        [
+            dict(
+                run_dir=str(root),
+                config=dict(name="pointnet", num_classes=3, in_channels=3),
+                stage=1,
+                input_dtype="uint8",
+                band_mean=MEAN,
+                band_std=STD,
+            )
+        ]
+    )
     return root
 
 
@@ -62,14 +72,30 @@ def test_pairs_report_matches_hand_computed_matrix(run: Path, tmp_path: Path) ->
     write_geotiff(tmp_path / "labels" / "tile.tif", label_with_gap, transform=TRANSFORM)
     report_dir = tmp_path / "report"
     # The dataset comes from the checkpoint here (no --dataset needed).
-    assert main(["evaluate", "--predictions", str(tmp_path / "pred" / "*.tif"), "--labels", str(tmp_path / "labels"),
-                 "--checkpoint", str(run), "--output", str(report_dir)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--predictions",
+                str(tmp_path / "pred" / "*.tif"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(report_dir),
+            ]
+        )
+        == 0
+    )
     report = _read_json(report_dir / "metrics.json")
     assert report["matrix"] == [[2, 1, 0], [0, 1, 1], [1, 0, 1]]
     assert report["classes"] == DATASET["classes"]
     assert report["iou"] == pytest.approx([0.5, 1 / 3, 1 / 3])
     assert report["f1"] == pytest.approx([2 / 3, 0.5, 0.5])
-    assert report["precision"] == pytest.approx([2 / 3, 0.5, 0.5]) and report["recall"] == pytest.approx([2 / 3, 0.5, 0.5])
+    assert report["precision"] == pytest.approx([2 / 3, 0.5, 0.5]) and report["recall"] == pytest.approx(
+        [2 / 3, 0.5, 0.5]
+    )
     assert report["miou"] == pytest.approx(7 / 18) and report["mean_f1"] == pytest.approx(5 / 9)
     assert report["oa"] == pytest.approx(4 / 7)
     assert report["unpredicted_pixels"] == 4 and report["pixels"] == 7
@@ -79,7 +105,17 @@ def test_pairs_report_matches_hand_computed_matrix(run: Path, tmp_path: Path) ->
     png = (report_dir / "confusion.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     # The report is refused the second time, and replaced with --overwrite.
-    argv = ["evaluate", "--predictions", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--checkpoint", str(run), "--output", str(report_dir)]
+    argv = [
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "pred"),
+        "--labels",
+        str(tmp_path / "labels"),
+        "--checkpoint",
+        str(run),
+        "--output",
+        str(report_dir),
+    ]
     assert main(argv) == 1
     assert main(argv + ["--overwrite"]) == 0
 
@@ -89,7 +125,22 @@ def test_unknown_label_class_is_a_one_line_error(run: Path, tmp_path: Path, caps
     bad = write_geotiff(tmp_path / "labels_p.tif", np.full((1, 4, 4), 7, np.uint8), transform=TRANSFORM)
     (tmp_path / "l").mkdir()
     bad = bad.rename(tmp_path / "l" / "p.tif")
-    assert main(["evaluate", "--predictions", str(tmp_path / "p.tif"), "--labels", str(tmp_path / "l"), "--checkpoint", str(run), "--output", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                "--predictions",
+                str(tmp_path / "p.tif"),
+                "--labels",
+                str(tmp_path / "l"),
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and "unknown class" in err and "7" in err, err
     assert not (tmp_path / "r").exists()
@@ -117,16 +168,25 @@ def _make_store(path: Path, scenes: dict[str, tuple[np.ndarray, np.ndarray]]) ->
 
     writer = store.StoreWriter(path, catalog.DatasetSpec.from_dict(DATASET))
     for scene, (image, label) in scenes.items():
-        group, image_array, label_array = writer.begin_scene(scene, image.shape[0], image.shape[1], image.shape[2], image.dtype)
+        group, image_array, label_array = writer.begin_scene(
+            scene, image.shape[0], image.shape[1], image.shape[2], image.dtype
+        )
         image_array[:] = image
         label_array[:] = label
         stats = store.BandStats.empty(image.shape[0])
         stats.add_block(image)
         attrs = store.scene_attributes(
-            split="val", crs_wkt=CRS.from_epsg(32633).to_wkt(), transform=tuple(TRANSFORM)[:6], band_names=["R", "G", "B"],
-            nodata=None, source_image=f"{scene}.tif", source_image_sha256="0", source_label=f"{scene}_l.tif",
-            source_label_sha256="0", stats=stats,
-        )  # fmt: skip
+            split="val",
+            crs_wkt=CRS.from_epsg(32633).to_wkt(),
+            transform=tuple(TRANSFORM)[:6],
+            band_names=["R", "G", "B"],
+            nodata=None,
+            source_image=f"{scene}.tif",
+            source_image_sha256="0",
+            source_label=f"{scene}_l.tif",
+            source_label_sha256="0",
+            stats=stats,
+        )
         writer.finish_scene(scene, group, attrs)
 
 
@@ -145,7 +205,22 @@ def test_store_split_evaluation_equals_predict_then_pairs(run: Path, tmp_path: P
         expected += _hand_matrix(pred, label)
     store = tmp_path / "store"
     _make_store(store, scenes)
-    assert main(["evaluate", "--checkpoint", str(run), "--store", str(store), "--split", "val", "--output", str(tmp_path / "rep")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run),
+                "--store",
+                str(store),
+                "--split",
+                "val",
+                "--output",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     report = _read_json(tmp_path / "rep" / "metrics.json")
     assert report["matrix"] == expected.tolist()
     diag = np.diag(expected)
@@ -160,16 +235,47 @@ def test_store_split_evaluation_equals_predict_then_pairs(run: Path, tmp_path: P
     assert main(argv + ["--scene", "scene0", "--scene", "scene1"]) == 0
     with rasterio.open(tmp_path / "pred" / "scene1.tif") as out:
         assert out.crs.to_epsg() == 32633 and out.transform == TRANSFORM and out.shape == (600, 40)
-    assert main(["evaluate", "--predictions", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"),
-                 "--checkpoint", str(run), "--output", str(tmp_path / "rep2")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--predictions",
+                str(tmp_path / "pred"),
+                "--labels",
+                str(tmp_path / "labels"),
+                "--checkpoint",
+                str(run),
+                "--output",
+                str(tmp_path / "rep2"),
+            ]
+        )
+        == 0
+    )
     assert _read_json(tmp_path / "rep2" / "metrics.json")["matrix"] == expected.tolist()
 
 
-def test_unknown_class_in_store_label_names_the_scene(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_class_in_store_label_names_the_scene(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     image = np.full((3, 20, 20), 100, np.uint8)
     label = np.zeros((20, 20), np.uint8)
     label[3, 4] = 9
     _make_store(tmp_path / "store", {"bad": (image, label)})
-    assert main(["evaluate", "--checkpoint", str(run), "--store", str(tmp_path / "store"), "--split", "val", "--output", str(tmp_path / "rep")]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run),
+                "--store",
+                str(tmp_path / "store"),
+                "--split",
+                "val",
+                "--output",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "store:bad" in err and "unknown class" in err and "9" in err, err

@@ -54,11 +54,15 @@ class _Normalizer(nn.Module):
 class PointNet(nn.Module):
     """Pointwise (1x1 convolutions only): every output pixel depends on its own input pixel only."""
 
-    def __init__(self, num_classes: int, in_channels: int, band_mean: Any = None, band_std: Any = None, **options: Any) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int, band_mean: Any = None, band_std: Any = None, **options: Any
+    ) -> None:
         super().__init__()
         self.name, self.num_classes, self.in_channels, self.options = "pointnet", num_classes, in_channels, options
         self.normalizer = _Normalizer(in_channels, band_mean, band_std)
-        self.body = nn.Sequential(nn.Conv2d(in_channels, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, num_classes, 1)
+        )
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "num_classes": self.num_classes, "in_channels": self.in_channels, **self.options}
@@ -70,7 +74,9 @@ class PointNet(nn.Module):
 class ContextNet(PointNet):
     """Adds a 3x3 convolution and the scene mean: outputs depend on the whole input."""
 
-    def __init__(self, num_classes: int, in_channels: int, band_mean: Any = None, band_std: Any = None, **options: Any) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int, band_mean: Any = None, band_std: Any = None, **options: Any
+    ) -> None:
         super().__init__(num_classes, in_channels, band_mean, band_std, **options)
         self.name = "contextnet"
         self.spatial = nn.Conv2d(in_channels, num_classes, 3, padding=1)
@@ -88,12 +94,22 @@ def build_stand_in(name: str, num_classes: int, in_channels: int, **options: Any
     return STAND_INS[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
-def write_geotiff(path: Path, array: np.ndarray, crs: str | None = "EPSG:32633", transform: Any = None, nodata: float | None = None) -> Path:
+def write_geotiff(
+    path: Path, array: np.ndarray, crs: str | None = "EPSG:32633", transform: Any = None, nodata: float | None = None
+) -> Path:
     """Write ``array (C, H, W)`` as a GeoTIFF (identity transform and no CRS when ``crs`` is None)."""
     count, height, width = array.shape
     if transform is None:
         transform = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4100000.0) if crs else rasterio.Affine.identity()
-    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=array.dtype.name, transform=transform, nodata=nodata)
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=array.dtype.name,
+        transform=transform,
+        nodata=nodata,
+    )
     if crs:
         profile["crs"] = crs
     import warnings
@@ -123,13 +139,31 @@ def make_checkpoints(specs: list[dict[str, Any]], world_size: int = 1) -> None:
         world_size: number of ranks.
     """
     port = str(_free_port())
-    code = "import json, sys; from tests.engine.test_predict_helpers import _save_all; _save_all(json.loads(sys.argv[1]))"
+    code = (
+        "import json, sys; from tests.engine.test_predict_helpers import _save_all; _save_all(json.loads(sys.argv[1]))"
+    )
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size), DS_ACCELERATOR="cpu")  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(specs)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_SIZE=str(world_size),
+            DS_ACCELERATOR="cpu",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, json.dumps(specs)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     if any(proc.returncode != 0 for proc in procs):
         raise RuntimeError("checkpoint subprocess failed:\n" + "\n".join(out[-3000:] for out in outputs))
