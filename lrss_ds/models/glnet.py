@@ -10,9 +10,9 @@ What is the same as the original (its ``fpn_global_local_fmreg_ensemble`` model)
   upsampled to stride 4 and concatenated (512 channels), a 3x3 classifier. Plain convolutions
   without BN in the FPN, initialised N(0, 0.01) as in the original.
 * The global branch sees the whole image downsampled; the local branch sees full-resolution
-  crops. Global-to-local sharing at all seven points of the original: the global backbone
-  maps c2..c5 and the global FPN maps after the top-down pass (ps0) and after each smooth
-  layer (ps1, ps2) are cut at the crop's location, resampled to the local map's size and
+  crops. Global-to-local sharing wherever the original shares: the global backbone maps
+  c2..c5 and the four-level global FPN maps after the top-down pass (ps0) and after each
+  smooth layer (ps1, ps2) are cut at the crop's location, resampled to the local map's size and
   concatenated to the local maps before the corresponding local layer (which therefore has
   twice the input channels), and the local ps3 passes a 3x3 "smooth" (1024 -> 512).
 * The ensemble layer: a 3x3 conv on the concatenation of the local ps3 and the global ps3
