@@ -147,6 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_header(conditions, {"cap_gib": cap, "model": args.model})
     rows: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
+
+    def make_report() -> Report:
+        return Report(
+            name="max_size",
+            title=f"Largest square holistic training sample under {cap} GiB RSS ({args.model})",
+            header=header,
+            tables=[("Largest size per memory mode", COLUMNS, rows),
+                    ("Every probe", [Column("memory_mode", "Mode"), Column("side", "Side", 0),
+                                     Column("status", "Status"), Column("host_peak_gib", "Peak RSS GiB", 3)], probes)],
+            notes=["Step time is the fastest step after the first. With one step only, the peak misses the "
+                   "optimizer state (created in the first step): measured here, +0.25 GiB at 768 px for EHSNet.",
+                   "A failing probe is one killed at the cap, or whose kernel peak RSS exceeded it, or that "
+                   "raised out-of-memory."],
+        )
+
     for mode in modes:
         def probe(side: int, mode: str = mode) -> Any:
             run = run_config(
@@ -177,19 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             "step_s_at_max": None if at_max is None else at_max.result["step_min_s"],
             "probes": len(runs),
         })
-    report = Report(
-        name="max_size",
-        title=f"Largest square holistic training sample under {cap} GiB RSS ({args.model})",
-        header=header,
-        tables=[("Largest size per memory mode", COLUMNS, rows),
-                ("Every probe", [Column("memory_mode", "Mode"), Column("side", "Side", 0),
-                                 Column("status", "Status"), Column("host_peak_gib", "Peak RSS GiB", 3)], probes)],
-        notes=["Step time is the fastest step after the first. With one step only, the peak misses the "
-               "optimizer state (created in the first step): measured here, +0.25 GiB at 768 px for EHSNet.",
-               "A failing probe is one killed at the cap, or whose kernel peak RSS exceeded it, or that "
-               "raised out-of-memory."],
-    )
-    for path in write_report(report, args.out):
+        write_report(make_report(), args.out)  # after every mode: a long search keeps what it found
+    for path in write_report(make_report(), args.out):
         print(path)
     return 0
 
