@@ -275,6 +275,25 @@ def resolve_memory_mode(config: ExperimentConfig) -> Any:
     return MemoryMode.from_dict(section, where="memory")
 
 
+def precision_autocast(engine: Any) -> Any:
+    """Autocast to the engine's reduced precision when the JSON keeps weights in bf16/fp16.
+
+    DeepSpeed's bf16/fp16 modes cast the weights, not the inputs; the model's normaliser hands
+    float32 to the first convolution, which a bf16/fp16 weight refuses outside autocast. (This is
+    not ``memory.bf16``, which is autocast over float32 weights and excludes JSON bf16.)
+
+    Returns:
+        ``torch.autocast`` to bf16/fp16, or a no-op context in fp32.
+    """
+    import contextlib
+
+    if engine.bfloat16_enabled():
+        return torch.autocast(engine.device.type, dtype=torch.bfloat16)
+    if engine.fp16_enabled():
+        return torch.autocast(engine.device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
 def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any]) -> Any:
     """Prepare ``model`` for the memory mode and wrap it in a DeepSpeed engine.
 

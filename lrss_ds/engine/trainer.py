@@ -33,6 +33,7 @@ from lrss_ds.engine.setup import (
     init_distributed,
     initialize_engine,
     load_deepspeed_json,
+    precision_autocast,
     resolve_memory_mode,
     seed_everything,
 )
@@ -120,7 +121,7 @@ def train_step(run: Run, batch: dict[str, Any]) -> float | None:
     image = batch["image"].to(run.engine.device, non_blocking=True)
     label = batch["label"].to(run.engine.device, non_blocking=True)
     with apply_memory_mode(run.engine.module, run.memory_mode, run.ledger) as memory:
-        with memory.autocast():
+        with memory.autocast(), precision_autocast(run.engine):
             outputs = run.engine(image)
             loss = run.loss_fn(outputs, label)
         if any_rank(not torch.isfinite(loss.detach()).item()):
@@ -148,7 +149,8 @@ def evaluate(run: Run) -> dict[str, Any]:
     try:
         for index, batch in enumerate(loader):
             with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
-                logits = run.engine(batch["image"].to(run.engine.device))
+                with precision_autocast(run.engine):
+                    logits = run.engine(batch["image"].to(run.engine.device))
             if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
                 matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
     finally:
