@@ -582,10 +582,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--input", help="GeoTIFF, directory of GeoTIFFs, or glob pattern (quote it)")
     source.add_argument("--store", help="tile store to read scenes from (with --scene)")
     parser.add_argument("--scene", action="append", help="scene id in --store (repeatable)")
-    parser.add_argument("--output", required=True, help="output GeoTIFF for one input, or a directory for several")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="output GeoTIFF for one file or scene; a directory for a directory, glob or several",
+    )
     parser.add_argument(
         "--probabilities",
-        help="also write per-class float16 probabilities here (file, or directory for several inputs)",
+        help="also write per-class float16 probabilities here (a file or a directory, like --output)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument(
@@ -617,17 +621,15 @@ def run(args: argparse.Namespace) -> int:
         if args.store
         else [open_geotiff(p) for p in expand_inputs(args.input)]
     )
-    outputs = plan_outputs(
-        sources, Path(args.output), Path(args.probabilities) if args.probabilities else None, args.overwrite
-    )
+    several = bool(args.input) and not Path(args.input).is_file()  # a directory or a glob
+    probabilities = Path(args.probabilities) if args.probabilities else None
+    outputs = plan_outputs(sources, Path(args.output), probabilities, args.overwrite, directories=several)
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device=device)
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device)
-    progress = tqdm(
-        list(zip(sources, outputs)), desc="predict", unit="scene", disable=None
-    )
+    progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
     for source, (output, probabilities) in progress:
         progress.set_postfix_str(source.name)
         write_prediction(
@@ -658,27 +660,39 @@ def expand_inputs(pattern: str) -> list[Path]:
 
 
 def plan_outputs(
-    sources: Sequence[RasterSource], output: Path, probabilities: Path | None, overwrite: bool
+    sources: Sequence[RasterSource],
+    output: Path,
+    probabilities: Path | None,
+    overwrite: bool,
+    directories: bool = False,
 ) -> list[tuple[Path, Path | None]]:
     """Decide every output path up front and refuse existing ones unless ``overwrite``.
 
-    One input writes to ``output`` itself (or ``output/<name>.tif`` if it is an existing
-    directory); several inputs write ``output/<name>.tif`` (and ``probabilities/<name>.tif``).
+    ``output`` (and ``probabilities``) are directories receiving ``<name>.tif`` when there are
+    several sources, when ``directories`` is set (the input was a directory or a glob, so the
+    number of matches should not change what ``--output`` means), or when they already are
+    directories; otherwise they are the files to write.
+
+    Args:
+        sources: the scenes, in order.
+        output: ``--output``.
+        probabilities: ``--probabilities`` or None.
+        overwrite: allow replacing existing files.
+        directories: treat ``output``/``probabilities`` as directories even for one source.
+
+    Returns:
+        ``(class map path, probabilities path or None)`` per source.
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is false.
         LrssError: two inputs would write the same output.
     """
-    several = len(sources) > 1 or output.is_dir()
-    planned: list[tuple[Path, Path | None]] = []
-    for source in sources:
-        out = output / f"{source.name}.tif" if several else output
-        prob = None
-        if probabilities is not None:
-            prob = (
-                probabilities / f"{source.name}.tif" if (len(sources) > 1 or probabilities.is_dir()) else probabilities
-            )
-        planned.append((out, prob))
+
+    def target(base: Path, source: RasterSource) -> Path:
+        as_directory = directories or len(sources) > 1 or base.is_dir()
+        return base / f"{source.name}.tif" if as_directory else base
+
+    planned = [(target(output, s), target(probabilities, s) if probabilities else None) for s in sources]
     seen: dict[Path, str] = {}
     for source, paths in zip(sources, planned):
         for path in (p for p in paths if p is not None):
