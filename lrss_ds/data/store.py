@@ -560,6 +560,7 @@ class StoreWriter:
             if candidate.exists() and not (candidate == self.path / scene and self.is_complete(scene)):
                 shutil.rmtree(candidate)
                 removed = True
+        self._cleanup_partial_dir()
         return removed
 
     def begin_scene(

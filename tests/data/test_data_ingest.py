@@ -151,7 +151,8 @@ def test_label_values_outside_the_class_table_are_listed(tmp_path) -> None:
         ingest(tmp_path / "s.zarr", images, labels, "synthetic", log=_quiet)
     _one_line(info.value, str(Path(labels) / "scene.tif"))
     assert not (tmp_path / "s.zarr" / "scene").exists()
-    assert not (tmp_path / "s.zarr" / PARTIAL_DIR / "scene").exists()
+    assert not (tmp_path / "s.zarr" / PARTIAL_DIR).exists()
+    assert TileStore.open(tmp_path / "s.zarr").scenes() == []
 
 
 def test_band_count_mismatch_with_the_store(tmp_path, synth_dir) -> None:
