@@ -158,11 +158,11 @@ def check_scene_id(scene_id: str, where: str | Path) -> None:
 
     Raises:
         StoreError: the id is empty, ``.``/``..``, contains a path separator, starts with ``.``
-            or ``__`` (Zarr reserves it), or is the store's own ``_partial`` directory.
+            or ``__`` (Zarr reserves it), or is the store's own ``_partial`` or ``zarr.json``.
     """
     bad = (
         not scene_id
-        or scene_id in (".", "..", PARTIAL_DIR)
+        or scene_id in (".", "..", PARTIAL_DIR, "zarr.json")
         or "/" in scene_id
         or "\\" in scene_id
         or "\x00" in scene_id
@@ -530,6 +530,8 @@ class StoreWriter:
                 )
             self.root = zarr.open_group(str(self.path), mode="r+")
         else:
+            if self.path.exists() and not self.path.is_dir():
+                raise StoreError(self.path, "exists and is not a directory")
             if self.path.exists() and any(self.path.iterdir()):
                 raise StoreError(self.path, "exists, is not empty and is not a tile store")
             self.root = zarr.open_group(str(self.path), mode="w")

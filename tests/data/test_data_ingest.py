@@ -175,6 +175,10 @@ def test_scene_id_escaping_the_store_and_missing_label(tmp_path) -> None:
         ingest(tmp_path / "s.zarr", str(tmp_path / "img"), str(tmp_path / "lbl"), "synthetic", log=_quiet)
     _one_line(info.value, "...tif")
     assert not (tmp_path / "s.zarr").exists()
+    write_raster(tmp_path / "img3" / "zarr.json.tif", image)  # would overwrite the root metadata
+    write_raster(tmp_path / "lbl" / "zarr.json.tif", np.zeros((32, 32), np.uint8))
+    with pytest.raises(StoreError, match="escape the store"):
+        ingest(tmp_path / "s.zarr", str(tmp_path / "img3"), str(tmp_path / "lbl"), "synthetic", log=_quiet)
     write_raster(tmp_path / "img2" / "alone.tif", image)
     with pytest.raises(InputFileError, match="no label file with stem 'alone'"):
         ingest(tmp_path / "s.zarr", str(tmp_path / "img2"), str(tmp_path / "lbl"), "synthetic", log=_quiet)
