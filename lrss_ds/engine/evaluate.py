@@ -52,8 +52,7 @@ def count_pixels(
         if missing.any():
             labeled = missing if matrix.ignore_index is None else missing & (label != matrix.ignore_index)
             skipped = int(labeled.sum())
-            label = np.where(missing, matrix.ignore_index if matrix.ignore_index is not None else 0, label)
-            pred = np.where(missing, 0, pred)
+            pred, label = pred[~missing], label[~missing]
     try:
         matrix.update(pred, label)
     except ValueError as error:
@@ -165,6 +164,13 @@ def evaluate_store(
     k = int(meta["model"]["num_classes"])
     if len(spec["classes"]) != k:
         raise StoreError(store_path, f"has {len(spec['classes'])} classes, the model predicts {k}")
+    trained_classes = (meta.get("dataset") or {}).get("classes")
+    if trained_classes and list(trained_classes) != list(spec["classes"]):
+        warnings.warn(
+            f"{store_path}: class names {spec['classes']} differ from the model's {trained_classes}; "
+            "scoring by class index",
+            stacklevel=2,
+        )
     predictor = predictor_for(model, meta, window=window, overlap=overlap, device=torch_device)
     total = ConfusionMatrix(k, spec.get("ignore_index", 255), spec["classes"])
     per_scene, skipped = [], 0

@@ -279,3 +279,18 @@ def test_unknown_class_in_store_label_names_the_scene(
     )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "store:bad" in err and "unknown class" in err and "9" in err, err
+
+
+def test_pixels_without_prediction_are_left_out_and_counted() -> None:
+    from lrss_ds.engine.evaluate import count_pixels
+    from lrss_ds.engine.metrics import ConfusionMatrix
+
+    pred = np.array([[0, 255, 1], [255, 2, 2]], np.uint8)
+    label = np.array([[0, 1, 1], [255, 2, 0]], np.uint8)
+    with_ignore = ConfusionMatrix(3, ignore_index=255)
+    assert count_pixels(with_ignore, pred, label, "x.tif", unpredicted=255) == 1  # (0,1); (1,0) is unlabeled
+    assert with_ignore.compute()["matrix"] == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
+    no_ignore = ConfusionMatrix(3, ignore_index=None)
+    label[1, 0] = 0
+    assert count_pixels(no_ignore, pred, label, "x.tif", unpredicted=255) == 2
+    assert no_ignore.compute()["matrix"] == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
