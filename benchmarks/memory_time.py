@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = machine_header(conditions, {"cap_gib": args.cap, "size": size_text})
     args.out.mkdir(parents=True, exist_ok=True)
+    # Trained weights (tens of MB each) for the inference probes; not meant to be committed.
     states_dir = args.out / "memory_time_states"
-    states_dir.mkdir(exist_ok=True)
 
     # 1. accuracy: checkpoint or short training per method (also leaves states for inference)
     trained: dict[str, dict[str, Any]] = {}
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             trained[label] = {"miou": None, "miou_source": "pending: measured with --phase measure"}
             states[label] = None
     else:
+        states_dir.mkdir(exist_ok=True)
         for label in methods:
             trained[label], states[label] = trained_state(label, args, states_dir)
         payload = {"header": header, "training": trained}
