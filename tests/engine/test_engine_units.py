@@ -159,6 +159,12 @@ class StandInEngine(nn.Module):
     def zero_optimization_stage(self) -> int:
         return 0
 
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
     def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
         (Path(root) / tag).mkdir(parents=True, exist_ok=True)
         (Path(root) / "latest").write_text(tag)
