@@ -132,6 +132,7 @@ def evaluate_store(
     window: int | None = None,
     overlap: int | None = None,
     device: str = "auto",
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Predict every scene of a store split and score it against the store's labels.
 
@@ -139,7 +140,7 @@ def evaluate_store(
         checkpoint: run directory, checkpoint tag directory or exported weights file.
         store_path: the tile store.
         split: split name (e.g. ``"val"``).
-        window, overlap, device: as for :func:`lrss_ds.engine.predict.predictor_for`.
+        window, overlap, device, bf16: as for :func:`lrss_ds.engine.predict.predictor_for`.
 
     Returns:
         the report dict: :meth:`ConfusionMatrix.compute` over all scenes plus ``scenes``
@@ -171,7 +172,7 @@ def evaluate_store(
             "scoring by class index",
             stacklevel=2,
         )
-    predictor = predictor_for(model, meta, window=window, overlap=overlap, device=torch_device)
+    predictor = predictor_for(model, meta, window=window, overlap=overlap, device=torch_device, bf16=bf16)
     total = ConfusionMatrix(k, spec.get("ignore_index", 255), spec["classes"])
     per_scene, skipped = [], 0
     sources = [open_store_scene(store_path, scene) for scene in scenes]
@@ -432,6 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overlap", type=int, default=None, help="sliding-window overlap in pixels")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -451,7 +453,13 @@ def run(args: argparse.Namespace) -> int:
                 "evaluate", "give --checkpoint, --store and --split (or --predictions, --labels and --dataset)"
             )
         report = evaluate_store(
-            args.checkpoint, args.store, args.split, window=args.window, overlap=args.overlap, device=args.device
+            args.checkpoint,
+            args.store,
+            args.split,
+            window=args.window,
+            overlap=args.overlap,
+            device=args.device,
+            bf16=args.bf16,
         )
     write_report(report, args.output, overwrite=args.overwrite)
     print(f"mIoU {_pct(report['miou'])}  mean F1 {_pct(report['mean_f1'])}  OA {_pct(report['oa'])}  -> {args.output}")

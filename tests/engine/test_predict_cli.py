@@ -194,6 +194,14 @@ def test_sliding_windows_agree_with_holistic_for_pointwise_model(runs: dict[str,
     assert np.array_equal(classes, holistic_classes)
 
 
+def test_bf16_autocast_prediction_is_close_to_fp32(runs: dict[str, Path], tmp_path: Path) -> None:
+    path = write_geotiff(tmp_path / "h.tif", _image(60, 70, seed=10))
+    model, meta = load_model(runs["context"])
+    fp32 = _collect(predictor_for(model, meta), path)[1]
+    bf16 = _collect(predictor_for(model, meta, bf16=True), path)[1]
+    assert np.abs(bf16 - fp32).max() < 0.05 and not np.array_equal(bf16, fp32)
+
+
 def test_windows_covering_the_scene_equal_holistic_for_a_context_model(runs: dict[str, Path], tmp_path: Path) -> None:
     path = write_geotiff(tmp_path / "b.tif", _image(90, 110, seed=3))
     model, meta = load_model(runs["context"])
