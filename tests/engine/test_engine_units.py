@@ -127,9 +127,11 @@ def test_train_module_parses_launcher_arguments() -> None:
 class StandInEngine(nn.Module):
     """The slice of DeepSpeedEngine the loop uses, over a plain SGD step (no distributed)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, accumulation: int = 1) -> None:
         super().__init__()
         self.module = module
+        self.accumulation = accumulation
+        self.micro_steps = 0
         self.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         self.global_steps = 0
         self.global_rank = 0
@@ -143,15 +145,17 @@ class StandInEngine(nn.Module):
         loss.backward()
 
     def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.global_steps += 1
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.global_steps += 1
 
     def get_lr(self) -> list[float]:
         return [0.1]
 
     def gradient_accumulation_steps(self) -> int:
-        return 1
+        return self.accumulation
 
     def train_micro_batch_size_per_gpu(self) -> int:
         return 1
@@ -189,7 +193,7 @@ class Scenes(torch.utils.data.Dataset):
                 "label": torch.randint(0, 3, (8, 8), generator=g, dtype=torch.uint8), "scene": f"s{i}", "window": (0, 0, 8, 8)}
 
 
-def stand_in_run(tmp_path: Path, nan_calls: set[int], iterations: int, max_nonfinite: int) -> Any:
+def stand_in_run(tmp_path: Path, nan_calls: set[int], iterations: int, max_nonfinite: int, accumulation: int = 1) -> Any:
     from lrss_ds.engine.setup import DistInfo
     from lrss_ds.engine.trainer import Run
     from lrss_ds.memory import MemoryMode, SavedTensorLedger, prepare_model
@@ -208,7 +212,7 @@ def stand_in_run(tmp_path: Path, nan_calls: set[int], iterations: int, max_nonfi
     model = TinySegmenter()
     mode = MemoryMode()
     prepare_model(model, mode)
-    return Run(config=config, dist=DistInfo(0, 1, 0), out=tmp_path, engine=StandInEngine(model), loss_fn=loss_fn,
+    return Run(config=config, dist=DistInfo(0, 1, 0), out=tmp_path, engine=StandInEngine(model, accumulation), loss_fn=loss_fn,
                memory_mode=mode, ledger=SavedTensorLedger(), train_set=Scenes(), val_set=None,
                meta={"model": {"name": "tiny"}}, class_names=["a", "b", "c"], num_classes=3, ignore_index=255)
 
@@ -227,3 +231,15 @@ def test_nonfinite_loss_is_skipped_then_too_many_stop(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
         train(run, resume=False)
     assert run.engine.global_steps == 1  # the skipped micro-batches never stepped the optimizer
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
+    """An iteration is one optimizer step: with accumulation 3 it takes 3 micro-batches (a skipped
+    non-finite one is replaced by the next), and its logged loss is their mean."""
+    from lrss_ds.engine.trainer import train
+
+    run = stand_in_run(tmp_path, nan_calls={2}, iterations=2, max_nonfinite=1, accumulation=3)
+    assert train(run, resume=False) == 0
+    assert run.engine.global_steps == 2 and run.engine.micro_steps == 6
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["iteration"] for h in metrics["history"]] == [1, 2] and metrics["nonfinite_skipped"] == 1
