@@ -302,6 +302,7 @@ def train(run: Run, resume: bool) -> int:
             data_wait += waited
             data_position += 1
             steps_before = engine.global_steps
+            lr = engine.get_lr()[0]  # the rate this optimizer step uses (the schedule moves after it)
             loss = train_step(run, batch)
             if loss is None:
                 nonfinite_in_row += 1
@@ -320,7 +321,7 @@ def train(run: Run, resume: bool) -> int:
             iteration = engine.global_steps
             mean_loss = sum(losses_this_iteration) / len(losses_this_iteration)
             losses_this_iteration = []
-            record = {"iteration": iteration, "loss": mean_loss, "lr": engine.get_lr()[0]}
+            record = {"iteration": iteration, "loss": mean_loss, "lr": lr}
             run.history.append(record)
             stats = {**memory_now(), **ledger_summary(run.ledger)}
             bar.set_postfix(
