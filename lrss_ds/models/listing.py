@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     """Print one row per model variant: name, options, parameters, output stride, GFLOPs."""
     size = parse_size(args.size)
     print(f"models at {size[0]}x{size[1]}x{args.bands}, {args.classes} classes "
-          "(GFLOPs of one eval forward; multiply-add = 2 FLOPs; conv/matmul/attention only; counted on meta tensors)")
+          "(GFLOPs of one eval forward; multiply-add = 2 FLOPs; conv/matmul/attention only; counted on meta tensors;"
+          " each model works on its input padded to its stride, and the count includes the padding)")
     print(f"{'model':<10} {'options':<42} {'params (M)':>10} {'os':>3} {'GFLOPs':>10}")
     for name, options in VARIANTS:
         if name not in MODEL_BUILDERS:
