@@ -71,22 +71,6 @@ def _ds_config() -> dict[str, Any]:
     return config
 
 
-def _fast_depthwise_takes_bf16() -> bool:
-    """Whether the FFT depth-wise convolution trains under bf16 autocast (a 1-second probe)."""
-    import torch
-
-    from lrss_ds.models.large_kernel import DepthwiseConv2d
-
-    conv = DepthwiseConv2d(2, 7, bias=False, method="fast")
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = conv(torch.randn(1, 2, 16, 16, requires_grad=True))
-        out.float().sum().backward()
-    except RuntimeError:
-        return False
-    return True
-
-
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
     """Build EHSNet and DeepSpeed, then time ``args.steps`` whole-scene training steps.
 
@@ -119,10 +103,6 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     mode = get_memory_mode(args.preset)
     torch.manual_seed(0)
     dw_method = args.dw_method
-    if dw_method == "auto" and mode.bf16 and not _fast_depthwise_takes_bf16():
-        # lrss_ds.models.large_kernel's FFT depth-wise Function gets a bf16 output gradient
-        # with a float32 weight under autocast and refuses it; the plain convolution does not
-        dw_method = "direct"
     model = build_model(
         "ehsnet", num_classes=classes, in_channels=args.bands, band_mean=[100.0] * args.bands,
         band_std=[50.0] * args.bands, dw_method=dw_method,
