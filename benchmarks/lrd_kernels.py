@@ -36,14 +36,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def time_it(fn: Callable[[], None], repeats: int) -> dict[str, float]:
-    """Median and minimum seconds of ``repeats`` runs after one warm-up."""
+    """Median and minimum wall seconds, and median process CPU seconds, of ``repeats`` runs.
+
+    One warm-up run first. The CPU time (all threads of this process) is less disturbed than
+    the wall time when other jobs compete for the cores.
+    """
     fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": repeats}
+        cpu.append(time.process_time() - start_cpu)
+    return {"median_s": statistics.median(times), "min_s": min(times), "cpu_median_s": statistics.median(cpu), "runs": repeats}
 
 
 def bench_depthwise(channels: int, height: int, width: int, kernel: int, dtype: torch.dtype, method: str, repeats: int) -> dict:
@@ -183,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", type=int, nargs="+", default=[7, 15, 31])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-depthwise", action="store_true")
     parser.add_argument("--skip-lrd", action="store_true")
+    parser.add_argument(
+        "--lrd-runs", nargs="+", default=None,
+        help="LRD configurations as dtype:variant, variant direct|fast|fast-cl (default: all, every dtype)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--render", type=Path, default=None, help="only re-write the .md from this .json")
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     depthwise, lrd = [], []
-    for dtype_name in args.dtypes:
+    for dtype_name in ([] if args.skip_depthwise else args.dtypes):
         for kernel in args.kernels:
             for method in ("direct", "fast"):
                 r = bench_depthwise(args.channels, args.height, args.width, kernel, DTYPES[dtype_name], method, args.repeats)
@@ -206,17 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"K={kernel} {dtype_name} {method}: fwd {r['fwd']['median_s'] * 1e3:.1f} ms, "
                     f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.1f} ms",
                     flush=True,
-                )
+            )
+    variants = {"direct": ("direct", False), "fast": ("fast", False), "fast-cl": ("fast", True)}
+    lrd_runs = args.lrd_runs or [f"{d}:{v}" for d in args.dtypes for v in variants]
     if not args.skip_lrd:
-        for dtype_name in args.dtypes:
-            for method, channels_last in (("direct", False), ("fast", False), ("fast", True)):
-                r = bench_lrd(args.lrd_in_channels, args.channels, args.height, args.width, DTYPES[dtype_name], method, channels_last, args.repeats)
-                lrd.append(r)
-                print(
-                    f"LRD {dtype_name} {method} cl={channels_last}: fwd {r['fwd']['median_s'] * 1e3:.0f} ms, "
-                    f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.0f} ms",
-                    flush=True,
-                )
+        for run in lrd_runs:
+            dtype_name, variant = run.split(":")
+            method, channels_last = variants[variant]
+            r = bench_lrd(args.lrd_in_channels, args.channels, args.height, args.width, DTYPES[dtype_name], method, channels_last, args.repeats)
+            lrd.append(r)
+            print(
+                f"LRD {dtype_name} {method} cl={channels_last}: fwd {r['fwd']['median_s'] * 1e3:.0f} ms, "
+                f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.0f} ms",
+                flush=True,
+            )
     result = {
         "size": {"channels": args.channels, "height": args.height, "width": args.width},
         "note": (
