@@ -112,20 +112,31 @@ def machine() -> dict:
     }
 
 
+def _ms(timing: dict, digits: int = 1) -> str:
+    """``median (min)`` in ms, and the median CPU ms when recorded."""
+    text = f"{timing['median_s'] * 1e3:.{digits}f}"
+    if timing.get("min_s") is not None:
+        text += f" ({timing['min_s'] * 1e3:.{digits}f})"
+    if timing.get("cpu_median_s") is not None:
+        text += f" cpu {timing['cpu_median_s'] * 1e3:.{digits}f}"
+    return text
+
+
 def to_markdown(result: dict) -> str:
-    """The report table."""
-    size = result["size"]
-    lines = [
-        "# LRD kernels: plain PyTorch vs the fast exact method",
-        "",
-        f"Feature map {size['channels']} x {size['height']} x {size['width']} (batch 1); "
-        f"{result['note']}",
-        "",
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
-        f"{result['machine']['torch']}, {result['machine']['threads']} threads, {result['machine']['date']}. "
-        f"Load average (1 min) before {result['load_before']:.1f}, after {result['load_after']:.1f} "
-        "(the machine is shared with other jobs: compare ratios, not absolute times).",
-        "Times are medians (min in brackets) of the timed runs after one warm-up.",
+    """The report: conditions of each run, then the tables."""
+    lines = ["# LRD kernels: plain PyTorch vs the fast exact method", "", "## Conditions", ""]
+    for run in result["runs"]:
+        size, mach = run["size"], run["machine"]
+        lines.append(
+            f"- {run['sections']}: feature map {size['channels']} x {size['height']} x {size['width']} "
+            f"(batch 1; {run['note']}); LRD input channels {run['lrd_in_channels']}. {mach['cpu']}, "
+            f"{mach['cores']} cores, torch {mach['torch']}, {mach['threads']} threads, {mach['date']}; "
+            f"load average (1 min) before {run['load_before']:.1f}, after {run['load_after']:.1f}."
+        )
+    lines += [""] + [f"{note}" for note in result.get("notes", [])] + [
+        "The machine is shared with other jobs (load well above its 2 cores): compare ratios, not",
+        "absolute times. Times are medians (min) [cpu = median process CPU time, all threads] of",
+        "the timed runs after one warm-up.",
         "",
         "## One depth-wise convolution",
         "",
@@ -134,9 +145,8 @@ def to_markdown(result: dict) -> str:
     ]
     for r in result["depthwise"]:
         lines.append(
-            f"| {r['kernel']} | {r['dtype']} | {r['method']} | {r['fwd']['median_s'] * 1e3:.1f} ({r['fwd']['min_s'] * 1e3:.1f}) "
-            f"| {r['fwd_gflops']:.1f} | {r['fwd_bwd']['median_s'] * 1e3:.1f} ({r['fwd_bwd']['min_s'] * 1e3:.1f}) "
-            f"| {r['fwd_bwd_gflops']:.1f} |"
+            f"| {r['kernel']} | {r['dtype']} | {r['method']} | {_ms(r['fwd'])} "
+            f"| {r['fwd_gflops']:.1f} | {_ms(r['fwd_bwd'])} | {r['fwd_bwd_gflops']:.1f} |"
         )
     lines += ["", "## Speed-up (direct / fast, medians)", "", "| K | dtype | fwd | fwd+bwd |", "|---|---|---|---|"]
     by_key = {(r["kernel"], r["dtype"], r["method"]): r for r in result["depthwise"]}
@@ -149,7 +159,7 @@ def to_markdown(result: dict) -> str:
             )
     lines += [
         "",
-        f"## Whole LRD module (in {result['lrd_in_channels']} -> k = d = {size['channels']}, train mode)",
+        "## Whole LRD module (k = d = channels, train mode, forward + mean-square loss backward)",
         "",
         "| dtype | depth-wise method | memory format | fwd ms | fwd+bwd ms |",
         "|---|---|---|---|---|",
@@ -157,8 +167,7 @@ def to_markdown(result: dict) -> str:
     for r in result["lrd"]:
         fmt = "channels_last" if r["channels_last"] else "NCHW"
         lines.append(
-            f"| {r['dtype']} | {r['method']} | {fmt} | {r['fwd']['median_s'] * 1e3:.0f} ({r['fwd']['min_s'] * 1e3:.0f}) "
-            f"| {r['fwd_bwd']['median_s'] * 1e3:.0f} ({r['fwd_bwd']['min_s'] * 1e3:.0f}) |"
+            f"| {r['dtype']} | {r['method']} | {fmt} | {_ms(r['fwd'], 0)} | {_ms(r['fwd_bwd'], 0)} |"
         )
     lines += [
         "",
@@ -230,16 +239,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"fwd+bwd {r['fwd_bwd']['median_s'] * 1e3:.0f} ms",
                 flush=True,
             )
-    result = {
+    area = args.height * args.width / (850 * 900)
+    sections = [name for name, skip in (("depthwise", args.skip_depthwise), ("LRD", args.skip_lrd)) if not skip]
+    run = {
+        "sections": " + ".join(sections),
         "size": {"channels": args.channels, "height": args.height, "width": args.width},
-        "note": (
-            "1/16 of the area of the stride-8 map of a 6800x7200 scene (256 x 850 x 900)"
-            if (args.height, args.width) == (213, 225) else "custom size"
-        ),
+        "note": f"{area:.3g} of the area of the stride-8 map of a 6800x7200 scene, 850 x 900",
         "lrd_in_channels": args.lrd_in_channels,
         "machine": machine(), "load_before": load_before, "load_after": os.getloadavg()[0],
-        "depthwise": depthwise, "lrd": lrd,
     }
+    result = {"runs": [run], "depthwise": depthwise, "lrd": lrd}
     _write(args.out, "lrd_kernels.json", json.dumps(result, indent=2))
     _write(args.out, "lrd_kernels.md", to_markdown(result))
     print(to_markdown(result))
