@@ -25,7 +25,7 @@ MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real DeepSpeed checkpoints: ZeRO-1 pointwise, ZeRO-0 context, ZeRO-1 patch-mode model."""
+    """Real DeepSpeed checkpoints: ZeRO-1 pointwise, ZeRO-0 context, ZeRO-1 patch-mode, ZeRO-3 pointwise."""
     root = tmp_path_factory.mktemp("runs")
     specs: list[dict[str, Any]] = [
         dict(run_dir=str(root / "point"), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=1),
@@ -35,11 +35,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             config=dict(name="pointnet", num_classes=3, in_channels=3, mode="patch", patch_size=32),
             stage=1,
         ),
+        dict(run_dir=str(root / "point3"), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=3),
     ]
     for spec in specs:
         spec.update(input_dtype="uint8", band_mean=MEAN, band_std=STD)
     make_checkpoints(specs)
-    return {name: root / name for name in ("point", "context", "patch")}
+    return {name: root / name for name in ("point", "context", "patch", "point3")}
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +96,17 @@ def test_resolve_and_load_consolidated_zero_checkpoint(runs: dict[str, Path]) ->
     fresh = build_stand_in(name="pointnet", num_classes=3, in_channels=3)
     assert not torch.equal(fresh.body[0].weight, model.body[0].weight)  # trained weights were loaded
     assert int(model.body[1].num_batches_tracked) == 2
+
+
+def test_zero3_checkpoint_consolidates_to_the_same_weights_as_zero1(runs: dict[str, Path]) -> None:
+    # Same seed, data and SGD steps: partitioning the parameters (ZeRO-3) must not change them.
+    tag = runs["point3"] / "checkpoints" / "step_0000002"
+    assert (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    zero3, _ = load_model(runs["point3"])
+    zero1, _ = load_model(runs["point"])
+    reference = zero1.state_dict()
+    for key, value in zero3.state_dict().items():
+        assert torch.allclose(value.float(), reference[key].float(), atol=1e-6), key
 
 
 def test_load_stage0_checkpoint_without_optimizer_shards(runs: dict[str, Path]) -> None:
