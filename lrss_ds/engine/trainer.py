@@ -277,6 +277,8 @@ def train(run: Run, resume: bool) -> int:
     bar = tqdm(
         total=cfg.iterations, initial=engine.global_steps, disable=run.dist.rank != 0, dynamic_ncols=True,
         desc="train", file=sys.stdout,
+        # redirected to a file (a batch job's log), redraw rarely instead of at every step
+        mininterval=0.1 if sys.stdout.isatty() else 30.0,
     )
     started = time.perf_counter()
     data_wait = 0.0
