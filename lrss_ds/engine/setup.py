@@ -14,6 +14,7 @@ import json
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -207,6 +208,11 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, offloaded:
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     betas = (float(optim.betas[0]), float(optim.betas[1]))
     if offloaded:
+        # The JIT build looks for `ninja` on PATH; the pip-installed one sits beside this
+        # interpreter, which is not on PATH when the venv is used without being activated.
+        bin_dir = os.path.dirname(sys.executable)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(
