@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -209,10 +210,10 @@ def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, offloaded:
     betas = (float(optim.betas[0]), float(optim.betas[1]))
     if offloaded:
         # The JIT build looks for `ninja` on PATH; the pip-installed one sits beside this
-        # interpreter, which is not on PATH when the venv is used without being activated.
-        bin_dir = os.path.dirname(sys.executable)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        # interpreter, which is not on PATH when the venv is used without being activated. Only
+        # then is it added: switching ninja versions makes the cached build start over.
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(
