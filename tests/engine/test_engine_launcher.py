@@ -150,7 +150,7 @@ def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
     run by `lrss-ds train` on small scenes: the loss falls and the run directory is complete."""
     out = tmp_path / "main_job"
     command = [sys.executable, "-m", "lrss_ds.cli", "train", "--config", str(MAIN_JOB), "--output", str(out),
-               f"data.store={store}", "data.synthetic=null", "train.iterations=24", "train.eval_every=0",
+               f"data.store={store}", "data.synthetic=null", "train.iterations=16", "train.eval_every=0",
                "train.checkpoint_every=0", "schedule.milestones=[100]"]
     result = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -158,8 +158,8 @@ def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
     losses = [h["loss"] for h in metrics["history"]]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.8 * first, losses
-    assert "eval @ 24: mIoU" in result.stdout
-    for name in ("config.yaml", "ds_config.json", "log.txt", "checkpoints/latest", "checkpoints/step_0000024/lrss_meta.json"):
+    assert "eval @ 16: mIoU" in result.stdout
+    for name in ("config.yaml", "ds_config.json", "log.txt", "checkpoints/latest", "checkpoints/step_0000016/lrss_meta.json"):
         assert (out / name).exists(), name
     assert (out / "monitor" / "train" / "Train_loss.csv").is_file()
     # a fresh run over a run directory with checkpoints is refused without --resume
