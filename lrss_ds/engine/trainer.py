@@ -7,8 +7,6 @@ log, evaluate, checkpoint, stop on SIGTERM. :func:`build_run` assembles the piec
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
