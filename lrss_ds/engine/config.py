@@ -6,7 +6,7 @@ a field of a dataclass below; an unknown key or a value of the wrong type is a
 command line as a ``dotted.key=value`` argument (the value is read as YAML, so ``20``, ``0.5``,
 ``null``, ``[1000, 2000]`` and ``{k: 32}`` all work), e.g.::
 
-    lrss-ds train --config ds_configs/ehsnet_synthetic.yaml train.iterations=20 model.options.k=32
+    lrss-ds train --config ds_configs/ehsnet_synthetic.yaml train.iterations=20 model.options.lrd_k=32
 
 Keys under a free-form mapping (``model.options``, ``loss.options``, ``optim.group_lrs``,
 ``deepspeed.override``) are not checked here: the model/loss builders and DeepSpeed check them.
