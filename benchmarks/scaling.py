@@ -60,6 +60,7 @@ FIT_COLUMNS = [
 
 def measure_mode(
     model: str, mode: str, sides: list[int], cap_gib: float, bands: int, steps: int, cache: Path | None,
+    keep_going: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure ``mode`` at increasing ``sides`` until one does not fit; one row per probe.
 
@@ -87,7 +88,7 @@ def measure_mode(
         rows.append(row)
         print(f"[scaling] {mode:>14} {side:>5}px {found.status:>8} rss {row['host_peak_gib']:.2f} GiB "
               f"step {row.get('step_s', math.nan):.2f} s", flush=True)
-        if found.status != "ok":
+        if found.status != "ok" and not keep_going:
             break
     return rows
 
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=3.0, help="RSS cap per probe, GiB (default 3)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="measure the larger sides of a mode after one does not fit (a size-specific spike)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="planner measurement cache to fill and reuse (plan_accuracy.py --cache reads it)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_header(conditions, {"cap_gib": args.cap, "model": args.model})
     rows: list[dict[str, Any]] = []
     for mode in modes:
-        rows += measure_mode(args.model, mode, sides, args.cap, args.bands, args.steps, args.cache)
+        rows += measure_mode(args.model, mode, sides, args.cap, args.bands, args.steps, args.cache, args.keep_going)
     fits = [fit_rows(mode, rows) for mode in modes]
     args.out.mkdir(parents=True, exist_ok=True)
     pngs = plot(rows, modes, args.out, "scaling")
