@@ -275,8 +275,8 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         + "); times are wall-clock of one step and would be shorter on an idle machine. "
         "Peak RSS is `ru_maxrss` of the training process (model, DeepSpeed, optimizer state, data, "
         "activations), which other jobs do not change.",
-        f"- Memory levers (`lrss_ds.memory` presets): checkpointing `{fields['checkpointing']}` (stem convolutions "
-        "and layer1 blocks checkpointed separately, the uint8 input normalised inside the first checkpoint), "
+        f"- Memory levers (`lrss_ds.memory` presets): checkpointing `{fields['checkpointing']}` (the uint8 input "
+        "normalised inside the first checkpoint), "
         f"loss upsampled and computed in bands of {fields['loss_band_rows']} rows under recomputation, "
         "channels-last; bf16 = `torch.autocast` bf16 over float32 weights, so gradients, optimizer state and "
         f"BatchNorm running statistics stay float32 (checked: {records[0]['batchnorm_stats_dtype']}).",

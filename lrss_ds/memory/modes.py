@@ -111,10 +111,13 @@ MEMORY_PRESETS: dict[str, MemoryMode] = {
     "ckpt_fine": MemoryMode(checkpointing="fine"),
     # accelerator runs short of device memory: checkpoints and saved tensors live on the host
     "ckpt_offload": MemoryMode(checkpointing="stage", cpu_checkpointing=True, offload_saved_tensors=True),
-    # whole-scene levers that matter where device memory = host memory (CPU): fine checkpoints,
-    # banded loss, channels-last; with and without bf16 autocast
-    "fullres_fp32": MemoryMode(checkpointing="fine", loss_band_rows=128, channels_last=True),
-    "fullres_bf16": MemoryMode(checkpointing="fine", loss_band_rows=128, channels_last=True, bf16=True),
+    # whole-scene levers that matter where device memory = host memory (CPU): stage checkpoints,
+    # banded loss, channels-last; with and without bf16 autocast. Stage, not fine: on EHSNet-W18
+    # at 2048 x 2048 bf16 the step peaked 0.24 GiB (~57 B/px) lower with stage checkpoints: the
+    # fine plan's extra boundaries (64 ch at 1/2 resolution, layer1's inputs) are held until the
+    # end of backward, past the peak, while the stem's recomputation is not the peak.
+    "fullres_fp32": MemoryMode(checkpointing="stage", loss_band_rows=128, channels_last=True),
+    "fullres_bf16": MemoryMode(checkpointing="stage", loss_band_rows=128, channels_last=True, bf16=True),
     # every lever at once
     "full": MemoryMode(
         checkpointing="fine",
