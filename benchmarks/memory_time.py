@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         f"backward, DeepSpeed optimizer step; patch HRNet: all {args.patch}px patches of the image, one step each); "
         f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.predict.Predictor (global for "
         f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
-        f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes of "
-        f"{args.scene_size}px. " + args.conditions
+        + ("" if args.phase == "measure" or args.training_from else
+           f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes "
+           f"of {args.scene_size}px. ") + args.conditions
     )
     header = machine_header(conditions, {"cap_gib": args.cap, "size": size_text})
     args.out.mkdir(parents=True, exist_ok=True)
