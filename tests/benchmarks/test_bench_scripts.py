@@ -28,7 +28,9 @@ def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[d
     for name in SCRIPTS:
         out = tmp_path_factory.mktemp(name)
         proc = subprocess.Popen(
-            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out)],
+            # one intra-op thread each: four scripts share the cores, and OpenMP threads that
+            # wait on descheduled siblings would only burn CPU
+            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         running[name] = (proc, out)
