@@ -35,9 +35,14 @@ def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[d
         )
         running[name] = (proc, out)
     reports = {}
-    for name, (proc, out) in running.items():
-        log, _ = proc.communicate(timeout=1200)
-        reports[name] = (proc.returncode, log, out)
+    try:
+        for name, (proc, out) in running.items():
+            log, _ = proc.communicate(timeout=1200)
+            reports[name] = (proc.returncode, log, out)
+    finally:
+        for proc, _ in running.values():  # a timeout must not leave scripts running
+            if proc.poll() is None:
+                proc.kill()
     return reports
 
 
