@@ -24,8 +24,8 @@ def small_ehsnet() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(3)
-    image = torch.randint(0, 256, (1, 4, 64, 96), dtype=torch.uint8)  # padded to 64 x 128 inside
-    label = torch.randint(0, CLASSES, (1, 64, 96), dtype=torch.uint8)
+    image = torch.randint(0, 256, (1, 4, 96, 128), dtype=torch.uint8)
+    label = torch.randint(0, CLASSES, (1, 96, 128), dtype=torch.uint8)
     label[:, :8, :8] = 255  # some ignored pixels
     return image, label
 
@@ -41,7 +41,7 @@ def plain(batch) -> dict:
         MemoryMode(checkpointing="stage"),
         MemoryMode(checkpointing="fine"),
         MemoryMode(checkpointing="fine", cpu_checkpointing=True, offload_saved_tensors=True),
-        MemoryMode(checkpointing="fine", loss_band_rows=16),
+        MemoryMode(checkpointing="fine", loss_band_rows=24),
     ],
     ids=["stage", "fine", "cpu_ckpt_offload", "fine_banded_loss"],
 )
