@@ -230,7 +230,9 @@ def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     record["process_seconds"] = round(time.perf_counter() - started, 1)
     record["available_gib_at_start"] = round(available, 1)
     record["target_peak_rss_gib"] = TARGET_GIB[record["dtype"]]
-    record["meets_target"] = record["peak_rss_gib"] <= record["target_peak_rss_gib"]
+    full_scene = (record["height"], record["width"]) == (6908, 7300)
+    # the targets are for the whole scene: at another size there is nothing to judge
+    record["meets_target"] = record["peak_rss_gib"] <= record["target_peak_rss_gib"] if full_scene else None
     record["load_at_start"] = [round(x, 2) for x in os.getloadavg()]
     print(
         f"[{precision}] peak RSS {record['peak_rss_gib']:.2f} GiB, step {record['step_seconds']:.1f} s, "
