@@ -18,7 +18,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 stamp="$venv/.lrss_ds-installed"
-want="$(cat "$root/setup.cfg" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+# The editable install points at one checkout: a venv shared by two checkouts must follow the
+# one that runs now, so the checkout's path is part of the stamp.
+want="$( (echo "$root"; cat "$root/setup.cfg" "$root/pyproject.toml") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[env] installing lrss_ds and its dependencies into $venv" >&2
   export PIP_DISABLE_PIP_VERSION_CHECK=1
