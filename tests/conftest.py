@@ -14,6 +14,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _build_deepspeed_cpu_ops() -> None:
+    """JIT-build DeepSpeed's CPU ops once, in this process, before any test starts a child.
+
+    Many tests start DeepSpeed in subprocesses, and the benchmark harness kills children that pass
+    their memory cap or time limit. A child killed while it holds torch's extension build lock
+    (``~/.cache/torch_extensions/.../lock``) leaves the lock behind and every later build waits on
+    it forever; building here first means children only load the cached library.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    for builder_name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        builder = accelerator.create_op_builder(builder_name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _remove_deepspeed_shared_memory() -> Iterator[None]:
     """Unlink the /dev/shm all-reduce buffers that tests calling DeepSpeed directly created.
 
