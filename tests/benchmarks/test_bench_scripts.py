@@ -13,15 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 
-# Opt-in until a whole --quick run is shown to finish inside CI's budget: on the shared machine
-# they were written on, the four scripts never completed one run together (see issue 6's note).
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("LRSS_DS_BENCH_QUICK") != "1",
-        reason="set LRSS_DS_BENCH_QUICK=1 to run the four --quick benchmark scripts end to end",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 SCRIPTS = {"memory_time": "memory_time", "scaling": "scaling", "max_size": "max_size", "plan_accuracy": "plan"}
