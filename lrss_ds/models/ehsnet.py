@@ -8,34 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegHead, SegmentationModel
 from lrss_ds.models.ecr import ECRModule
 from lrss_ds.models.hrnet import HRNet, concat_branches, hrnet_width
 from lrss_ds.models.lrd import LRDModule
-
-
-class SegHead(nn.Module):
-    """A light per-pixel head: 1x1 conv-BN-ReLU then 1x1 to classes (HRNetV2-style).
-
-    The paper does not specify its heads; 1x1 convolutions keep them cheap at whole-scene
-    size (a 3x3 head on 256 channels would cost ~0.9 TFLOP per 6800x7200 scene alone).
-
-    Args:
-        in_channels: input channels.
-        num_classes: K.
-        channels: hidden channels.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, h, w) -> (B, K, h, w)``."""
-        return self.classifier(self.relu(self.bn(self.conv(x))))
 
 
 class EHSNet(SegmentationModel):

@@ -8,30 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegHead, SegmentationModel
 from lrss_ds.models.hrnet import HRNet, concat_branches, hrnet_width
 
 MODES: tuple[str, ...] = ("holistic", "patch", "downsampled")
-
-
-class HRNetV2Head(nn.Module):
-    """HRNetV2's segmentation head: 1x1 conv-BN-ReLU on the concatenated branches, 1x1 to classes.
-
-    Args:
-        in_channels: channels of the concatenated branches (``15 * width``).
-        num_classes: K.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.classifier = nn.Conv2d(in_channels, num_classes, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, h, w) -> (B, K, h, w)``."""
-        return self.classifier(self.relu(self.bn(self.conv(x))))
 
 
 class HRNetFCN(SegmentationModel):
@@ -104,7 +84,8 @@ class HRNetFCN(SegmentationModel):
         self.overlap = int(overlap)
         self.downsample = int(downsample) if mode == "downsampled" else 1
         self.backbone = HRNet(hrnet_width(backbone), in_channels, output_stride)
-        self.head = HRNetV2Head(sum(self.backbone.out_channels), num_classes)
+        # HRNetV2's head: 1x1 conv-BN-ReLU keeping the concatenated width, then 1x1 to classes
+        self.head = SegHead(sum(self.backbone.out_channels), num_classes, sum(self.backbone.out_channels))
         self.output_stride = output_stride * self.downsample
         self.pad_multiple = self.backbone.total_stride * self.downsample
 
