@@ -14,6 +14,9 @@ With ``band_rows`` the upsampling and the loss run in horizontal bands of that m
 output rows, each under non-reentrant ``torch.utils.checkpoint``, so the full-resolution
 logits (``K * H * W`` floats, 4.7 GB for 24 classes on a 6800x7200 scene) never exist at
 once; the result equals the unbanded loss up to float summation order.
+
+The loss is computed in float32, or in float64 when the logits are float64 (so that
+banded and unbanded can be compared to ~1e-12, see ``tests/models/test_models_losses.py``).
 """
 
 from __future__ import annotations
@@ -106,9 +109,14 @@ def bae_weights(target: Tensor, ignore_index: int, kernel_size: int = 5, boundar
 # --- per-pixel losses ----------------------------------------------------------------------
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is computed in: float32, or float64 for float64 logits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pixel_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """Cross-entropy per pixel, 0 on ignored pixels: ``(B, K, H, W), (B, H, W) -> (B, H, W)``."""
-    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+    return F.cross_entropy(logits.to(loss_dtype(logits.dtype)), target.long(), ignore_index=ignore_index, reduction="none")
 
 
 def pixel_focal(logits: Tensor, target: Tensor, ignore_index: int, gamma: float, alpha: float) -> Tensor:
@@ -125,11 +133,11 @@ def pixel_focal(logits: Tensor, target: Tensor, ignore_index: int, gamma: float,
         alpha: the loss weight (GLSNet: 1).
 
     Returns:
-        ``(B, H, W)`` float32.
+        ``(B, H, W)`` in :func:`loss_dtype` of the logits.
     """
     target = target.long()
     valid = target != ignore_index
-    log_p = F.log_softmax(logits.float(), dim=1)
+    log_p = F.log_softmax(logits.to(loss_dtype(logits.dtype)), dim=1)
     log_pt = log_p.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
     loss = -alpha * (-torch.expm1(log_pt)).pow(gamma) * log_pt
     return torch.where(valid, loss, 0.0)
@@ -138,21 +146,33 @@ def pixel_focal(logits: Tensor, target: Tensor, ignore_index: int, gamma: float,
 # --- band-wise upsampling ------------------------------------------------------------------
 
 
-def _linear_source(out_start: int, out_stop: int, in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_source(
+    out_start: int, out_stop: int, in_size: int, out_size: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
     """Source indices and weights of bilinear (align_corners=False) resizing along one axis.
 
-    Mirrors PyTorch's CPU kernel: ``src = (dst + 0.5) * in / out - 0.5`` in float32, clamped
-    at 0; ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, ``l1 = src - i0``, ``l0 = 1 - l1``.
+    Mirrors PyTorch's CPU kernel: ``src = (dst + 0.5) * in / out - 0.5`` in the kernel's
+    "opmath" type (float64 for float64 tensors, float32 otherwise), clamped at 0;
+    ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``, ``l1 = src - i0``, ``l0 = 1 - l1``.
+
+    Args:
+        out_start: first output index.
+        out_stop: one past the last output index.
+        in_size: input length.
+        out_size: output length.
+        device: where the indices live.
+        dtype: the dtype of the tensor being resized.
 
     Returns:
         ``(i0, i1, l1)`` for output indices ``out_start .. out_stop - 1``.
     """
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    dst = torch.arange(out_start, out_stop, dtype=torch.float32, device=device)
+    opmath = loss_dtype(dtype)
+    scale = torch.tensor(in_size, dtype=opmath) / out_size
+    dst = torch.arange(out_start, out_stop, dtype=opmath, device=device)
     src = ((dst + 0.5) * scale.to(device) - 0.5).clamp_min(0.0)
     i0 = src.long()
     i1 = (i0 + 1).clamp_max(in_size - 1)
-    return i0, i1, src - i0.float()
+    return i0, i1, src - i0.to(opmath)
 
 
 def upsample_rows(logits: Tensor, padded: tuple[int, int], input_size: tuple[int, int], row_start: int, row_stop: int) -> Tensor:
@@ -175,7 +195,7 @@ def upsample_rows(logits: Tensor, padded: tuple[int, int], input_size: tuple[int
     if height == out_h:
         rows = logits[:, :, row_start:row_stop]
     else:
-        i0, i1, l1 = _linear_source(row_start, row_stop, height, out_h, logits.device)
+        i0, i1, l1 = _linear_source(row_start, row_stop, height, out_h, logits.device, logits.dtype)
         first, last = int(i0[0]), int(i1[-1]) + 1
         rows = logits[:, :, first:last]
         lam1 = l1.to(rows.dtype).view(1, 1, -1, 1)
@@ -270,7 +290,7 @@ class SegmentationLoss(nn.Module):
             target: ``(B, H, W)`` uint8 or long labels.
 
         Returns:
-            Scalar float32 tensor.
+            Scalar tensor in :func:`loss_dtype` of the logits (float32, or float64).
 
         Raises:
             ValueError: target size differs from ``input_size``, labels out of range, or
@@ -322,8 +342,9 @@ class SegmentationLoss(nn.Module):
         pixel_w = self.pixel_weights(target)
         # Integer-valued: summed in float64 it is exact (float32 is not beyond 2^24 pixels),
         # so banded and unbanded divide by the very same number.
-        total = pixel_w.sum(dtype=torch.float64).clamp_min(1.0).float()
-        loss = maps[0].new_zeros((), dtype=torch.float32)
+        dtype = loss_dtype(maps[0].dtype)
+        total = pixel_w.sum(dtype=torch.float64).clamp_min(1.0).to(dtype)
+        loss = maps[0].new_zeros((), dtype=dtype)
         for logits, weight in zip(maps, weights):
             full = upsample_logits(logits, padded, input_size)
             loss = loss + weight * (pixel_w * self.pixel_loss(full, target)).sum()
@@ -343,18 +364,19 @@ class SegmentationLoss(nn.Module):
 
         with torch.no_grad():
             total = sum(self._band_weights(*band_target(s, e), e - s).sum(dtype=torch.float64) for s, e in bands)
-        total = torch.as_tensor(total, dtype=torch.float64).clamp_min(1.0).float()
+        dtype = loss_dtype(maps[0].dtype)
+        total = torch.as_tensor(total, dtype=torch.float64).clamp_min(1.0).to(dtype)
 
         def band_loss(start: int, stop: int, target_halo: Tensor, offset: int, *band_maps: Tensor) -> Tensor:
             pixel_w = self._band_weights(target_halo, offset, stop - start)
             band_labels = target_halo[:, offset : offset + stop - start]
-            out = band_maps[0].new_zeros((), dtype=torch.float32)
+            out = band_maps[0].new_zeros((), dtype=dtype)
             for logits, weight in zip(band_maps, weights):
                 rows = upsample_rows(logits, padded, input_size, start, stop)
                 out = out + weight * (pixel_w * self.pixel_loss(rows, band_labels)).sum()
             return out
 
-        loss = maps[0].new_zeros((), dtype=torch.float32)
+        loss = maps[0].new_zeros((), dtype=dtype)
         for start, stop in bands:
             target_halo, offset = band_target(start, stop)
             loss = loss + checkpoint(band_loss, start, stop, target_halo, offset, *maps, use_reentrant=False)

@@ -125,6 +125,64 @@ def test_banded_loss_equals_unbanded(name, aux_count, band_rows, size):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def _blocky_outputs(size, padded, map_sizes, seed=0, classes=4):
+    """Float64 logits of the given sizes and a piecewise-constant target of ``size``.
+
+    Random labels make nearly every pixel a BAE boundary, which would hide a band whose
+    Sobel window lacks its neighbouring rows; blocks of 3..6 rows and columns leave
+    interior pixels, boundaries at every offset from a band edge, an ignored rectangle and
+    fully ignored rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(2, classes, *hw, generator=gen, dtype=torch.float64, requires_grad=True) for hw in map_sizes]
+
+    def edges(n):
+        steps = torch.randint(3, 7, (n,), generator=gen)
+        return torch.bucketize(torch.arange(n), steps.cumsum(0), right=True)
+
+    coarse = torch.randint(0, classes, (2, size[0], size[1]), generator=gen, dtype=torch.uint8)
+    target = coarse[:, edges(size[0])][:, :, edges(size[1])]
+    target[0, size[0] // 3 : size[0] // 2 + 1, 2 : size[1] // 2] = IGNORE
+    target[1, size[0] // 2 : size[0] // 2 + 3] = IGNORE
+    outputs = dict(logits=maps[0], aux=maps[1:], input_size=size, padded_size=padded)
+    return outputs, target
+
+
+@pytest.mark.parametrize("name", ["ehsnet", "focal", "ce", "bae7"])
+@pytest.mark.parametrize(
+    "size,padded,map_sizes,band_rows",
+    [
+        # EHSNet at 64x96 (padded to 64x128): stride 8 main + stride 8 aux, the lever test's case
+        ((64, 96), (64, 128), [(8, 16), (8, 16)], 16),
+        # odd height, neither a multiple of the band nor of the stride; strides 8, 4, 2
+        ((37, 45), (40, 48), [(5, 6), (10, 12), (20, 24)], 5),
+        # one-row bands; a stride-1 aux map (no upsampling)
+        ((37, 45), (40, 48), [(5, 6), (40, 48)], 1),
+        # bands of the Sobel halo (2 rows); heavy cropping from stride 32 and 16
+        ((33, 31), (64, 64), [(2, 2), (4, 4), (16, 16)], 2),
+        # one band larger than the image
+        ((21, 29), (24, 32), [(3, 4)], 100),
+        # last band of one row; a non-integer scale (40 / 7)
+        ((37, 45), (40, 48), [(7, 9), (10, 12)], 9),
+    ],
+)
+def test_banded_loss_equals_unbanded_in_float64(name, size, padded, map_sizes, band_rows):
+    """Banded and unbanded agree to float64 rounding: any band-edge error would show at 1e-10."""
+    outputs, target = _blocky_outputs(size, padded, map_sizes)
+    aux_weight = [0.4, 0.25][: len(map_sizes) - 1]
+    opts = dict(aux_weight=aux_weight, boundary_kernel=7, boundary_weight=2.0) if name == "bae7" else dict(aux_weight=aux_weight)
+    preset = "ehsnet" if name == "bae7" else name
+    tensors = [outputs["logits"], *outputs["aux"]]
+    whole = build_loss(preset, 4, IGNORE, **opts)(outputs, target)
+    grads_whole = torch.autograd.grad(whole, tensors)
+    banded = build_loss(preset, 4, IGNORE, band_rows=band_rows, **opts)(outputs, target)
+    grads_banded = torch.autograd.grad(banded, tensors)
+    assert whole.dtype == banded.dtype == torch.float64
+    torch.testing.assert_close(banded, whole, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads_banded, grads_whole):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want.abs().max()))
+
+
 def test_banded_loss_never_saves_full_resolution_logits():
     outputs, target = _train_outputs(4, 6, (61, 101), 1)
     full_numel = 2 * 6 * 61 * 101
