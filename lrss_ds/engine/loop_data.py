@@ -9,6 +9,7 @@ Workers read whole scenes from the tile store while the training process compute
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Any, Iterator
 
@@ -68,6 +69,25 @@ class ResumableSampler(Sampler[int]):
 def _worker_init(worker_id: int) -> None:
     """Make workers ignore SIGTERM (see :func:`make_train_loader`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def worker_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """Iterate ``loader`` and shut its worker processes down on leaving, exception or not.
+
+    Workers ignore SIGTERM (see :func:`make_train_loader`), and that is the signal
+    ``multiprocessing``'s exit hook uses on daemonic children before joining them. An exception
+    keeps a live iterator in its traceback until after that hook, so without this the interpreter
+    waited for a worker that would never stop (found here: a failed run hung at exit forever).
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        # torch's own clean-up: ask workers to stop, join them; no public API does this.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

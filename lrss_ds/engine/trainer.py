@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from lrss_ds.engine import checkpoints
 from lrss_ds.engine.config import ExperimentConfig, save_config
-from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
+from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
@@ -145,12 +145,13 @@ def evaluate(run: Run) -> dict[str, Any]:
     loader, count = make_eval_loader(run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers)
     run.engine.eval()
     try:
-        for index, batch in enumerate(loader):
-            with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
-                with precision_autocast(run.engine):
-                    logits = run.engine(batch["image"].to(run.engine.device))
-            if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
-                matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
+        with worker_batches(loader) as batches:
+            for index, batch in enumerate(batches):
+                with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
+                    with precision_autocast(run.engine):
+                        logits = run.engine(batch["image"].to(run.engine.device))
+                if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
+                    matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
     finally:
         run.engine.train()
     matrix.all_reduce()
@@ -231,12 +232,15 @@ def _install_sigterm(run: Run) -> Any:
 
 
 def _batches(loader: Any) -> Iterator[tuple[dict[str, Any], float]]:
-    """Yield ``(batch, seconds waited for it)``: time the loop spent blocked on the data."""
-    iterator = iter(loader)
-    while True:
-        started = time.perf_counter()
-        batch = next(iterator)
-        yield batch, time.perf_counter() - started
+    """Yield ``(batch, seconds waited for it)``: time the loop spent blocked on the data.
+
+    Closing the generator (``train`` does, in ``finally``) stops the loader's workers.
+    """
+    with worker_batches(loader) as iterator:
+        while True:
+            started = time.perf_counter()
+            batch = next(iterator)
+            yield batch, time.perf_counter() - started
 
 
 def train(run: Run, resume: bool) -> int:
@@ -290,8 +294,8 @@ def train(run: Run, resume: bool) -> int:
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
         f"memory mode {run.memory_mode}"
     )
+    batches = _batches(loader)
     try:
-        batches = _batches(loader)
         while engine.global_steps < cfg.iterations:
             if any_rank(run.stop_requested):
                 tag = save_checkpoint(run, engine.global_steps, data_position, None)
@@ -352,6 +356,7 @@ def train(run: Run, resume: bool) -> int:
                 run.say(f"saved checkpoint {tag}", console=False)
                 _debug_kill_after_checkpoint(iteration)
     finally:
+        batches.close()
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started

@@ -243,3 +243,37 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
     assert run.engine.global_steps == 2 and run.engine.micro_steps == 6
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["iteration"] for h in metrics["history"]] == [1, 2] and metrics["nonfinite_skipped"] == 1
+
+
+_FAILING_LOOP = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from lrss_ds.engine.loop_data import _worker_init, worker_batches
+
+class Numbers(Dataset):
+    def __len__(self):
+        return 100
+    def __getitem__(self, index):
+        return torch.tensor(index)
+
+loader = DataLoader(Numbers(), num_workers=1, worker_init_fn=_worker_init)
+with worker_batches(loader) as batches:
+    next(batches)
+    raise RuntimeError("failed mid-epoch")
+"""
+
+
+def test_run_failing_with_live_workers_exits(tmp_path: Path) -> None:
+    """Workers ignore SIGTERM, so an exception with a live loader iterator used to hang the
+    interpreter at exit (multiprocessing's exit hook SIGTERMs, then joins); it must exit."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "failing_loop.py"
+    script.write_text(_FAILING_LOOP)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "failed mid-epoch" in done.stderr
