@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.slow
 
 
-SCRIPTS = {"memory_time": "memory_time", "scaling": "scaling", "max_size": "max_size", "plan_accuracy": "plan"}
+SCRIPTS = {"memory_time": "memory_time", "scaling": "scaling", "max_size": "max_size", "plan_accuracy": "plan",
+           "bf16_convergence": "bf16_convergence"}
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +122,20 @@ def test_plan_accuracy_quick(quick_reports: dict) -> None:
         _measured(row, ["measured_host_gib", "predicted_host_gib", "host_error_pct", "device_error_pct"])
     assert isinstance(report["worst_memory_error_pct"], float)
     assert report["plan"]["recommendation"] in (None, "none", "ckpt_stage")
+
+
+def test_bf16_convergence_quick(quick_reports: dict) -> None:
+    report, out = _report(quick_reports, "bf16_convergence")
+    rows = report["rows"]
+    assert sorted(r["precision"] for r in rows) == ["bf16", "fp32"]
+    for row in rows:
+        assert row["iterations"] == 4
+        _measured(row, ["loss_first", "final_loss", "miou", "oa", "wall_s"])
+        assert 0.0 <= row["miou"] <= 1.0
+    for run in report["runs"]:
+        assert len(run["loss"]) == 4 and all(math.isfinite(v) for v in run["loss"])
+        assert [it for it, _ in run["evals"]] == [2, 4]
+        assert (out / "runs" / f"{run['precision']}_seed{run['seed']}" / "metrics.json").is_file()
+    summary = report["summary"]
+    assert summary["miou_gap"] == pytest.approx(summary["miou_bf16"] - summary["miou_fp32"])
+    assert isinstance(summary["converges_like_fp32"], bool)
