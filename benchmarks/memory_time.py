@@ -13,6 +13,14 @@ Columns: device memory is the accelerator allocator's peak; on CPU there is none
 JSON null) and the saved-activation ledger's peak stands beside it. Host memory is the
 process's peak RSS. mIoU comes from a given checkpoint, else from a short training on the
 synthetic river/lake task (same CPU-second budget per method); ``miou_source`` says which.
+
+The training workload (defaults) is built so that the papers' thesis can show: 512 px scenes
+whose water is widened (``--water-scale 2.5``: the river 61-84 px wide, lakes ~100-200 px
+across) and 64 px patches, so a patch inside a lake or the river sees only water; 64 training
+scenes with random flips/turns for every method (with a handful of whole scenes the holistic
+methods memorise them); BatchNorm statistics recomputed with the final weights for every method
+(``_workloads.recalibrate_batchnorm``: batch-1 running averages lag the weights). The same
+budget, optimizer (AdamW 1e-3) and one intra-op thread (``--threads 1``) for every method.
 """
 
 from __future__ import annotations
@@ -130,11 +138,12 @@ def train_probe(label: str, mode: str, size: tuple[int, int], patch: int, cap: f
 
 
 def infer_probe(label: str, size: int, patch: int, view: str, cap: float | None, bands: int,
-                state: str | None) -> dict[str, Any]:
+                state: str | None, water_scale: float = 1.0) -> dict[str, Any]:
     """Inference memory/time (and mIoU with a state) of one view (fresh process)."""
     run = run_config(
         "_workloads:infer",
-        {"method": label, "size": size, "patch": patch, "view": view, "state": state, "bands": bands},
+        {"method": label, "size": size, "patch": patch, "view": view, "state": state, "bands": bands,
+         "water_scale": water_scale},
         cap_gib=cap,
     )
     out: dict[str, Any] = {"status": run.status, "peak_mib": run.peak_rss_bytes / MIB}
@@ -158,7 +167,7 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
         path = args.checkpoints[label]
         run = run_config("_workloads:evaluate_checkpoint",
                          {"checkpoint": path, "size": args.scene_size, "patch": args.patch, "bands": args.bands,
-                          "state_out": str(states_dir / f"{_slug(label)}.pt")})
+                          "state_out": str(states_dir / f"{_slug(label)}.pt"), "water_scale": args.water_scale})
         if not run.fits:
             return {"miou": None, "miou_source": f"checkpoint {path} failed: {run.status}"}, None
         return {**run.result, "miou_source": f"checkpoint {path}, synthetic val scenes"}, str(
@@ -168,7 +177,7 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
         "_workloads:short_train",
         {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
          "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
-         "state_out": str(state)},
+         "state_out": str(state), "water_scale": args.water_scale},
     )
     if not run.fits:
         print(f"[memory_time] short training of {label} failed: {run.status}\n{run.error}", flush=True)
@@ -177,7 +186,8 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
     print(f"[memory_time] trained {label:>18}: {res['steps']} steps, {res['train_cpu_s']:.0f} CPU-s, "
           f"mIoU {res['miou']:.1f}, river+lake {res['river_lake_miou']}", flush=True)
     source = (f"short synthetic training: {res['steps']} steps in {res['train_cpu_s']:.0f} CPU-s "
-              f"({res['train_wall_s']:.0f} s wall), {args.train_scenes} scenes of {args.scene_size}px, "
+              f"({res['train_wall_s']:.0f} s wall) + BatchNorm recalibration {res['bn_cpu_s']:.0f} CPU-s, "
+              f"{args.train_scenes} scenes of {args.scene_size}px (water scale {args.water_scale:g}), "
               f"{res['inference']} inference on {args.val_scenes} val scenes")
     return {**res, "miou_source": source}, str(state)
 
@@ -260,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="trained checkpoint per method (DeepSpeed tag dir or weights file); repeatable")
     parser.add_argument("--cap", type=float, default=6.0, help="RSS cap per configuration, GiB (default 6)")
     parser.add_argument("--train-budget", type=float, default=None,
-                        help="CPU seconds of short training per method (default 240; quick 2)")
+                        help="CPU seconds of short training per method (default 480; quick 2)")
     parser.add_argument("--scene-size", type=int, default=None, help="synthetic scene side (default 512; quick 128)")
-    parser.add_argument("--patch", type=int, default=None, help="patch/crop side (default 128; quick 64)")
-    parser.add_argument("--train-scenes", type=int, default=None)
-    parser.add_argument("--val-scenes", type=int, default=None)
+    parser.add_argument("--patch", type=int, default=None, help="patch/crop side (default 64; quick 64)")
+    parser.add_argument("--water-scale", type=float, default=None,
+                        help="factor on the synthetic river width and lake radii (default 2.5; quick 1)")
+    parser.add_argument("--train-scenes", type=int, default=None, help="training scenes (default 64; quick 2)")
+    parser.add_argument("--val-scenes", type=int, default=None, help="validation scenes (default 4; quick 1)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
@@ -285,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     set_child_threads(args.threads)
     quick = args.quick
     size = parse_size(args.size) if args.size else ((128, 128) if quick else (1024, 1024))
-    args.train_budget = args.train_budget if args.train_budget is not None else (2.0 if quick else 240.0)
+    args.train_budget = args.train_budget if args.train_budget is not None else (2.0 if quick else 480.0)
     args.scene_size = args.scene_size or (128 if quick else 512)
-    args.patch = args.patch or (64 if quick else 128)
-    args.train_scenes = args.train_scenes or (2 if quick else 6)
-    args.val_scenes = args.val_scenes or (1 if quick else 3)
+    args.patch = args.patch or 64
+    args.water_scale = args.water_scale if args.water_scale is not None else (1.0 if quick else 2.5)
+    args.train_scenes = args.train_scenes or (2 if quick else 64)
+    args.val_scenes = args.val_scenes or (1 if quick else 4)
     args.checkpoints = _parse_checkpoints(args.checkpoints)
     methods = [m for m in args.methods.split(",") if m]
     modes = args.modes.split(",") if args.modes else (QUICK_EHSNET_MODES if quick else EHSNET_MODES)
@@ -308,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
         + ("" if args.phase == "measure" or args.training_from else
            f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes "
-           f"of {args.scene_size}px. ") + args.conditions
+           f"of {args.scene_size}px, water scale {args.water_scale:g} (river {2 * 0.028 * 0.85 * args.scene_size * args.water_scale:.0f}-"
+           f"{2 * 0.028 * 1.2 * args.scene_size * args.water_scale:.0f}px wide, patch {args.patch}px), random flips/turns, "
+           f"AdamW 1e-3 for every method, BatchNorm statistics recomputed after training, evaluated on "
+           f"{args.val_scenes} unseen scenes. ") + args.conditions
     )
     header = machine_header(conditions, {"cap_gib": args.cap, "size": size_text})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
             local = {"status": "n/a: the model combines local and global views itself"}
         else:
-            local = infer_probe(label, args.scene_size, args.patch, "local", args.cap, args.bands, states[label])
-        glob = infer_probe(label, args.scene_size, args.patch, "global", args.cap, args.bands, states[label])
+            local = infer_probe(label, args.scene_size, args.patch, "local", args.cap, args.bands, states[label],
+                                args.water_scale)
+        glob = infer_probe(label, args.scene_size, args.patch, "global", args.cap, args.bands, states[label],
+                           args.water_scale)
         views[(label, "local")], views[(label, "global")] = local, glob
         inference_rows.append({
             "method": label, "size": f"{args.scene_size}x{args.scene_size}",
