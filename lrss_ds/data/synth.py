@@ -101,7 +101,8 @@ def make_layout(seed: int, index: int, height: int, width: int, water_scale: flo
             bit-identical to those drawn without it). Benchmarks raise it so that a lake and
             the river's width exceed a patch model's patch at a scene size that trains in
             minutes: then a patch inside either sees only water, and only context tells them
-            apart. The random draws are the same, so the rest of the scene is unchanged.
+            apart. The river keeps its course; the lakes' placement takes another number of
+            random draws, so lakes, roads, buildings and parcels differ from the default scene's.
 
     Returns:
         The layout; rendering it is deterministic.
