@@ -49,8 +49,12 @@ QUICK_OVERRIDES = [
 ]
 
 
-def train_once(out: Path, precision: str, seed: int, overrides: list[str], threads: int) -> dict[str, Any]:
+def train_once(out: Path, precision: str, seed: int, overrides: list[str], threads: int,
+               reuse: bool = False) -> dict[str, Any]:
     """Train the experiment once in a fresh process and return what the run recorded.
+
+    With ``reuse``, a finished run already in ``out/runs`` (same precision and seed) is read
+    instead of trained again (its wall time is then the recorded one).
 
     Returns:
         ``precision``, ``seed``, ``loss`` (per iteration), ``evals`` ([iteration, mIoU] pairs),
@@ -64,11 +68,17 @@ def train_once(out: Path, precision: str, seed: int, overrides: list[str], threa
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore::FutureWarning")
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{run_dir}: training exited with status {done.returncode}:\n{done.stdout[-3000:]}")
+    recorded = run_dir / "wall_s.txt"
+    if reuse and recorded.is_file() and (run_dir / "metrics.json").is_file():
+        wall = float(recorded.read_text())
+    else:
+        started = time.perf_counter()
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"{run_dir}: training exited with status {done.returncode}:\n{done.stdout[-3000:]}")
+        recorded.write_text(f"{wall:.3f}\n")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evals_csv = run_dir / "monitor" / "train" / "Val_mIoU.csv"
     with evals_csv.open() as handle:
@@ -143,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="train.iterations (default: the experiment's)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads per run (default 2)")
     parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in OUT/runs instead of retraining")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more experiment overrides")
     args = parser.parse_args(argv)
 
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for precision in PRECISIONS:
             print(f"[bf16_convergence] {precision} seed {seed} ...", flush=True)
-            run = train_once(args.out, precision, seed, overrides, args.threads)
+            run = train_once(args.out, precision, seed, overrides, args.threads, args.reuse)
             print(f"[bf16_convergence]   mIoU {run['miou']:.3f}, last-{TAIL} loss {_tail_mean(run['loss']):.3f}, "
                   f"{run['wall_s']:.0f} s", flush=True)
             runs.append(run)
