@@ -177,7 +177,7 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
         "_workloads:short_train",
         {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
          "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
-         "state_out": str(state), "water_scale": args.water_scale},
+         "state_out": str(state), "water_scale": args.water_scale, "bn_scenes": 2.0 if args.quick else 8.0},
     )
     if not run.fits:
         print(f"[memory_time] short training of {label} failed: {run.status}\n{run.error}", flush=True)
