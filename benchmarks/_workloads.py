@@ -163,8 +163,8 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
     import torch
 
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
+    if not norms or pixels <= 0:
+        return 0  # nothing to recompute: the running averages stay
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
