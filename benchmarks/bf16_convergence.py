@@ -130,11 +130,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = sorted(fp32_by_seed)
     fp32_seed_gaps = [_curve_gap(fp32_by_seed[a]["loss"], fp32_by_seed[b]["loss"], window)
                       for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+    per_seed_gaps = [r["miou"] - fp32_by_seed[r["seed"]]["miou"] for r in by["bf16"] if r["seed"] in fp32_by_seed]
     miou_allowed = max(MIOU_FLOOR, _spread([r["miou"] for r in by["fp32"]]))
     loss_allowed = max(LOSS_FLOOR, _spread([_tail_mean(r["loss"]) for r in by["fp32"]]))
     return {
         "miou_fp32": miou["fp32"], "miou_bf16": miou["bf16"], "miou_gap": miou["bf16"] - miou["fp32"],
         "miou_allowed": miou_allowed,
+        # the gap can sit inside the seed spread and still have one sign every time
+        "miou_gap_per_seed": [round(g, 4) for g in per_seed_gaps],
+        "seeds_bf16_below_fp32": f"{sum(g < 0 for g in per_seed_gaps)} of {len(per_seed_gaps)}",
         "final_loss_fp32": loss["fp32"], "final_loss_bf16": loss["bf16"], "final_loss_gap": loss["bf16"] - loss["fp32"],
         "final_loss_allowed": loss_allowed,
         "curve_gap_bf16_vs_fp32_same_seed": mean(same_seed_gaps) if same_seed_gaps else None,
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      Column("value", "Value", 3)], verdict_row)],
         notes=[
             "Evaluations are eval-mode (BatchNorm running statistics, kept fp32 by memory.bf16) on the val scenes.",
+            "The verdict judges the means only; `seeds_bf16_below_fp32` says whether the gap has one sign on every seed.",
             f"Verdict rule: |mIoU gap| <= max({MIOU_FLOOR}, fp32 seed spread) and |last-{TAIL} loss gap| <= "
             f"max({LOSS_FLOOR}, fp32 seed spread). Curve gaps are mean |difference| of moving-average loss curves.",
         ],
