@@ -210,7 +210,8 @@ def _wait_for_memory(need_gib: float, max_wait_s: float) -> float:
 
 
 def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
-    available = _wait_for_memory(args.need_gib or TARGET_GIB[precision], args.max_wait)
+    need = args.need_gib if args.need_gib is not None else TARGET_GIB[precision]
+    available = _wait_for_memory(need, args.max_wait)
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", "--preset", args.preset or PRESETS[precision],
         "--size", f"{args.height}x{args.width}", "--bands", str(args.bands), "--steps", str(args.steps),
@@ -234,6 +235,7 @@ def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     # the targets are for the whole scene: at another size there is nothing to judge
     record["meets_target"] = record["peak_rss_gib"] <= record["target_peak_rss_gib"] if full_scene else None
     record["load_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    record["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(
         f"[{precision}] peak RSS {record['peak_rss_gib']:.2f} GiB, step {record['step_seconds']:.1f} s, "
         f"loss {record['steps'][-1]['loss']:.4f}",
@@ -269,7 +271,7 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "## Conditions",
         f"- Machine: {header['cpu']}, {header['logical_cores']} logical cores, {header['ram_gib']} GiB RAM, no GPU; "
         f"torch {records[0]['torch']} ({records[0]['torch_threads']} threads), DeepSpeed {records[0]['deepspeed']}; "
-        f"{header['date']}.",
+        + ", ".join(f"{r['dtype']} run {r.get('date', header['date'])}" for r in records) + ".",
         f"- Allocator: `MALLOC_MMAP_THRESHOLD_={records[0]['allocator_env']['MALLOC_MMAP_THRESHOLD_']}` "
         "(glibc's default kept 1.5-1.7x the live tensor peak in the heap here).",
         "- The machine was shared with other jobs (load average at each start: "
@@ -284,6 +286,9 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         f"BatchNorm running statistics stay float32 (checked: {records[0]['batchnorm_stats_dtype']}).",
         "- Data: synthetic uint8 bands and blocky labels of the FBP class count "
         f"({records[0]['num_classes']} classes, ignore 255); the loss is the EHSNet loss (BAE-weighted CE + 0.4 aux).",
+        "- Convolutions whose input or output passes 2 GiB (in fp32: the stem's 64-channel map at half "
+        "resolution, 3.2 GB) run in row bands (`lrss_ds.memory.large_conv`): past 2 GiB oneDNN computes the weight "
+        "gradient with its reference kernel, and the first fp32 attempt sat in it for over 25 minutes.",
         "- DeepSpeedCPUAdam is JIT-built on first use (about 140 s from a clean cache); that is outside the step time.",
     ]
     return "\n".join(lines) + "\n"
@@ -308,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait", type=float, default=3600.0, help="seconds to wait for free memory")
     parser.add_argument("--default-allocator", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="keep this earlier result file's runs of the precisions not run now")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.height, args.width = (int(v) for v in args.size.lower().split("x"))
@@ -315,9 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_step(args)), flush=True)
         return 0
     records = [_run_child(args, precision) for precision in args.precision]
-    import deepspeed
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())
+        kept = [dict(r, date=r.get("date", earlier["date"])) for r in earlier.get("runs", [])
+                if r["dtype"] not in args.precision]
+        for record in kept:  # the ZeRO JSON is the same for every precision; records carry it
+            record.setdefault("ds_config", earlier.get("ds_config"))
+        records = sorted(kept + records, key=lambda r: ["bf16", "fp32"].index(r["dtype"]))
     import psutil
-    import torch
 
     header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -325,6 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         "logical_cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
     }
+    write_results(records, header, args.out)
+    return 0
+
+
+def write_results(records: list[dict[str, Any]], header: dict[str, Any], out: Path) -> None:
+    """Write the JSON (first record at the top level, every record under ``runs``) and the note."""
+    import deepspeed
+    import torch
+
     result = {
         **{k: v for k, v in records[0].items() if k != "ds_config"},
         "date": header["date"],
@@ -336,11 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         "ds_config": records[0]["ds_config"],
         "runs": [{k: v for k, v in r.items() if k != "ds_config"} for r in records],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    _write_atomic(args.out.with_suffix(".md"), _markdown(records, header))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out, json.dumps(result, indent=2) + "\n")
+    _write_atomic(out.with_suffix(".md"), _markdown(records, header))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
