@@ -230,19 +230,20 @@ def targets(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
     """The issue's targets, judged on this run's numbers (plus a longer target training if given)."""
     out = []
     candidates = [r for r in ratio_rows if r["memory_mode"] != "none" and r["rss_ratio"] is not None]
-    if candidates:
-        best = min(candidates, key=lambda r: r["rss_ratio"])
-        checks = [
-            ("saved activations (incl. offloaded) <= 1/8 of plain", best["saved_total_ratio"], 1 / 8),
-            ("saved activations on device <= 1/8 of plain", best["saved_device_ratio"], 1 / 8),
-            ("peak RSS <= 1/3 of plain", best["rss_ratio"], 1 / 3),
-            ("step wall time <= 1.3x plain", best["time_ratio"], 1.3),
-            ("step CPU time <= 1.3x plain", best["cpu_time_ratio"], 1.3),
-        ]
-        for text, value, bound in checks:
-            out.append({"target": f"best mode by RSS ({best['memory_mode']}): {text}",
-                        "measured": None if value is None else f"{value:.3f}",
-                        "met": None if value is None else value <= bound})
+    # One row per mode, all three bounds at once: a mode that is light but slow (or fast but
+    # heavy) does not meet the target. Time is judged in CPU seconds, which other jobs on a
+    # shared machine do not inflate; the wall ratio is shown beside it.
+    for ratio in candidates:
+        values = (ratio["saved_total_ratio"], ratio["rss_ratio"], ratio["cpu_time_ratio"])
+        known = None not in values
+        wall = ratio["time_ratio"]
+        out.append({
+            "target": f"{ratio['memory_mode']}: saved activations <= 1/8, peak RSS <= 1/3, step <= 1.3x plain",
+            "measured": None if not known else
+            f"saved {values[0]:.3f}, RSS {values[1]:.3f}, CPU time {values[2]:.2f}x"
+            + ("" if wall is None else f" (wall {wall:.2f}x)"),
+            "met": None if not known else values[0] <= 1 / 8 and values[1] <= 1 / 3 and values[2] <= 1.3,
+        })
     by_method = {r["method"]: r for r in rows if r["memory_mode"] == "none"}
     ehs, patch = by_method.get("EHSNet", {}), by_method.get("patch HRNet", {})
     a, b = ehs.get("river_lake_miou"), patch.get("river_lake_miou")
