@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -253,6 +254,14 @@ class HRNet(Segmented):
         Returns:
             ``[(B, w, H/os, W/os), (B, 2w, H/2os, ...), (B, 4w, ...), (B, 8w, H/8os, W/8os)]``.
         """
+        lowest = math.ceil(x.shape[-2] / self.total_stride) * math.ceil(x.shape[-1] / self.total_stride)
+        if self.training and x.shape[0] * lowest == 1:
+            # torch's own error here ("Expected more than 1 value per channel") names no size
+            raise ValueError(
+                f"a {x.shape[-2]}x{x.shape[-1]} training sample (batch 1) is too small for HRNet at output stride "
+                f"{self.output_stride}: its 1/{self.total_stride} branch would hold one value per channel, which "
+                f"BatchNorm cannot normalise; use samples larger than {self.total_stride} px on a side"
+            )
         x = self.segment("stem", self._stem, x, input_transform)
         x = self.segment("layer1", self._layer1, x)
         xs: list[Tensor] = [x]

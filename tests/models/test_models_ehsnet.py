@@ -109,3 +109,12 @@ def test_official_hrnet_file_loads_into_the_backbone(tmp_path: Path) -> None:
     report = load_pretrained(model, path)
     assert report.prefix == "backbone." and report.adapted == ["backbone.conv1.weight"] and not report.missing
     assert torch.equal(model.backbone.stage4[2].fuse_layers[0][3][0].weight, state["stage4.2.fuse_layers.0.3.0.weight"])
+
+
+def test_too_small_training_sample_gets_a_sized_error() -> None:
+    """At output stride 8, a 64 px sample leaves HRNet's 1/64 branch one pixel: say so, with sizes."""
+    net = build_model("ehsnet", 6, 4, lrd_k=16, lrd_d=16).train()
+    with pytest.raises(ValueError, match=r"64x64 training sample .* larger than 64 px"):
+        net(torch.zeros(1, 4, 64, 64, dtype=torch.uint8))
+    net.eval()  # inference normalises with running statistics: any size works
+    assert net(torch.zeros(1, 4, 64, 64, dtype=torch.uint8)).shape == (1, 6, 64, 64)
