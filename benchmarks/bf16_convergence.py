@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -53,23 +54,28 @@ def train_once(out: Path, precision: str, seed: int, overrides: list[str], threa
                reuse: bool = False) -> dict[str, Any]:
     """Train the experiment once in a fresh process and return what the run recorded.
 
-    With ``reuse``, a finished run already in ``out/runs`` (same precision and seed) is read
-    instead of trained again (its wall time is then the recorded one).
+    With ``reuse``, a finished run already in ``out/runs`` (same precision, seed and overrides)
+    is read instead of trained again (its wall time is then the recorded one).
 
     Returns:
         ``precision``, ``seed``, ``loss`` (per iteration), ``evals`` ([iteration, mIoU] pairs),
         the final evaluation's ``miou``/``oa``/``iou`` per class, ``wall_s`` and ``peak_rss_gib``.
     """
     run_dir = out / "runs" / f"{precision}_seed{seed}"
+    # One store per data setting: the store is reused by name, so a --quick store must not
+    # stand in for the full one in the same folder.
+    data_key = hashlib.sha1(json.dumps(sorted(o for o in overrides if o.startswith("data."))).encode()).hexdigest()[:8]
     command = [
         sys.executable, "-m", "lrss_ds.cli", "train", "--config", str(EXPERIMENT), "--output", str(run_dir),
-        f"data.store={out / 'store'}", f"train.seed={seed}", f"memory.bf16={'true' if precision == 'bf16' else 'false'}",
-        *overrides,
+        f"data.store={out / f'store_{data_key}'}", f"train.seed={seed}",
+        f"memory.bf16={'true' if precision == 'bf16' else 'false'}", *overrides,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore::FutureWarning")
     recorded = run_dir / "wall_s.txt"
-    if reuse and recorded.is_file() and (run_dir / "metrics.json").is_file():
+    settings = run_dir / "overrides.json"
+    same = settings.is_file() and json.loads(settings.read_text()) == overrides
+    if reuse and same and recorded.is_file() and (run_dir / "metrics.json").is_file():
         wall = float(recorded.read_text())
     else:
         started = time.perf_counter()
@@ -79,6 +85,7 @@ def train_once(out: Path, precision: str, seed: int, overrides: list[str], threa
         if done.returncode != 0:
             raise RuntimeError(f"{run_dir}: training exited with status {done.returncode}:\n{done.stdout[-3000:]}")
         recorded.write_text(f"{wall:.3f}\n")
+        settings.write_text(json.dumps(overrides) + "\n")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evals_csv = run_dir / "monitor" / "train" / "Val_mIoU.csv"
     with evals_csv.open() as handle:

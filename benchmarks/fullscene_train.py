@@ -294,6 +294,23 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--merge`` file, checked to hold runs of the same model and scene size."""
+    try:
+        earlier = json.loads(args.merge.read_text())
+        runs = earlier["runs"]
+        earlier["date"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SystemExit(f"fullscene_train: --merge {args.merge}: not a fullscene_train result ({error})")
+    for run in runs:
+        if (run["height"], run["width"], run["bands"]) != (args.height, args.width, args.bands):
+            raise SystemExit(
+                f"fullscene_train: --merge {args.merge}: its {run['dtype']} run is {run['bands']}x{run['height']}x"
+                f"{run['width']}, not {args.bands}x{args.height}x{args.width}"
+            )
+    return earlier
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -321,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_step(args)), flush=True)
         return 0
+    earlier = _read_merge(args) if args.merge else None  # a bad file must fail before the long runs
     records = [_run_child(args, precision) for precision in args.precision]
-    if args.merge:
-        earlier = json.loads(args.merge.read_text())
+    if earlier is not None:
         kept = [dict(r, date=r.get("date", earlier["date"])) for r in earlier.get("runs", [])
                 if r["dtype"] not in args.precision]
         for record in kept:  # the ZeRO JSON is the same for every precision; records carry it

@@ -107,11 +107,14 @@ def make_layout(seed: int, index: int, height: int, width: int, water_scale: flo
     Returns:
         The layout; rendering it is deterministic.
     """
+    if not 0.0 < water_scale <= 5.0:
+        # past ~5.8 a lake's radius passes half the scene and its centre cannot be drawn
+        raise ConfigError("water_scale", f"must be in (0, 5], got {water_scale}")
     rng = np.random.default_rng([seed, index, height, width])
     size = float(min(height, width))
 
     # River: enters on one edge, leaves on the opposite one, meandering.
-    half_width = max(2.5, 0.028 * size * rng.uniform(0.85, 1.2)) * water_scale
+    half_width = max(2.5, 0.028 * size * rng.uniform(0.85, 1.2) * water_scale)
     steps = 48
     t = np.linspace(0.0, 1.0, steps)
     wander = np.zeros(steps)

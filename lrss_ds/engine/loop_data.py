@@ -88,6 +88,12 @@ def worker_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        # torch then SIGTERMs a worker that did not stop within its join timeout (one still
+        # reading a whole scene), which ours ignore: kill it, nothing of its work is wanted now.
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

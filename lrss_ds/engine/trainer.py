@@ -356,7 +356,10 @@ def train(run: Run, resume: bool) -> int:
                 run.say(f"saved checkpoint {tag}", console=False)
                 _debug_kill_after_checkpoint(iteration)
     finally:
-        batches.close()
+        try:
+            batches.close()
+        except Exception as error:  # noqa: BLE001 - must not replace the error being raised
+            run.say(f"warning: stopping the data loader workers failed: {error}")
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+import pytest
 
 from lrss_ds.data.synth import LAKE, RIVER, make_layout, render_scene
+from lrss_ds.errors import ConfigError
 
 
 def _square_fits(mask: np.ndarray, side: int) -> bool:
@@ -14,12 +18,21 @@ def _square_fits(mask: np.ndarray, side: int) -> bool:
     return bool((sums == side * side).any())
 
 
-def test_water_scale_one_is_the_default_layout() -> None:
-    plain, scaled = make_layout(4, 1, 300, 260), make_layout(4, 1, 300, 260, water_scale=1.0)
-    assert plain.river_half_width == scaled.river_half_width
-    assert plain.lakes == scaled.lakes
-    (a_image, a_label), (b_image, b_label) = render_scene(plain), render_scene(scaled)
-    assert np.array_equal(a_image, b_image) and np.array_equal(a_label, b_label)
+# sha256 of image + label bytes of make_layout(4, 1, 300, 260) rendered by the code before
+# water_scale existed (commit 8808a10): the default scenes, and the demo on them, must not change.
+BEFORE_WATER_SCALE = "72782f8f2c37e971c3b8dd0871ff20af462cc2ef0fa7bed9213cba63ddc15b58"
+
+
+def test_water_scale_one_renders_the_scenes_of_before() -> None:
+    for layout in (make_layout(4, 1, 300, 260), make_layout(4, 1, 300, 260, water_scale=1.0)):
+        image, label = render_scene(layout)
+        assert hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest() == BEFORE_WATER_SCALE
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, 6.0])
+def test_water_scale_out_of_range_is_refused(scale: float) -> None:
+    with pytest.raises(ConfigError, match="water_scale"):
+        make_layout(0, 0, 128, 128, water_scale=scale)
 
 
 def test_water_scale_widens_the_river_and_lakes_beyond_a_patch() -> None:
