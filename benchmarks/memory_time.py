@@ -451,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             "absolute terms. The papers' memory figures are GPU memory at their maximum batch sizes.",
             "mIoU here is on the synthetic river/lake task (6 classes), not FBP/DeepGlobe: compare the ranking and "
             "the river+lake column, not the values, with the papers'.",
+            "Local vs global inference: each probe predicts and scores one val scene (the first, timed per scene); "
+            "the training table's mIoU is over all val scenes, so the two differ by a few points.",
         ],
         data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
               "training": trained},
