@@ -154,6 +154,7 @@ class MemoryConfig:
         cpu_checkpointing: keep checkpointed segment inputs on the host.
         offload_saved_tensors: offload every other saved tensor through autograd hooks.
         loss_band_rows: compute the loss in row bands of this height.
+        stem_band_rows: run the HRNet stem in row bands of this height (two-pass BatchNorm).
         bf16: bf16 autocast for forward and backward.
         channels_last: channels-last memory format.
     """
@@ -163,6 +164,7 @@ class MemoryConfig:
     cpu_checkpointing: bool | None = None
     offload_saved_tensors: bool | None = None
     loss_band_rows: int | None = None
+    stem_band_rows: int | None = None
     bf16: bool | None = None
     channels_last: bool | None = None
 

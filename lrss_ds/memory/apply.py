@@ -16,6 +16,7 @@ from lrss_ds.memory.checkpointing import (
     batchnorm_modules,
     configure_deepspeed_checkpointing,
 )
+from lrss_ds.memory.banded_stem import install_stem_banding
 from lrss_ds.memory.large_conv import install_large_conv_banding
 from lrss_ds.memory.ledger import SavedTensorLedger
 from lrss_ds.memory.modes import MemoryMode
@@ -41,7 +42,8 @@ def prepare_model(
     """Prepare a model for a memory mode, once, before ``deepspeed.initialize``.
 
     Makes every ``nn.Conv2d`` run in row bands when its tensors pass 2 GiB on the CPU
-    (:mod:`lrss_ds.memory.large_conv`), and installs the segment runner that checkpoints the segments of
+    (:mod:`lrss_ds.memory.large_conv`), with ``stem_band_rows`` runs every HRNet stem in bands
+    (:mod:`lrss_ds.memory.banded_stem`), and installs the segment runner that checkpoints the segments of
     ``model.checkpoint_plan(mode.checkpointing)`` and, with ``channels_last``, hands every
     segment its 4-D inputs in channels-last layout (activations only: DeepSpeed refuses
     channels-last parameters; see :func:`channels_last_inputs`). With ``cpu_checkpointing`` it also applies
@@ -77,6 +79,7 @@ def prepare_model(
     # Whole-scene tensors pass oneDNN's 2 GiB limit, past which its weight gradient crawls
     # (see lrss_ds.memory.large_conv); any mode may meet them, so every mode bands them.
     install_large_conv_banding(model)
+    install_stem_banding(model, mode.stem_band_rows)
     runner: TorchCheckpointRunner | DeepSpeedCheckpointRunner | None = None
     if mode.checkpointing != "none":
         if not hasattr(model, "checkpoint_plan"):

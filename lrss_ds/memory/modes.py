@@ -17,8 +17,8 @@ class MemoryMode:
 
     Args:
         checkpointing: activation checkpointing granularity: ``"none"``, ``"stage"``,
-            ``"block"`` or ``"fine"`` (stage, with the stem split into its two convolutions and
-            layer1 per block); the model's ``checkpoint_plan`` names the segments.
+            ``"block"`` or ``"fine"`` (between the two: on HRNet, layer1 per block); the
+            model's ``checkpoint_plan`` names the segments.
         cpu_checkpointing: keep the checkpointed segment inputs in host memory (DeepSpeed's
             ``cpu_checkpointing``); needs ``checkpointing != "none"``. A no-op move on CPU.
         offload_saved_tensors: move every other tensor autograd saves for backward to host
@@ -27,6 +27,9 @@ class MemoryMode:
         loss_band_rows: compute the full-resolution upsampling and loss in row bands of this
             height under recomputation (passed to ``build_loss(..., band_rows=...)``);
             ``None`` = one piece.
+        stem_band_rows: run every HRNet stem (conv -> BN -> ReLU -> conv) in bands of this many
+            rows of its half-resolution maps, with BatchNorm's batch statistics taken in a
+            first pass (:mod:`lrss_ds.memory.banded_stem`); ``None`` = the stem's own layers.
         bf16: run forward and loss under ``torch.autocast(dtype=torch.bfloat16)``; weights,
             gradients and BatchNorm running statistics stay float32.
         channels_last: run activations in ``torch.channels_last`` layout (faster convolutions
@@ -41,6 +44,7 @@ class MemoryMode:
     cpu_checkpointing: bool = False
     offload_saved_tensors: bool = False
     loss_band_rows: int | None = None
+    stem_band_rows: int | None = None
     bf16: bool = False
     channels_last: bool = False
 
@@ -63,9 +67,10 @@ class MemoryMode:
         for key in ("cpu_checkpointing", "offload_saved_tensors", "bf16", "channels_last"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}.{key}", f"must be true or false, got {getattr(self, key)!r}")
-        rows = self.loss_band_rows
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-            raise ConfigError(f"{where}.loss_band_rows", f"must be a positive integer or null, got {rows!r}")
+        for key in ("loss_band_rows", "stem_band_rows"):
+            rows = getattr(self, key)
+            if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+                raise ConfigError(f"{where}.{key}", f"must be a positive integer or null, got {rows!r}")
         if self.cpu_checkpointing and self.checkpointing == "none":
             raise ConfigError(
                 f"{where}.cpu_checkpointing", "needs checkpointing stage, block or fine (it moves checkpoint inputs)"
@@ -111,19 +116,23 @@ MEMORY_PRESETS: dict[str, MemoryMode] = {
     "ckpt_fine": MemoryMode(checkpointing="fine"),
     # accelerator runs short of device memory: checkpoints and saved tensors live on the host
     "ckpt_offload": MemoryMode(checkpointing="stage", cpu_checkpointing=True, offload_saved_tensors=True),
-    # whole-scene levers that matter where device memory = host memory (CPU): stage checkpoints,
-    # banded loss, channels-last; with and without bf16 autocast. Stage, not fine: on EHSNet-W18
-    # at 2048 x 2048 bf16 the step peaked 0.24 GiB (~57 B/px) lower with stage checkpoints: the
-    # fine plan's extra boundaries (64 ch at 1/2 resolution, layer1's inputs) are held until the
-    # end of backward, past the peak, while the stem's recomputation is not the peak.
-    "fullres_fp32": MemoryMode(checkpointing="stage", loss_band_rows=128, channels_last=True),
-    "fullres_bf16": MemoryMode(checkpointing="stage", loss_band_rows=128, channels_last=True, bf16=True),
+    # whole-scene levers that matter where device memory = host memory (CPU): checkpoints with
+    # layer1 per block, the stem in bands, the loss in bands, channels-last; with and without bf16
+    # autocast. Measured on EHSNet-W18 at 2048 x 2048 fp32 (stop 9): once the LRD was checkpointed
+    # term by term, the step's peak sat in layer1's recomputation (four blocks at once, ~1 GiB)
+    # and then in the stem's (64-channel half-resolution maps and their gradients, ~1.1 GiB);
+    # layer1 per block and the banded stem take both apart.
+    "fullres_fp32": MemoryMode(checkpointing="fine", loss_band_rows=128, stem_band_rows=32, channels_last=True),
+    "fullres_bf16": MemoryMode(
+        checkpointing="fine", loss_band_rows=128, stem_band_rows=32, channels_last=True, bf16=True
+    ),
     # every lever at once
     "full": MemoryMode(
         checkpointing="fine",
         cpu_checkpointing=True,
         offload_saved_tensors=True,
         loss_band_rows=128,
+        stem_band_rows=32,
         bf16=True,
         channels_last=True,
     ),

@@ -17,7 +17,7 @@ SegmentRunner = Callable[..., Any]
 GRANULARITIES: tuple[str, ...] = ("stage", "block", "fine")
 
 
-def _run_directly(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+def run_directly(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     """The default segment runner: call ``fn(*args)`` and ignore the name."""
     return fn(*args)
 
@@ -86,7 +86,7 @@ class Segmented(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._segment_runner: SegmentRunner = _run_directly
+        self._segment_runner: SegmentRunner = run_directly
 
     def segment(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one named segment.
@@ -112,7 +112,7 @@ def set_segment_runner(model: nn.Module, runner: SegmentRunner | None) -> None:
     """
     for module in model.modules():
         if isinstance(module, Segmented):
-            module._segment_runner = runner if runner is not None else _run_directly
+            module._segment_runner = runner if runner is not None else run_directly
 
 
 def pad_to_multiple(x: Tensor, multiple: int, value: float = 0.0) -> Tensor:
@@ -290,8 +290,8 @@ class SegmentationModel(Segmented):
         """Names of the non-nesting segments to checkpoint at ``granularity``.
 
         Args:
-            granularity: ``"stage"``, ``"block"`` or ``"fine"`` (stage, with the stem split
-                into its two convolutions and layer1 per block).
+            granularity: ``"stage"``, ``"block"`` or ``"fine"`` (between the two; each
+                model's ``segment_plan`` says what it splits).
 
         Returns:
             segment names; the first segment of the forward (holding the normaliser) is

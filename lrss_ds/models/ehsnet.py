@@ -33,8 +33,11 @@ class EHSNet(SegmentationModel):
     4; with ``use_lrd=False`` a 1x1 conv-BN-ReLU maps the branches to ``d``), ``hard_ratio``
     (a, Table 5), ``lrd_k`` (k, Table 6), ``lrd_d``, ``dw_kernels``, ``dense_kernel``.
 
-    Segments: the backbone's (see :class:`HRNet`), then ``lrd`` (concatenation + LRD),
-    ``aux_head``, ``ecr``, ``head``.
+    Segments: the backbone's (see :class:`HRNet`), then the LRD's ``lrd.reduce`` (concatenation
+    + reduce), ``lrd.unit.0..4`` (one per fused term), ``lrd.increase`` (see
+    :class:`LRDModule`; ``lrd`` whole when ``use_lrd=False``), then ``aux_head``, ``ecr``, ``head``.
+    Every granularity checkpoints the LRD term by term: at whole-scene sizes its backward
+    was the step's memory peak when checkpointed as one piece.
 
     Args:
         num_classes: K (>= 2: the ECR needs two logits to form a margin).
@@ -121,6 +124,7 @@ class EHSNet(SegmentationModel):
         if use_lrd:
             try:
                 self.lrd = LRDModule(branches, lrd_k, lrd_d, tuple(dw_kernels), dense_kernel, activation, dw_method)
+                self.lrd.segment_prefix = "lrd."
             except ValueError as error:  # the module's own validation: report it as a config problem
                 raise ConfigError("lrd", str(error)) from error
         else:
@@ -163,7 +167,10 @@ class EHSNet(SegmentationModel):
         """
         input_size, padded = self.sizes(x)
         features = self.backbone(x, input_transform=self.prepare_input)
-        f_in = self.segment("lrd", lambda *fs: self.lrd(concat_branches(list(fs))), *features)
+        if isinstance(self.lrd, LRDModule):
+            f_in = self.lrd(*features, merge=lambda *fs: concat_branches(list(fs)))
+        else:
+            f_in = self.segment("lrd", lambda *fs: self.lrd(concat_branches(list(fs))), *features)
         aux_logits = self.segment("aux_head", self.aux_head, f_in)
         f_out = f_in
         if self.ecr is not None:
@@ -173,6 +180,7 @@ class EHSNet(SegmentationModel):
         return self.outputs(logits, [aux_logits], input_size, padded)
 
     def segment_plan(self, granularity: str) -> list[str]:
-        """The backbone's plan for ``granularity``, then ``lrd``, ``aux_head``, ``ecr``, ``head``."""
-        tail = ["lrd", "aux_head"] + (["ecr"] if self.ecr is not None else []) + ["head"]
+        """The backbone's plan for ``granularity``, then the LRD's segments, ``aux_head``, ``ecr``, ``head``."""
+        lrd = self.lrd.segment_names() if isinstance(self.lrd, LRDModule) else ["lrd"]
+        tail = [*lrd, "aux_head"] + (["ecr"] if self.ecr is not None else []) + ["head"]
         return [*self.backbone.segment_plan(granularity), *tail]

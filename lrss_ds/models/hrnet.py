@@ -190,6 +190,9 @@ class HRNet(Segmented):
             raise ConfigError("output_stride", f"HRNet supports 4 or 8, got {output_stride}")
         self.width = width
         self.output_stride = output_stride
+        # ``core(x, conv1, bn1, conv2) -> conv2(relu(bn1(conv1(x))))`` replacing the stem's
+        # first three layers (the memory layer installs a banded one); None = the layers as they are
+        self.stem_core: Callable[[Tensor, nn.Conv2d, nn.BatchNorm2d, nn.Conv2d], Tensor] | None = None
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.conv2 = nn.Conv2d(64, 64, 3, 2, 1, bias=False)
@@ -218,6 +221,10 @@ class HRNet(Segmented):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor, input_transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+        if self.stem_core is not None:
+            # one piece: the core computes conv1 -> bn1 -> relu -> conv2 its own way
+            x = input_transform(x) if input_transform is not None else x
+            return self.relu(self.bn2(self.stem_core(x, self.conv1, self.bn1, self.conv2)))
         x = self.segment("stem.conv1", lambda t: self._stem_conv1(t, input_transform), x)
         return self.segment("stem.conv2", lambda t: self.relu(self.bn2(self.conv2(t))), x)
 
@@ -273,9 +280,14 @@ class HRNet(Segmented):
         """Segment names to checkpoint, in forward order.
 
         Args:
-            granularity: ``"stage"`` (stem, layer1, stage2..4), ``"fine"`` (stem split into
-                its convs and layer1 into its blocks, stages whole) or ``"block"`` (every
-                conv of the stem, every layer1 block, every transition and HR module).
+            granularity: ``"stage"`` (stem, layer1, stage2..4), ``"fine"`` (stem whole,
+                layer1 per block, stages whole) or ``"block"`` (every conv of the stem, every
+                layer1 block, every transition and HR module). ``fine`` keeps the stem whole:
+                split, its 64-channel half-resolution boundary (256 MiB at 2048 x 2048 fp32)
+                was held from the forward to the end of backward and raised the peak (measured
+                at stop 8); its recomputation peak is what a banded stem
+                (``lrss_ds.memory.banded_stem``) removes, while layer1 per block takes the
+                four blocks' recomputation (~1 GiB at 2048 x 2048 in one piece) apart.
 
         Returns:
             non-nesting segment names.
@@ -285,7 +297,7 @@ class HRNet(Segmented):
         if granularity == "stage":
             return ["stem", "layer1", *stages]
         if granularity == "fine":
-            return ["stem.conv1", "stem.conv2", *layer1, *stages]
+            return ["stem", *layer1, *stages]
         if granularity == "block":
             names = ["stem.conv1", "stem.conv2", *layer1]
             for t in (1, 2, 3):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from lrss_ds.models.base import SegmentRunner, Segmented, run_directly
 from lrss_ds.models.large_kernel import DepthwiseConv2d
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -69,16 +69,67 @@ class LRDUnit(nn.Module):
         )
         self.fuse = conv_bn(channels * (2 + len(dw_kernels)), channels, 1, activation)
 
+    @property
+    def branch_count(self) -> int:
+        """Terms of the fusion: the input, the dense branch and each depth-wise branch."""
+        return 2 + len(self.depthwise)
+
+    def fused_branch(self, index: int, x: Tensor) -> Tensor:
+        """Branch ``index``'s share of the fusing 1x1 convolution, ``W[:, index k:(index + 1) k] b_index(x)``.
+
+        The 1x1 of a concatenation is the sum of its weight's column blocks applied to each
+        term, so the fusion never builds the ``(2 + n) k``-channel concatenation; each term can
+        then be a checkpoint segment of its own and the unit's backward holds one branch at a
+        time (EHSNet-W18 at 2048 x 2048: the LRD's transient fell from 1.4 to 0.6 GiB).
+        """
+        if index == 0:
+            term = x
+        elif index == 1:
+            term = self.dense(x)
+        else:
+            term = self.depthwise[index - 2](x)
+        channels = x.shape[1]
+        conv: nn.Conv2d = self.fuse[0]
+        weight = conv.weight[:, index * channels : (index + 1) * channels]
+        # through the module's own conv call, so that a subclass installed on it (the memory
+        # layer's large-tensor banding) runs for the slice too
+        return conv._conv_forward(term, weight, None)
+
+    def finish(self, fused: Tensor) -> Tensor:
+        """The fusion's BatchNorm and activation, applied to the summed branch terms."""
+        return self.fuse[2](self.fuse[1](fused))
+
+    def fused_terms(self, x: Tensor, segment: SegmentRunner | None = None) -> Tensor:
+        """The fusing 1x1's output before its BatchNorm: the sum of every branch's term.
+
+        Args:
+            x: the unit's input ``(B, k, h, w)``.
+            segment: ``segment(name, fn, *args)`` running each term as segment ``"unit.<i>"``;
+                ``None`` calls them.
+        """
+        run = segment or run_directly
+        fused: Tensor | None = None
+        for index in range(self.branch_count):
+            term = run(f"unit.{index}", lambda t, index=index: self.fused_branch(index, t), x)
+            fused = term if fused is None else fused + term
+        assert fused is not None
+        return fused
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, k, h, w) -> (B, k, h, w)``."""
-        branches = [x, self.dense(x)] + [branch(x) for branch in self.depthwise]
-        return self.fuse(torch.cat(branches, dim=1))
+        return self.finish(self.fused_terms(x))
 
 
-class LRDModule(nn.Module):
+class LRDModule(Segmented):
     """1x1 reduce to ``k`` -> activation -> LRDU -> 1x1 up to ``d`` (EHSNet §3.2, Fig. 4).
 
     Both 1x1 convolutions are conv -> BN -> activation.
+
+    Segments (``segment_prefix`` prepended): ``reduce`` (with the input merge), the unit's
+    branch terms ``unit.0`` .. ``unit.<n+1>`` (see :class:`LRDUnit`), then ``increase`` (the
+    fusion's BatchNorm and activation with the 1x1 up to ``d``: one segment, so that the
+    fusion's output is not one more map held from forward to backward); :meth:`segment_names`
+    lists them.
 
     Args:
         in_channels: channels of the backbone feature map.
@@ -106,6 +157,26 @@ class LRDModule(nn.Module):
         self.unit = LRDUnit(k, dw_kernels, dense_kernel, activation, dw_method)
         self.increase = conv_bn(k, d, 1, activation)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, Cin, h, w) -> (B, d, h, w)``."""
-        return self.increase(self.unit(self.reduce(x)))
+    def segment_names(self) -> list[str]:
+        """The module's segment names in forward order, ``segment_prefix`` included."""
+        names = ["reduce", *[f"unit.{i}" for i in range(self.unit.branch_count)], "increase"]
+        return [self.segment_prefix + name for name in names]
+
+    def forward(self, *inputs: Tensor, merge: Callable[..., Tensor] | None = None) -> Tensor:
+        """``(B, Cin, h, w) -> (B, d, h, w)``.
+
+        Args:
+            *inputs: one ``(B, Cin, h, w)`` map, or several that ``merge`` turns into one.
+            merge: run on ``inputs`` inside the first segment, so that a checkpoint keeps the
+                (small) inputs rather than the merged map (EHSNet: upsample + concat of the
+                four HRNet branches, 15w channels at the highest resolution).
+        """
+        if merge is None and len(inputs) != 1:
+            raise ValueError(f"LRDModule takes one input map without merge, got {len(inputs)}")
+
+        def reduce(*maps: Tensor) -> Tensor:
+            return self.reduce(merge(*maps) if merge is not None else maps[0])
+
+        x = self.segment("reduce", reduce, *inputs)
+        fused = self.unit.fused_terms(x, self.segment)
+        return self.segment("increase", lambda t: self.increase(self.unit.finish(t)), fused)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lrss_ds.models.base import set_segment_runner
 from lrss_ds.models.lrd import LRDModule
 
 
@@ -53,3 +54,56 @@ def test_fast_and_direct_depthwise_agree_and_all_parameters_learn():
 def test_unknown_activation():
     with pytest.raises(ValueError):
         LRDModule(4, k=4, d=4, activation="tanhh")
+
+
+def test_split_fusion_equals_the_1x1_of_the_concatenation_in_float64():
+    """Eq. (1)'s fusion computed term by term equals conv1x1(cat(f_in, f_5, f_7, f_15, f_31))."""
+    torch.manual_seed(3)
+    lrd = LRDModule(5, k=6, d=7).double()
+    x = torch.randn(2, 5, 21, 19, dtype=torch.float64)
+    unit = lrd.unit
+    reduced = lrd.reduce(x)
+    terms = [reduced, unit.dense(reduced)] + [branch(reduced) for branch in unit.depthwise]
+    expected = lrd.increase(unit.fuse(torch.cat(terms, dim=1)))
+    torch.testing.assert_close(lrd(x), expected, rtol=0, atol=1e-12)
+
+
+def test_every_term_is_a_segment_and_merge_runs_inside_the_first():
+    torch.manual_seed(4)
+    lrd = LRDModule(6, k=4, d=4)
+    lrd.segment_prefix = "lrd."
+    seen: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def runner(name, fn, *args):
+        seen.append((name, [tuple(a.shape) for a in args]))
+        return fn(*args)
+
+    set_segment_runner(lrd, runner)
+    a, b = torch.randn(1, 2, 8, 8), torch.randn(1, 4, 8, 8)
+    out = lrd(a, b, merge=lambda *maps: torch.cat(maps, dim=1))
+    assert out.shape == (1, 4, 8, 8)
+    assert [name for name, _ in seen] == lrd.segment_names() == [
+        "lrd.reduce", "lrd.unit.0", "lrd.unit.1", "lrd.unit.2", "lrd.unit.3", "lrd.unit.4", "lrd.increase",
+    ]
+    assert seen[0][1] == [(1, 2, 8, 8), (1, 4, 8, 8)]  # the merge's inputs, not the merged map
+    with pytest.raises(ValueError, match="one input map"):
+        lrd(a, b)
+
+
+def test_split_fusion_goes_through_the_installed_large_conv_banding(monkeypatch: pytest.MonkeyPatch):
+    """The fusion convolves with a slice of its weight via the module's _conv_forward, so banding sees it."""
+    from lrss_ds.memory import large_conv
+
+    torch.manual_seed(5)
+    lrd = LRDModule(3, k=4, d=4).eval()  # eval: two calls give the same output
+    x = torch.randn(1, 3, 16, 16)
+    expected = lrd(x)
+    large_conv.install_large_conv_banding(lrd)
+    calls: list[int] = []
+    original = large_conv._BandedConv2d.apply
+    monkeypatch.setattr(large_conv._BandedConv2d, "apply", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(large_conv, "ONEDNN_LIMIT_BYTES", 512)
+    monkeypatch.setattr(large_conv, "BAND_BYTES", 256)
+    got = lrd(x)
+    assert len(calls) >= 5  # at least every fused term (plus the other 1x1 and dense convs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
