@@ -61,8 +61,8 @@ def prepare_model(
 
     Raises:
         ConfigError: if checkpointing is asked of a model without ``checkpoint_plan``, or the
-            DeepSpeed config disagrees with the mode (``cpu_checkpointing``, or ``bf16``
-            enabled together with ``mode.bf16``).
+            DeepSpeed config disagrees with the mode (``cpu_checkpointing``, ``bf16`` enabled
+            together with ``mode.bf16``, ZeRO stage 3 with ``stem_band_rows``).
     """
     from lrss_ds.models.base import set_segment_runner
 
@@ -74,6 +74,15 @@ def prepare_model(
             "bf16.enabled",
             "memory.bf16 runs bf16 autocast over float32 weights (BatchNorm statistics stay float32); "
             "use a DeepSpeed config without bf16 enabled",
+        )
+    zero_stage = int(((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
+    if mode.stem_band_rows is not None and zero_stage == 3:
+        # the banded stem reads conv1/bn1/conv2's parameters without calling those modules, and
+        # ZeRO-3 gathers a module's partitioned parameters only when the module is called
+        raise ConfigError(
+            "memory.stem_band_rows",
+            "cannot be combined with ZeRO stage 3 (the banded stem uses the stem's parameters outside their "
+            "modules' calls); use ZeRO stage 2 or set memory.stem_band_rows to null",
         )
     model = _unwrap(model)
     # Whole-scene tensors pass oneDNN's 2 GiB limit, past which its weight gradient crawls

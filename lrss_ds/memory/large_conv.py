@@ -166,16 +166,15 @@ class LargeSafeConv2d(nn.Conv2d):
     dict keys stay as they are), so whole-model pickling and copies keep working.
     """
 
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # nn.Conv2d.forward calls this with its own weight; callers that convolve with a slice
-        # of the weight (the LRD's split fusion) call it directly and are banded as well
+    def forward(self, x: Tensor) -> Tensor:
         if (
             self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
-            and needs_banding(x, weight, self.stride, self.padding, self.dilation, ONEDNN_LIMIT_BYTES)
+            and needs_banding(x, self.weight, self.stride, self.padding, self.dilation, ONEDNN_LIMIT_BYTES)
         ):
-            return banded_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, BAND_BYTES)
-        return super()._conv_forward(x, weight, bias)
+            return banded_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                 BAND_BYTES)
+        return super().forward(x)
 
 
 def install_large_conv_banding(model: nn.Module) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 from torch import Tensor, nn
@@ -32,6 +33,54 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int, activation: s
     if activation is not None:
         layers.append(make_activation(activation))
     return nn.Sequential(*layers)
+
+
+class SplitPointwise(nn.Module):
+    """A 1x1 convolution over the concatenation of ``parts`` equal-width maps, one 1x1 per map.
+
+    ``conv1x1(cat(x_0, .., x_n))`` equals ``sum_i conv1x1_i(x_i)`` with the weight's column
+    blocks: the concatenation is never built, and each term can be computed (and
+    checkpointed) on its own. Each part is a module of its own rather than a slice of one
+    weight, so that frameworks that act on module calls see every use: ZeRO-3 gathers a
+    module's parameters when it is called (a slice of an uncalled module's weight found it
+    partitioned), and the memory layer's large-tensor banding replaces module classes.
+    Initialised as the single 1x1 would be (uniform, bound ``1 / sqrt(parts * channels)``), and
+    a state dict holding the single ``weight`` of that 1x1 loads into the parts.
+
+    Args:
+        parts: number of concatenated maps.
+        channels: channels of each map.
+        out_channels: output channels.
+    """
+
+    def __init__(self, parts: int, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_channels = parts * channels
+        self.out_channels = out_channels
+        self.terms = nn.ModuleList(nn.Conv2d(channels, out_channels, 1, bias=False) for _ in range(parts))
+        bound = 1.0 / math.sqrt(self.in_channels)
+        for term in self.terms:
+            nn.init.uniform_(term.weight, -bound, bound)
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        """``sum_i terms[i](maps[i])``: the 1x1 of the maps' concatenation."""
+        if len(maps) != len(self.terms):
+            raise ValueError(f"SplitPointwise takes {len(self.terms)} maps, got {len(maps)}")
+        out = self.terms[0](maps[0])
+        for term, x in zip(self.terms[1:], maps[1:]):
+            out = out + term(x)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # type: ignore[override]
+        joint = state_dict.get(prefix + "weight")
+        if joint is not None and joint.shape[1] == self.in_channels:
+            # a checkpoint of the single 1x1 (the layout before the split): its column blocks
+            del state_dict[prefix + "weight"]
+            for i, block in enumerate(joint.chunk(len(self.terms), dim=1)):
+                state_dict[f"{prefix}terms.{i}.weight"] = block.contiguous()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class LRDUnit(nn.Module):
@@ -67,7 +116,10 @@ class LRDUnit(nn.Module):
             nn.Sequential(DepthwiseConv2d(channels, k, bias=False, method=dw_method), nn.BatchNorm2d(channels))
             for k in dw_kernels
         )
-        self.fuse = conv_bn(channels * (2 + len(dw_kernels)), channels, 1, activation)
+        # fuse[0] is the 1x1 over the concatenation of the 2 + n terms, kept per term
+        self.fuse = nn.Sequential(
+            SplitPointwise(2 + len(dw_kernels), channels, channels), nn.BatchNorm2d(channels), make_activation(activation)
+        )
 
     @property
     def branch_count(self) -> int:
@@ -75,12 +127,11 @@ class LRDUnit(nn.Module):
         return 2 + len(self.depthwise)
 
     def fused_branch(self, index: int, x: Tensor) -> Tensor:
-        """Branch ``index``'s share of the fusing 1x1 convolution, ``W[:, index k:(index + 1) k] b_index(x)``.
+        """Branch ``index``'s share of the fusing 1x1 convolution: its part of :class:`SplitPointwise`.
 
-        The 1x1 of a concatenation is the sum of its weight's column blocks applied to each
-        term, so the fusion never builds the ``(2 + n) k``-channel concatenation; each term can
-        then be a checkpoint segment of its own and the unit's backward holds one branch at a
-        time (EHSNet-W18 at 2048 x 2048: the LRD's transient fell from 1.4 to 0.6 GiB).
+        The fusion never builds the ``(2 + n) k``-channel concatenation; each term can be a
+        checkpoint segment of its own, and the unit's backward then holds one branch at a time
+        (EHSNet-W18 at 2048 x 2048: the LRD's transient fell from 1.4 to 0.6 GiB).
         """
         if index == 0:
             term = x
@@ -88,12 +139,7 @@ class LRDUnit(nn.Module):
             term = self.dense(x)
         else:
             term = self.depthwise[index - 2](x)
-        channels = x.shape[1]
-        conv: nn.Conv2d = self.fuse[0]
-        weight = conv.weight[:, index * channels : (index + 1) * channels]
-        # through the module's own conv call, so that a subclass installed on it (the memory
-        # layer's large-tensor banding) runs for the slice too
-        return conv._conv_forward(term, weight, None)
+        return self.fuse[0].terms[index](term)
 
     def finish(self, fused: Tensor) -> Tensor:
         """The fusion's BatchNorm and activation, applied to the summed branch terms."""

@@ -175,3 +175,14 @@ def test_runner_plan_with_a_banded_stem_uses_every_name() -> None:
     set_segment_runner(model, runner)
     model(torch.randn(1, 3, 128, 128))
     assert runner.unused_plan_names() == set()
+
+
+def test_zero_stage_3_with_a_banded_stem_is_refused_with_the_key() -> None:
+    """ZeRO-3 gathers parameters on module calls; the banded stem reads them without calling the layers."""
+    from lrss_ds.memory import get_memory_mode, prepare_model
+    from lrss_ds.models import build_model
+
+    model = build_model("ehsnet", 6, 4)
+    with pytest.raises(ConfigError, match="memory.stem_band_rows.*ZeRO stage 3"):
+        prepare_model(model, get_memory_mode("fullres_fp32"), {"zero_optimization": {"stage": 3}})
+    assert prepare_model(model, get_memory_mode("fullres_fp32"), {"zero_optimization": {"stage": 2}}) is not None

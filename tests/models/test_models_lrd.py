@@ -64,8 +64,26 @@ def test_split_fusion_equals_the_1x1_of_the_concatenation_in_float64():
     unit = lrd.unit
     reduced = lrd.reduce(x)
     terms = [reduced, unit.dense(reduced)] + [branch(reduced) for branch in unit.depthwise]
-    expected = lrd.increase(unit.fuse(torch.cat(terms, dim=1)))
+    joint = torch.cat([term.weight for term in unit.fuse[0].terms], dim=1)  # the single 1x1's weight
+    fused = torch.nn.functional.conv2d(torch.cat(terms, dim=1), joint)
+    expected = lrd.increase(unit.fuse[2](unit.fuse[1](fused)))
     torch.testing.assert_close(lrd(x), expected, rtol=0, atol=1e-12)
+    assert unit.fuse[0](terms).shape == fused.shape
+
+
+def test_split_fusion_loads_the_single_1x1_weight_and_is_initialised_like_it():
+    torch.manual_seed(7)
+    lrd = LRDModule(4, k=6, d=6)
+    state = lrd.state_dict()
+    joint = torch.randn(6, 30, 1, 1)
+    old_layout = {k: v for k, v in state.items() if not k.startswith("unit.fuse.0.terms.")}
+    old_layout["unit.fuse.0.weight"] = joint
+    lrd.load_state_dict(old_layout)  # strict: every key placed
+    for i, term in enumerate(lrd.unit.fuse[0].terms):
+        torch.testing.assert_close(term.weight, joint[:, 6 * i : 6 * (i + 1)])
+    bound = 1 / 30 ** 0.5  # nn.Conv2d's default bound for the single 1x1 (fan-in 5k = 30)
+    weights = torch.cat([t.weight for t in LRDModule(4, k=6, d=6).unit.fuse[0].terms], dim=1)
+    assert weights.abs().max() <= bound and weights.abs().max() > 0.8 * bound
 
 
 def test_every_term_is_a_segment_and_merge_runs_inside_the_first():
@@ -91,7 +109,7 @@ def test_every_term_is_a_segment_and_merge_runs_inside_the_first():
 
 
 def test_split_fusion_goes_through_the_installed_large_conv_banding(monkeypatch: pytest.MonkeyPatch):
-    """The fusion convolves with a slice of its weight via the module's _conv_forward, so banding sees it."""
+    """Every fused term is a plain Conv2d module call, so the large-tensor banding covers it."""
     from lrss_ds.memory import large_conv
 
     torch.manual_seed(5)
