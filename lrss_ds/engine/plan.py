@@ -538,12 +538,35 @@ def default_cache_dir() -> Path:
     return Path(base) / "plan"
 
 
+def _installed_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _source_digest() -> str:
+    """A digest of the ``lrss_ds`` sources: a measurement is only valid for the code that made it
+    (splitting the LRD's fusion moved EHSNet's peak by a quarter without a version change)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _cache_key(params: dict[str, Any]) -> str:
-    """A file name for one measurement: the probe's parameters and the software versions."""
+    """A file name for one measurement: the probe's parameters, the software versions, the code
+    and the allocator setting (glibc's mmap threshold changes the peak RSS by a third)."""
     import torch
 
     ident = dict(params, torch=torch.__version__, python=platform.python_version(),
-                 machine=platform.machine(), threads=os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+                 machine=platform.machine(), threads=os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()),
+                 lrss_ds=_source_digest(), malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                 deepspeed=_installed_version("deepspeed"))
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{params['model']}_{params['mode']}_{params['height']}x{params['width']}_{digest}.json"
 

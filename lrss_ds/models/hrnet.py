@@ -170,7 +170,7 @@ class HRNet(Segmented):
 
     Segments (names passed to the runner, nested as indented):
     ``stem`` (``stem.conv1`` holding ``input_transform``, ``stem.conv2``), ``layer1``
-    (``layer1.0..3``), ``stage2`` (``transition1``, ``stage2.0``), ``stage3`` (``transition2``,
+    (``layer1.0-1`` (``layer1.0``, ``layer1.1``), ``layer1.2-3`` (``layer1.2``, ``layer1.3``)), ``stage2`` (``transition1``, ``stage2.0``), ``stage3`` (``transition2``,
     ``stage3.0..3``), ``stage4`` (``transition3``, ``stage4.0..2``).
 
     Args:
@@ -221,16 +221,25 @@ class HRNet(Segmented):
         return self.relu(self.bn1(self.conv1(x)))
 
     def _stem(self, x: Tensor, input_transform: Callable[[Tensor], Tensor] | None) -> Tensor:
-        if self.stem_core is not None:
+        if getattr(self, "stem_core", None) is not None:  # getattr: models pickled before the slot existed
             # one piece: the core computes conv1 -> bn1 -> relu -> conv2 its own way
             x = input_transform(x) if input_transform is not None else x
             return self.relu(self.bn2(self.stem_core(x, self.conv1, self.bn1, self.conv2)))
         x = self.segment("stem.conv1", lambda t: self._stem_conv1(t, input_transform), x)
         return self.segment("stem.conv2", lambda t: self.relu(self.bn2(self.conv2(t))), x)
 
+    def _layer1_halves(self) -> list[tuple[int, int]]:
+        half = (len(self.layer1) + 1) // 2
+        return [(0, half), (half, len(self.layer1))]
+
+    def _layer1_blocks(self, first: int, last: int, x: Tensor) -> Tensor:
+        for i in range(first, last):
+            x = self.segment(f"layer1.{i}", self.layer1[i], x)
+        return x
+
     def _layer1(self, x: Tensor) -> Tensor:
-        for i, block in enumerate(self.layer1):
-            x = self.segment(f"layer1.{i}", block, x)
+        for first, last in self._layer1_halves():
+            x = self.segment(f"layer1.{first}-{last - 1}", lambda t, a=first, b=last: self._layer1_blocks(a, b, t), x)
         return x
 
     def _stage(self, t: int, *xs: Tensor) -> list[Tensor]:
@@ -281,13 +290,15 @@ class HRNet(Segmented):
 
         Args:
             granularity: ``"stage"`` (stem, layer1, stage2..4), ``"fine"`` (stem whole,
-                layer1 per block, stages whole) or ``"block"`` (every conv of the stem, every
-                layer1 block, every transition and HR module). ``fine`` keeps the stem whole:
-                split, its 64-channel half-resolution boundary (256 MiB at 2048 x 2048 fp32)
-                was held from the forward to the end of backward and raised the peak (measured
-                at stop 8); its recomputation peak is what a banded stem
-                (``lrss_ds.memory.banded_stem``) removes, while layer1 per block takes the
-                four blocks' recomputation (~1 GiB at 2048 x 2048 in one piece) apart.
+                layer1 in two halves of two blocks, stages whole) or ``"block"`` (every conv of
+                the stem, every layer1 block, every transition and HR module). Measured on
+                EHSNet-W18 at 2048 x 2048 fp32 (stop 9): layer1 in one piece recomputed four
+                blocks at once (~0.6 GiB above the rest, the step's peak once the LRD was split),
+                per block its three extra boundaries (64 MiB each) pushed the saved activations
+                past 1/8 of plain training; halves hold one extra boundary and peaked lowest
+                (1.54 GiB). The stem stays whole: split, its 64-channel half-resolution boundary
+                was held from forward to the end of backward (stop 8); what its recomputation
+                costs is removed by a banded stem (``lrss_ds.memory.banded_stem``).
 
         Returns:
             non-nesting segment names.
@@ -297,7 +308,8 @@ class HRNet(Segmented):
         if granularity == "stage":
             return ["stem", "layer1", *stages]
         if granularity == "fine":
-            return ["stem", *layer1, *stages]
+            halves = [f"layer1.{first}-{last - 1}" for first, last in self._layer1_halves()]
+            return ["stem", *halves, *stages]
         if granularity == "block":
             names = ["stem.conv1", "stem.conv2", *layer1]
             for t in (1, 2, 3):

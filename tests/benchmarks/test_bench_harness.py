@@ -156,3 +156,16 @@ def test_plan_cli_predicts_from_cached_measurements_and_recommends(tmp_path: Pat
     assert main(small) == 0 and "recommendation: none" in capsys.readouterr().out  # fastest that fits
     tight = argv[:6] + ["1M"] + argv[7:-1]
     assert main(tight) == 1 and "no mode fits" in capsys.readouterr().out
+
+
+def test_plan_cache_key_changes_with_the_code_and_the_allocator(monkeypatch) -> None:
+    """A cached measurement must not outlive the code or allocator setting that produced it."""
+    params = {"model": "ehsnet", "mode": "none", "height": 64, "width": 64}
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    base = plan._cache_key(params)
+    assert plan._cache_key(dict(params)) == base
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert plan._cache_key(params) != base
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(plan, "_source_digest", lambda: "another-version")
+    assert plan._cache_key(params) != base
