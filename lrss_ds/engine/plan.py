@@ -305,7 +305,7 @@ PLAN_MODES: dict[str, PlanMode] = {
                  "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
                  {"activation_checkpointing": {"cpu_checkpointing": True}}),
         PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
-                 "fine checkpoints + loss in row bands + channels-last, fp32"),
+                 "fine checkpoints (layer1 in halves) + stem and loss in row bands + channels-last, fp32"),
         PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
                  "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)"),
     )
