@@ -31,6 +31,12 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+# DeepSpeed JIT-builds its CPU ops into torch's extension cache. Two environments sharing the
+# default ~/.cache/torch_extensions rebuild each other's ops on every start (seen here: a clone's
+# test run and benchmark probes of the main checkout took turns compiling cpu_adam, and the
+# compiler's memory landed in the probes' peaks), and a build killed mid-way leaves a lock that
+# blocks the next one. One cache per environment; a value set by the caller wins.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
 # DeepSpeed picks the CPU accelerator by itself when no GPU is visible; saying so avoids a
 # probe warning on every start. A user with GPUs leaves DS_ACCELERATOR unset.
 if ! "$venv/bin/python" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
