@@ -169,9 +169,10 @@ class HRNet(Segmented):
     uses it for whole 6800x7200 images.
 
     Segments (names passed to the runner, nested as indented):
-    ``stem`` (``stem.conv1`` holding ``input_transform``, ``stem.conv2``), ``layer1``
-    (``layer1.0-1`` (``layer1.0``, ``layer1.1``), ``layer1.2-3`` (``layer1.2``, ``layer1.3``)), ``stage2`` (``transition1``, ``stage2.0``), ``stage3`` (``transition2``,
-    ``stage3.0..3``), ``stage4`` (``transition3``, ``stage4.0..2``).
+    ``stem`` (``stem.conv1`` holding ``input_transform``, ``stem.conv2``; one piece when a
+    ``stem_core`` is installed), ``layer1`` (``layer1.0-1`` with ``layer1.0``, ``layer1.1``;
+    ``layer1.2-3`` with ``layer1.2``, ``layer1.3``), ``stage2`` (``transition1``, ``stage2.0``),
+    ``stage3`` (``transition2``, ``stage3.0..3``), ``stage4`` (``transition3``, ``stage4.0..2``).
 
     Args:
         width: 18, 32 or 48 (channels of the highest-resolution branch).

@@ -118,7 +118,9 @@ class LRDUnit(nn.Module):
         )
         # fuse[0] is the 1x1 over the concatenation of the 2 + n terms, kept per term
         self.fuse = nn.Sequential(
-            SplitPointwise(2 + len(dw_kernels), channels, channels), nn.BatchNorm2d(channels), make_activation(activation)
+            SplitPointwise(2 + len(dw_kernels), channels, channels),
+            nn.BatchNorm2d(channels),
+            make_activation(activation),
         )
 
     @property

@@ -42,7 +42,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}x{c[1]}-r{c[2]}-{'cl' if c[3] else 'nchw'}-{'train' if c[4] else 'eval'}" for c in CASES])
+CASE_IDS = [f"{c[0]}x{c[1]}-r{c[2]}-{'cl' if c[3] else 'nchw'}-{'train' if c[4] else 'eval'}" for c in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_banded_stem_equals_the_layers_in_float64(case: tuple) -> None:
     height, width, rows, channels_last, training = case
     torch.manual_seed(0)
