@@ -265,7 +265,6 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{s['step_seconds']:.1f} | {s['forward_loss_seconds']:.1f} | {s['backward_seconds']:.1f} | "
             f"{s['optimizer_step_seconds']:.1f} | {s['ledger_peak_device_gib']:.2f} |"
         )
-    fields = records[0]["memory_mode_fields"]
     lines += [
         "",
         "## Conditions",
@@ -279,10 +278,16 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         + "); times are wall-clock of one step and would be shorter on an idle machine. "
         "Peak RSS is `ru_maxrss` of the training process (model, DeepSpeed, optimizer state, data, "
         "activations), which other jobs do not change.",
-        f"- Memory levers (`lrss_ds.memory` presets): checkpointing `{fields['checkpointing']}` (the uint8 input "
-        "normalised inside the first checkpoint), "
-        f"loss upsampled and computed in bands of {fields['loss_band_rows']} rows under recomputation, "
-        "channels-last; bf16 = `torch.autocast` bf16 over float32 weights, so gradients, optimizer state and "
+        "- Memory levers (`lrss_ds.memory` presets, each run's own fields): "
+        + "; ".join(
+            f"{r['dtype']}: checkpointing `{r['memory_mode_fields']['checkpointing']}`, loss in bands of "
+            f"{r['memory_mode_fields']['loss_band_rows']} rows, stem in bands of "
+            f"{r['memory_mode_fields'].get('stem_band_rows') or 'no'} rows"
+            for r in records
+        )
+        + " (the uint8 input normalised inside the first checkpoint; channels-last; runs before stop 9 "
+        "checkpointed the LRD in one piece, later ones term by term); bf16 = `torch.autocast` bf16 over "
+        "float32 weights, so gradients, optimizer state and "
         f"BatchNorm running statistics stay float32 (checked: {records[0]['batchnorm_stats_dtype']}).",
         "- Data: synthetic uint8 bands and blocky labels of the FBP class count "
         f"({records[0]['num_classes']} classes, ignore 255); the loss is the EHSNet loss (BAE-weighted CE + 0.4 aux).",
