@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -547,6 +548,7 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     """A digest of the ``lrss_ds`` sources: a measurement is only valid for the code that made it
     (splitting the LRD's fusion moved EHSNet's peak by a quarter without a version change)."""

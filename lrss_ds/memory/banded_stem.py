@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
+from lrss_ds.memory.large_conv import memory_format_of
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,6 @@ def _rows(x: Tensor, first: int, last: int) -> Tensor:
     return band
 
 
-def _format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
-
-
 def _channel(v: Tensor) -> Tensor:
     return v.reshape(1, -1, 1, 1)
 
@@ -92,7 +89,7 @@ class _StemPasses:
         self.x = x
         self.compute = compute
         self.accumulate = torch.float64 if compute == torch.float64 else torch.float32
-        self.fmt = _format(x)
+        self.fmt = memory_format_of(x)
         self.g1 = _ConvRows(conv1.kernel_size[0], conv1.stride[0], conv1.padding[0])
         self.g2 = _ConvRows(conv2.kernel_size[0], conv2.stride[0], conv2.padding[0])
         self.conv1, self.conv2, self.eps = conv1, conv2, bn1.eps

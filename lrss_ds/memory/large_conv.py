@@ -52,7 +52,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
+def memory_format_of(x: Tensor) -> torch.memory_format:
     """Channels-last when channels are innermost (also for slices, whose batch stride breaks
     ``is_contiguous(memory_format=torch.channels_last)``)."""
     return torch.channels_last if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
@@ -100,7 +100,7 @@ class _BandedConv2d(torch.autograd.Function):
         out_h = _output_rows(x.shape[2], kernel, stride[0], padding[0], dilation[0])
         out_w = _output_rows(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
         rows = _band_rows(x, weight, out_h, out_w, stride[0], band_bytes)
-        fmt = _memory_format(x)
+        fmt = memory_format_of(x)
         out = torch.empty((x.shape[0], weight.shape[0], out_h, out_w), dtype=dtype, device=x.device, memory_format=fmt)
         with torch.autocast("cpu", enabled=False):
             for first in range(0, out_h, rows):
