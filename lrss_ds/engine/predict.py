@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lrss_ds.engine.model_io import load_model
-from lrss_ds.errors import InputFileError, LrssError, OutputExistsError, StoreError
+from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
 BLOCK = 512
 """Tile size of the written GeoTIFFs, and the row height in which results are streamed out."""
@@ -51,6 +51,7 @@ class RasterSource:
         crs, transform: rasterio georeference (``crs`` None when the input has none).
         nodata: the input's nodata value (pixels where every band equals it are written as
             the ignore value), or None.
+        path: the raster file it is read from (None for a store scene); no output may be it.
     """
 
     name: str
@@ -63,6 +64,7 @@ class RasterSource:
     transform: Any
     nodata: float | None
     _reader: Any = None
+    path: Path | None = None
 
     def read(self, row: int, col: int, height: int, width: int) -> np.ndarray:
         """Read a window in the native dtype.
@@ -106,7 +108,9 @@ def open_geotiff(path: str | Path) -> RasterSource:
         except RasterioIOError as error:
             raise InputFileError(path, f"read failed: {str(error).splitlines()[0]}") from error
 
-    return RasterSource(name=path.stem, where=str(path), crs=crs, transform=transform, _reader=read, **info)
+    return RasterSource(
+        name=path.stem, where=str(path), crs=crs, transform=transform, _reader=read, path=path, **info
+    )
 
 
 def open_store_scene(store_path: str | Path, scene: str) -> RasterSource:
@@ -693,6 +697,7 @@ def plan_outputs(
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is false.
+        OutputError: an output is one of the input files (same path, hard link or symlink).
         LrssError: two inputs would write the same output.
     """
 
@@ -701,6 +706,7 @@ def plan_outputs(
         return base / f"{source.name}.tif" if as_directory else base
 
     planned = [(target(output, s), target(probabilities, s) if probabilities else None) for s in sources]
+    inputs = {_file_id(s.path): s.path for s in sources if s.path is not None and _file_id(s.path)}
     seen: dict[Path, str] = {}
     for source, paths in zip(sources, planned):
         for path in (p for p in paths if p is not None):
@@ -709,9 +715,34 @@ def plan_outputs(
                     path, f"both {seen[path]} and {source.where} would be written here; give inputs distinct names"
                 )
             seen[path] = source.where
+            same_input = inputs.get(_file_id(path))
+            if same_input is not None:
+                raise OutputError(
+                    path,
+                    f"is the input {same_input} ({_how_same(path, same_input)}); writing there would destroy it, "
+                    "so it is refused even with --overwrite: choose another --output",
+                )
             if path.exists() and not overwrite:
                 raise OutputExistsError(path, "already exists; pass --overwrite to replace it")
     return planned
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file ``path`` resolves to (following symlinks), or None if none."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _how_same(output: Path, source: Path) -> str:
+    """Why ``output`` is ``source``: the same path, a symlink, or a hard link."""
+    if output.is_symlink() or source.is_symlink():
+        return "through a symlink"
+    if output.resolve() == source.resolve():
+        return "the same path"
+    return "a hard link to the same file"
 
 
 def resolve_device(name: str) -> torch.device:
