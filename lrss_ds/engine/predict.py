@@ -9,6 +9,8 @@ import glob
 import json
 import math
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
+from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.model_io import load_model
 from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
@@ -557,12 +560,61 @@ def write_prediction(
             os.replace(_temporary_name(final, "tmp"), final)
     finally:
         for path in temporaries:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a failing clean-up must not hide the cause
+                path.unlink(missing_ok=True)
 
 
 def _temporary_name(final: Path, kind: str) -> Path:
     """``.<name>.<kind>-<pid>.tif`` beside ``final`` (same filesystem, so the rename is atomic)."""
     return final.with_name(f".{final.stem}.{kind}-{os.getpid()}.tif")
+
+
+TEMPORARY_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>part|tmp)-(?P<pid>\d+)\.tif$")
+"""What :func:`_temporary_name` makes: never an input, and a leftover once its writer is gone."""
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is a prediction writer's temporary file (readers skip these)."""
+    return TEMPORARY_NAME.match(path.name) is not None
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporaries in ``directory`` whose writer process no longer runs.
+
+    A writer killed with SIGKILL (or by a power cut) cannot clean up; its files carry its PID,
+    so a later run removes them once that PID is gone. A temporary of a live process (another
+    predict writing into the same directory) is left alone. PIDs are per machine: on a directory
+    shared between machines a live writer elsewhere looks dead here.
+
+    Args:
+        directory: an output directory (missing: nothing to do).
+
+    Returns:
+        the files removed.
+    """
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = TEMPORARY_NAME.match(path.name)
+        if match and not _pid_alive(int(match["pid"])):
+            with contextlib.suppress(FileNotFoundError):  # another run removed it first
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0 checks without sending)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _temporary(final: Path, kind: str, registry: list[Path]) -> Path:
@@ -641,18 +693,25 @@ def run(args: argparse.Namespace) -> int:
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device, bf16=args.bf16)
-    progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
-    for source, (output, probabilities) in progress:
-        progress.set_postfix_str(source.name)
-        write_prediction(
-            source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
-        )
-        tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
+    for directory in dict.fromkeys(path.parent for pair in outputs for path in pair if path is not None):
+        for leftover in remove_stale_temporaries(directory):
+            print(f"removed {leftover}, left by a predict that was killed", file=sys.stderr)
+    with terminate_as_exit("lrss-ds predict"):  # SIGTERM unwinds through write_prediction's clean-up
+        progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
+        for source, (output, probabilities) in progress:
+            progress.set_postfix_str(source.name)
+            write_prediction(
+                source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
+            )
+            tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
     return 0
 
 
 def expand_inputs(pattern: str) -> list[Path]:
     """The raster files a ``--input`` value names: a file, a directory's rasters, or a glob.
+
+    Temporaries of a prediction writer (``.<name>.part-<pid>.tif``, see :func:`is_temporary`)
+    in a directory or a glob are skipped: they are unfinished or left by a killed run.
 
     Raises:
         InputFileError: nothing matches.
@@ -663,7 +722,9 @@ def expand_inputs(pattern: str) -> list[Path]:
     elif glob.has_magic(pattern):
         found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     else:
-        found = [path] if path.exists() else []
+        found = [path] if path.exists() else []  # a file named on its own is read as asked
+    if path.is_dir() or glob.has_magic(pattern):
+        found = [p for p in found if not is_temporary(p)]
     if not found:
         raise InputFileError(
             pattern, "no input raster found (give a GeoTIFF, a directory of .tif files or a quoted glob)"

@@ -109,3 +109,99 @@ def test_batch_writing_into_its_own_input_directory_is_refused(
     out = tmp_path / "out"
     assert main(["predict", "--checkpoint", str(weights), "--input", str(scenes), "--output", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+
+
+# ------------------------------------------------------------------------------ leftovers
+
+
+class _SlowPointNet(torch.nn.Module):
+    """A stand-in whose every forward sleeps, announcing the first one in a marker file."""
+
+    def __init__(self, marker: Path, **config: object) -> None:
+        super().__init__()
+        self.inner, self.marker = build_stand_in(**config), marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.marker.touch()
+        time.sleep(0.2)
+        return self.inner(x)
+
+    def load_state_dict(self, state_dict, strict: bool = True):  # type: ignore[no-untyped-def]
+        return self.inner.load_state_dict(state_dict, strict=strict)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.inner.state_dict(*args, **kwargs)
+
+
+def _slow_predict(marker: str, argv: list[str]) -> None:
+    """Subprocess body: `lrss-ds predict` with a model that takes 0.2 s per window."""
+    lrss_ds.models.build_model = lambda **config: _SlowPointNet(Path(marker), **config)
+    sys.exit(main(argv))
+
+
+def _start_slow_predict(tmp_path: Path, weights: Path, out_dir: Path) -> tuple[subprocess.Popen[str], Path]:
+    source = write_geotiff(tmp_path / "x.tif", _image(64, 64))
+    marker = tmp_path / "forward_started"
+    argv = ["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(out_dir / "x.tif"),
+            "--probabilities", str(out_dir / "x.probs.tif"), "--window", "8", "--overlap", "0"]
+    code = "import json, sys; from tests.engine.test_predict_faults import _slow_predict; _slow_predict(*json.loads(sys.argv[1]))"
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps([str(marker), argv])], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "predict never reached its first forward"
+        time.sleep(0.05)
+    return proc, marker
+
+
+def test_a_predict_stopped_by_sigterm_removes_its_temporaries(weights: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    proc, _ = _start_slow_predict(tmp_path, weights, out_dir)
+    partial = sorted(p.name for p in out_dir.iterdir())
+    assert partial == [f".x.part-{proc.pid}.tif", f".x.probs.part-{proc.pid}.tif"]  # mid-write
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err, err
+    assert list(out_dir.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_dead_writers_are_removed_and_readers_skip_them(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dead = _dead_pid()
+    stale = [out_dir / f".x.part-{dead}.tif", out_dir / f".x.tmp-{dead}.tif", out_dir / f".x.probs.part-{dead}.tif"]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = out_dir / f".y.part-{sleeper.pid}.tif"  # another predict still writing here
+        for path in stale + [live]:
+            path.write_bytes(b"half a GeoTIFF")
+        source = write_geotiff(tmp_path / "x.tif", _image(20, 30))
+        argv = ["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(out_dir / "x.tif")]
+        assert main(argv) == 0
+        assert f"removed {stale[0]}" in capsys.readouterr().err
+        assert sorted(out_dir.iterdir()) == [live, out_dir / "x.tif"]
+        # Readers of a directory or a glob skip temporaries: evaluate scores x.tif alone.
+        labels = tmp_path / "labels"
+        labels.mkdir()
+        write_geotiff(labels / "x.tif", np.zeros((1, 20, 30), dtype="uint8"))
+        assert main(["evaluate", "--predictions", str(out_dir), "--labels", str(labels),
+                     "--checkpoint", str(weights), "--output", str(tmp_path / "report")]) == 0
+        assert main(["predict", "--checkpoint", str(weights), "--input", f"{out_dir}/.*.tif",
+                     "--output", str(tmp_path / "again")]) == 1
+        assert "no input raster found" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
