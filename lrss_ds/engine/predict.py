@@ -295,20 +295,25 @@ class Predictor:
         # precision loses the small edge weights); the overlap carries over to the next row.
         acc = torch.zeros(k, win_h, width, dtype=torch.float32, device=self.device)
         weight_sum = torch.zeros(win_h, width, dtype=torch.float32, device=self.device)
-        for index, row in enumerate(row_starts):
-            strip = source.read(row, 0, win_h, width)
-            for col in col_starts:
-                probs = torch.softmax(self._forward(strip[:, :, col : col + win_w]), dim=0)
-                acc[:, :, col : col + win_w] += probs * weight
-                weight_sum[:, col : col + win_w] += weight
-            next_row = row_starts[index + 1] if index + 1 < len(row_starts) else height
-            done = next_row - row
-            blended = acc[:, :done] / weight_sum[:done]
-            classes, probs_out = self._finish(blended, strip[:, :done], source, probabilities, are_probs=True)
-            yield row, classes, probs_out
-            # Shift the unfinished rows up to become the top of the next row of windows.
-            acc = torch.cat([acc[:, done:], torch.zeros(k, done, width, device=self.device)], dim=1)
-            weight_sum = torch.cat([weight_sum[done:], torch.zeros(done, width, device=self.device)], dim=0)
+        # A bar per scene over its windows (on a terminal only): small windows over a large scene
+        # are hundreds of thousands of forwards.
+        bar = tqdm(total=len(row_starts) * len(col_starts), desc=source.name, unit="window", leave=False, disable=None)
+        with contextlib.closing(bar):
+            for index, row in enumerate(row_starts):
+                strip = source.read(row, 0, win_h, width)
+                for col in col_starts:
+                    probs = torch.softmax(self._forward(strip[:, :, col : col + win_w]), dim=0)
+                    acc[:, :, col : col + win_w] += probs * weight
+                    weight_sum[:, col : col + win_w] += weight
+                    bar.update()
+                next_row = row_starts[index + 1] if index + 1 < len(row_starts) else height
+                done = next_row - row
+                blended = acc[:, :done] / weight_sum[:done]
+                classes, probs_out = self._finish(blended, strip[:, :done], source, probabilities, are_probs=True)
+                yield row, classes, probs_out
+                # Shift the unfinished rows up to become the top of the next row of windows.
+                acc = torch.cat([acc[:, done:], torch.zeros(k, done, width, device=self.device)], dim=1)
+                weight_sum = torch.cat([weight_sum[done:], torch.zeros(done, width, device=self.device)], dim=0)
 
 
 def window_starts(total: int, size: int, stride: int) -> list[int]:
@@ -376,6 +381,9 @@ def predictor_for(
     Returns:
         the predictor.
 
+    Warns:
+        UserWarning: windows smaller than the model's input multiple (see :func:`min_window`).
+
     Raises:
         LrssError: an overlap that is not smaller than the window.
     """
@@ -392,6 +400,8 @@ def predictor_for(
         overlap = min(size) // 4
     if size is not None and not 0 <= int(overlap or 0) < min(size):
         raise LrssError("--overlap", f"must be in [0, {min(size)}) for windows of {size[0]}x{size[1]}, got {overlap}")
+    if size is not None:
+        _warn_small_window(model, config, size)
     dataset = meta.get("dataset") or {}
     ignore = dataset.get("ignore_index", 255)
     return Predictor(
@@ -402,6 +412,34 @@ def predictor_for(
         overlap=int(overlap or 0),
         device=device,
         bf16=bf16,
+    )
+
+
+def min_window(model: nn.Module) -> int:
+    """The smallest useful window side for ``model``: what it pads every input to a multiple of.
+
+    Models pad H and W up to ``pad_multiple`` (the stride of their coarsest feature map, at least
+    their ``output_stride``); a smaller window is padded to that size, so most of each forward
+    is spent on padding and its few real pixels see almost no context.
+
+    Returns:
+        ``max(pad_multiple, output_stride)``, or 1 for a model that declares neither.
+    """
+    return max(int(getattr(model, "pad_multiple", 1) or 1), int(getattr(model, "output_stride", 1) or 1))
+
+
+def _warn_small_window(model: nn.Module, config: dict[str, Any], size: tuple[int, int]) -> None:
+    """Warn when windows of ``size`` are smaller than :func:`min_window` of ``model``."""
+    minimum = min_window(model)
+    if min(size) >= minimum:
+        return
+    padded = [-(-side // minimum) * minimum for side in size]
+    work = padded[0] * padded[1] / (size[0] * size[1])
+    warnings.warn(
+        f"--window {size[0]}x{size[1]} is smaller than {config.get('name', 'the model')}'s minimum of {minimum} px "
+        f"(its input multiple): each window is padded to {padded[0]}x{padded[1]}, {work:.0f}x the work per pixel, "
+        f"with almost no context; use --window {minimum} or more (or 0 for the whole scene)",
+        stacklevel=3,
     )
 
 

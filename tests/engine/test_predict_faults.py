@@ -205,3 +205,22 @@ def test_leftovers_of_dead_writers_are_removed_and_readers_skip_them(
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ------------------------------------------------------------------------------ small windows
+
+
+def test_windows_smaller_than_the_model_minimum_warn(recwarn: pytest.WarningsRecorder) -> None:
+    from lrss_ds.engine.predict import min_window, predictor_for
+    from lrss_ds.models import EHSNet
+
+    model = EHSNet(num_classes=3, in_channels=3)
+    meta = {"model": {"name": "ehsnet", "num_classes": 3, "in_channels": 3}, "dataset": DATASET}
+    minimum = min_window(model)
+    assert minimum == model.pad_multiple >= model.output_stride > 1
+    with pytest.warns(UserWarning, match=rf"--window 8x8 is smaller than ehsnet's minimum of {minimum} px"):
+        predictor_for(model, meta, window=8)
+    recwarn.clear()
+    predictor_for(model, meta, window=minimum)
+    predictor_for(model, meta, window=None)
+    assert not [w for w in recwarn if "--window" in str(w.message)]
