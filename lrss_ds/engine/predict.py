@@ -9,7 +9,6 @@ import glob
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.model_io import load_model
+from lrss_ds.engine.temporaries import is_temporary, remove_stale_temporaries, temporary_name
 from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
 BLOCK = 512
@@ -595,70 +595,17 @@ def write_prediction(
                     **extra,
                 )
         for part, final, _, _ in finals:
-            os.replace(_temporary_name(final, "tmp"), final)
+            os.replace(temporary_name(final, "tmp"), final)
     finally:
         for path in temporaries:
             with contextlib.suppress(OSError):  # a failing clean-up must not hide the cause
                 path.unlink(missing_ok=True)
 
 
-def _temporary_name(final: Path, kind: str) -> Path:
-    """``.<name>.<kind>-<pid>.tif`` beside ``final`` (same filesystem, so the rename is atomic)."""
-    return final.with_name(f".{final.stem}.{kind}-{os.getpid()}.tif")
-
-
-TEMPORARY_NAME = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>part|tmp)-(?P<pid>\d+)\.tif$")
-"""What :func:`_temporary_name` makes: never an input, and a leftover once its writer is gone."""
-
-
-def is_temporary(path: Path) -> bool:
-    """Whether ``path`` is a prediction writer's temporary file (readers skip these)."""
-    return TEMPORARY_NAME.match(path.name) is not None
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete the temporaries in ``directory`` whose writer process no longer runs.
-
-    A writer killed with SIGKILL (or by a power cut) cannot clean up; its files carry its PID,
-    so a later run removes them once that PID is gone. A temporary of a live process (another
-    predict writing into the same directory) is left alone. PIDs are per machine: on a directory
-    shared between machines a live writer elsewhere looks dead here.
-
-    Args:
-        directory: an output directory (missing: nothing to do).
-
-    Returns:
-        the files removed.
-    """
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for path in directory.iterdir():
-        match = TEMPORARY_NAME.match(path.name)
-        if match and not _pid_alive(int(match["pid"])):
-            with contextlib.suppress(FileNotFoundError):  # another run removed it first
-                path.unlink()
-                removed.append(path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this machine (signal 0 checks without sending)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _temporary(final: Path, kind: str, registry: list[Path]) -> Path:
     """A temporary name for ``final``, recorded in ``registry`` for cleanup."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = _temporary_name(final, kind)
+    path = temporary_name(final, kind)
     registry.append(path)
     return path
 
@@ -845,7 +792,32 @@ def _how_same(output: Path, source: Path) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given."""
+    """The ``--device`` a user asked for, checked against this machine and this PyTorch build.
+
+    Args:
+        name: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or any other
+            PyTorch device string.
+
+    Returns:
+        the device.
+
+    Raises:
+        LrssError: an unknown device string, or a device this build or machine does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LrssError("--device", f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        build = "has no CUDA (a CPU-only build)" if device.type == "cuda" and torch.version.cuda is None else ""
+        problem = f"this PyTorch {torch.__version__} {build}" if build else f"no {device.type} device is available"
+        raise LrssError("--device", f"{name!r} asked, but {problem}; use --device cpu or auto")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise LrssError("--device", f"{name!r} asked, but this machine has {count} {device.type} device(s)")
+    return device

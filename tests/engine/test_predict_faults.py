@@ -224,3 +224,99 @@ def test_windows_smaller_than_the_model_minimum_warn(recwarn: pytest.WarningsRec
     predictor_for(model, meta, window=minimum)
     predictor_for(model, meta, window=None)
     assert not [w for w in recwarn if "--window" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------ output faults
+
+
+def test_export_to_a_full_disk_names_the_file_and_keeps_the_previous_one(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out" / "model.pt"
+    output.parent.mkdir()
+    output.write_bytes(b"the previous export")
+    # A real ENOSPC: the temporary name (this process's PID) leads to /dev/full.
+    (output.parent / f".model.tmp-{os.getpid()}.pt").symlink_to("/dev/full")
+    argv = ["export", "--checkpoint", str(weights), "--output", str(output), "--overwrite"]
+    _one_line_error(capsys, argv, str(output), "the disk is full")
+    assert output.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["model.pt"]
+
+
+def _refuse_writes_in(monkeypatch: pytest.MonkeyPatch, directory: Path, code: int) -> None:
+    """Make ``directory`` behave read-only for this process: creating or deleting files there fails.
+
+    Why a mock: the tests run as root, where ``chmod`` does not stop writes.
+    """
+    import builtins
+
+    real_open, real_unlink = builtins.open, Path.unlink
+
+    def refusing_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(m in mode for m in "wax+") and Path(file).parent == directory:
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def refusing_unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.parent == directory:
+            raise OSError(code, os.strerror(code), str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(Path, "unlink", refusing_unlink)
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only")])
+def test_export_into_a_read_only_directory_names_the_real_cause(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    code: int, cause: str,
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+    _refuse_writes_in(monkeypatch, locked, code)
+    output = locked / "model.pt"
+    _one_line_error(capsys, ["export", "--checkpoint", str(weights), "--output", str(output)], str(output), cause)
+    assert list(locked.iterdir()) == []
+
+
+def test_output_names_of_the_wrong_kind_are_one_line_errors(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _one_line_error(
+        capsys, ["export", "--checkpoint", str(weights), "--output", str(folder), "--overwrite"],
+        str(folder), "is a directory",
+    )
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    report = tmp_path / "report.txt"
+    report.write_text("not a directory")
+    labels = write_geotiff(tmp_path / "label.tif", np.zeros((1, 8, 8), dtype="uint8"))
+    _one_line_error(
+        capsys,
+        ["evaluate", "--predictions", str(labels), "--labels", str(labels), "--checkpoint", str(weights),
+         "--output", str(report), "--overwrite"],
+        str(report), "is a file",
+    )
+    assert report.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    "device, fragments",
+    [("gpu0", ["unknown device 'gpu0'", "cpu, cuda"]), ("cuda:7", ["'cuda:7' asked", "--device cpu"])],
+)
+def test_unusable_devices_are_one_line_errors(
+    weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, fragments: list[str]
+) -> None:
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    source = write_geotiff(tmp_path / "x.tif", _image(8, 8))
+    for command in (
+        ["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(tmp_path / "m.tif")],
+        ["evaluate", "--checkpoint", str(weights), "--store", str(tmp_path / "no_store"), "--split", "val",
+         "--output", str(tmp_path / "r")],
+    ):
+        _one_line_error(capsys, command + ["--device", device], "--device", *fragments)
+    assert not (tmp_path / "m.tif").exists() and not (tmp_path / "r").exists()
