@@ -435,7 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``lrss-ds evaluate``; returns the exit code."""
     if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise OutputError(args.output, "is a file; --output is the report directory (metrics.json, metrics.md, confusion.png)")
+        raise OutputError(
+            args.output, "is a file; --output is the report directory (metrics.json, metrics.md, confusion.png)"
+        )
     for target in (Path(args.output) / name for name in REPORT_FILES):
         if target.exists() and not args.overwrite:  # refuse before spending time predicting
             raise OutputExistsError(target, "already exists; pass --overwrite to replace the report")

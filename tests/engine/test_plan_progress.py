@@ -83,7 +83,8 @@ def test_sigterm_leaves_no_probe_process_or_folder(tmp_path: Path) -> None:
     pid_file = tmp_path / "probe.pid"
     argv = ["plan", "--model", "ehsnet", "--size", "512", "--modes", "none", "--cache", str(tmp_path / "cache")]
     code = ("import json, sys; import lrss_ds.engine.plan as plan; from lrss_ds.cli import main; "
-            "plan.PROBE_TARGET = 'tests.engine.test_plan_progress:sleeping_probe'; sys.exit(main(json.loads(sys.argv[1])))")
+            "plan.PROBE_TARGET = 'tests.engine.test_plan_progress:sleeping_probe'; "
+            "sys.exit(main(json.loads(sys.argv[1])))")
     env = dict(os.environ, TMPDIR=str(scratch), LRSS_TEST_PROBE_PID=str(pid_file),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(argv)], cwd=REPO, env=env,

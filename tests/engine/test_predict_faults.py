@@ -4,6 +4,7 @@ killed runs, bad devices, full disks and read-only directories each end in one n
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -13,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 
 import lrss_ds.models
 from lrss_ds.cli import main
 from lrss_ds.engine.model_io import WEIGHTS_FORMAT
-from tests.engine.test_predict_helpers import DATASET, REPO, build_stand_in, write_geotiff
+from tests.engine.test_predict_helpers import DATASET, REPO, PointNet, build_stand_in, one_line_error, write_geotiff
 
 MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
 
@@ -58,15 +58,6 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, size=(3, height, width)).astype("uint8")
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"lrss-ds {argv[0]}: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 # ------------------------------------------------------------------------------ output is an input
 
 
@@ -81,10 +72,10 @@ def test_output_that_is_the_input_is_refused_even_with_overwrite(
     soft.symlink_to(source)
     base = ["predict", "--checkpoint", str(weights), "--input", str(source), "--overwrite"]
     for output, how in ((source, "same path"), (hard, "hard link"), (soft, "symlink")):
-        _one_line_error(capsys, base + ["--output", str(output)], str(output), "is the input", how)
+        one_line_error(capsys, base + ["--output", str(output)], str(output), "is the input", how)
         assert source.read_bytes() == original
     # The probabilities may not land on the input either, and nothing else is written meanwhile.
-    _one_line_error(
+    one_line_error(
         capsys, base + ["--output", str(tmp_path / "map.tif"), "--probabilities", str(hard)], "is the input"
     )
     assert source.read_bytes() == original and not (tmp_path / "map.tif").exists()
@@ -102,7 +93,7 @@ def test_batch_writing_into_its_own_input_directory_is_refused(
     linked.symlink_to(scenes, target_is_directory=True)
     for pattern, output in ((scenes, scenes), (f"{scenes}/*.tif", scenes), (scenes, linked)):
         argv = ["predict", "--checkpoint", str(weights), "--input", str(pattern), "--output", str(output)]
-        _one_line_error(capsys, argv + ["--overwrite"], "a.tif", "is the input")
+        one_line_error(capsys, argv + ["--overwrite"], "a.tif", "is the input")
         assert {p: p.read_bytes() for p in sources} == before
     assert sorted(p.name for p in scenes.iterdir()) == ["a.tif", "b.tif"]
     # A different output directory is fine.
@@ -114,57 +105,51 @@ def test_batch_writing_into_its_own_input_directory_is_refused(
 # ------------------------------------------------------------------------------ leftovers
 
 
-class _SlowPointNet(torch.nn.Module):
-    """A stand-in whose every forward sleeps, announcing the first one in a marker file."""
+class _SlowPointNet(PointNet):
+    """The pointwise stand-in, taking 0.2 s per forward and announcing the first in ``marker``."""
 
-    def __init__(self, marker: Path, **config: object) -> None:
-        super().__init__()
-        self.inner, self.marker = build_stand_in(**config), marker
+    marker: Path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.marker.touch()
         time.sleep(0.2)
-        return self.inner(x)
-
-    def load_state_dict(self, state_dict, strict: bool = True):  # type: ignore[no-untyped-def]
-        return self.inner.load_state_dict(state_dict, strict=strict)
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self.inner.state_dict(*args, **kwargs)
+        return super().forward(x)
 
 
 def _slow_predict(marker: str, argv: list[str]) -> None:
-    """Subprocess body: `lrss-ds predict` with a model that takes 0.2 s per window."""
-    lrss_ds.models.build_model = lambda **config: _SlowPointNet(Path(marker), **config)
+    """Subprocess body: `lrss-ds predict` with :class:`_SlowPointNet`."""
+
+    def build(name: str, **config: object) -> _SlowPointNet:
+        model = _SlowPointNet(**config)  # type: ignore[arg-type]
+        model.marker = Path(marker)
+        return model
+
+    lrss_ds.models.build_model = build
     sys.exit(main(argv))
 
 
-def _start_slow_predict(tmp_path: Path, weights: Path, out_dir: Path) -> tuple[subprocess.Popen[str], Path]:
+def test_a_predict_stopped_by_sigterm_removes_its_temporaries(weights: Path, tmp_path: Path) -> None:
     source = write_geotiff(tmp_path / "x.tif", _image(64, 64))
-    marker = tmp_path / "forward_started"
+    out_dir, marker = tmp_path / "out", tmp_path / "forward_started"
     argv = ["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(out_dir / "x.tif"),
             "--probabilities", str(out_dir / "x.probs.tif"), "--window", "8", "--overlap", "0"]
-    code = "import json, sys; from tests.engine.test_predict_faults import _slow_predict; _slow_predict(*json.loads(sys.argv[1]))"
-    import json
-
+    code = ("import json, sys; from tests.engine.test_predict_faults import _slow_predict; "
+            "_slow_predict(*json.loads(sys.argv[1]))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps([str(marker), argv])], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "predict never reached its first forward"
-        time.sleep(0.05)
-    return proc, marker
-
-
-def test_a_predict_stopped_by_sigterm_removes_its_temporaries(weights: Path, tmp_path: Path) -> None:
-    out_dir = tmp_path / "out"
-    proc, _ = _start_slow_predict(tmp_path, weights, out_dir)
-    partial = sorted(p.name for p in out_dir.iterdir())
-    assert partial == [f".x.part-{proc.pid}.tif", f".x.probs.part-{proc.pid}.tif"]  # mid-write
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "predict never reached its first forward"
+            time.sleep(0.05)
+        partial = sorted(p.name for p in out_dir.iterdir())
+        assert partial == [f".x.part-{proc.pid}.tif", f".x.probs.part-{proc.pid}.tif"]  # mid-write
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "terminated (SIGTERM)" in err, err
     assert list(out_dir.iterdir()) == []
@@ -238,7 +223,7 @@ def test_export_to_a_full_disk_names_the_file_and_keeps_the_previous_one(
     # A real ENOSPC: the temporary name (this process's PID) leads to /dev/full.
     (output.parent / f".model.tmp-{os.getpid()}.pt").symlink_to("/dev/full")
     argv = ["export", "--checkpoint", str(weights), "--output", str(output), "--overwrite"]
-    _one_line_error(capsys, argv, str(output), "the disk is full")
+    one_line_error(capsys, argv, str(output), "the disk is full")
     assert output.read_bytes() == b"the previous export"
     assert sorted(p.name for p in output.parent.iterdir()) == ["model.pt"]
 
@@ -277,7 +262,7 @@ def test_export_into_a_read_only_directory_names_the_real_cause(
         locked.chmod(0o555)
     _refuse_writes_in(monkeypatch, locked, code)
     output = locked / "model.pt"
-    _one_line_error(capsys, ["export", "--checkpoint", str(weights), "--output", str(output)], str(output), cause)
+    one_line_error(capsys, ["export", "--checkpoint", str(weights), "--output", str(output)], str(output), cause)
     assert list(locked.iterdir()) == []
 
 
@@ -286,7 +271,7 @@ def test_output_names_of_the_wrong_kind_are_one_line_errors(
 ) -> None:
     folder = tmp_path / "folder"
     folder.mkdir()
-    _one_line_error(
+    one_line_error(
         capsys, ["export", "--checkpoint", str(weights), "--output", str(folder), "--overwrite"],
         str(folder), "is a directory",
     )
@@ -294,7 +279,7 @@ def test_output_names_of_the_wrong_kind_are_one_line_errors(
     report = tmp_path / "report.txt"
     report.write_text("not a directory")
     labels = write_geotiff(tmp_path / "label.tif", np.zeros((1, 8, 8), dtype="uint8"))
-    _one_line_error(
+    one_line_error(
         capsys,
         ["evaluate", "--predictions", str(labels), "--labels", str(labels), "--checkpoint", str(weights),
          "--output", str(report), "--overwrite"],
@@ -318,5 +303,5 @@ def test_unusable_devices_are_one_line_errors(
         ["evaluate", "--checkpoint", str(weights), "--store", str(tmp_path / "no_store"), "--split", "val",
          "--output", str(tmp_path / "r")],
     ):
-        _one_line_error(capsys, command + ["--device", device], "--device", *fragments)
+        one_line_error(capsys, command + ["--device", device], "--device", *fragments)
     assert not (tmp_path / "m.tif").exists() and not (tmp_path / "r").exists()
