@@ -784,10 +784,10 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 def _how_same(output: Path, source: Path) -> str:
     """Why ``output`` is ``source``: the same path, a symlink, or a hard link."""
-    if output.is_symlink() or source.is_symlink():
-        return "through a symlink"
-    if output.resolve() == source.resolve():
+    if output.absolute() == source.absolute():
         return "the same path"
+    if output.resolve() == source.resolve():
+        return "the same file through a symlink"
     return "a hard link to the same file"
 
 

@@ -91,9 +91,11 @@ def test_batch_writing_into_its_own_input_directory_is_refused(
     before = {p: p.read_bytes() for p in sources}
     linked = tmp_path / "linked"
     linked.symlink_to(scenes, target_is_directory=True)
-    for pattern, output in ((scenes, scenes), (f"{scenes}/*.tif", scenes), (scenes, linked)):
+    for pattern, output, how in (
+        (scenes, scenes, "same path"), (f"{scenes}/*.tif", scenes, "same path"), (scenes, linked, "symlink")
+    ):
         argv = ["predict", "--checkpoint", str(weights), "--input", str(pattern), "--output", str(output)]
-        one_line_error(capsys, argv + ["--overwrite"], "a.tif", "is the input")
+        one_line_error(capsys, argv + ["--overwrite"], "a.tif", "is the input", how)
         assert {p: p.read_bytes() for p in sources} == before
     assert sorted(p.name for p in scenes.iterdir()) == ["a.tif", "b.tif"]
     # A different output directory is fine.
