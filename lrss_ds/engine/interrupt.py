@@ -20,7 +20,8 @@ def terminate_as_exit(command: str) -> Iterator[None]:
     Why: SIGTERM's default action ends the process at once, so ``finally`` blocks never run and
     temporary files and child processes outlive it; as an exception it unwinds like
     ``KeyboardInterrupt`` does for Ctrl-C. Python runs the handler between bytecodes, so a
-    long call into C (a GDAL copy) finishes first. Outside the main thread nothing changes.
+    long call into C (a GDAL copy) finishes first. Further SIGTERMs are ignored while the
+    clean-up runs (SIGKILL still ends it). Outside the main thread nothing changes.
 
     Args:
         command: the command name for the one line printed on SIGTERM (``"lrss-ds predict"``).
@@ -30,6 +31,7 @@ def terminate_as_exit(command: str) -> Iterator[None]:
         return
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         print(f"{command}: terminated (SIGTERM); cleaning up", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_TERMINATED)
 
