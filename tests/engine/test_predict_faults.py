@@ -51,6 +51,7 @@ def make_weights(path: Path, name: str = "pointnet") -> Path:
 
 @pytest.fixture()
 def weights(tmp_path: Path) -> Path:
+    """A 3-band, 3-class pointwise stand-in as an exported weights file."""
     return make_weights(tmp_path / "weights.pt")
 
 
@@ -186,6 +187,8 @@ def test_leftovers_of_dead_writers_are_removed_and_readers_skip_them(
         write_geotiff(labels / "x.tif", np.zeros((1, 20, 30), dtype="uint8"))
         assert main(["evaluate", "--predictions", str(out_dir), "--labels", str(labels),
                      "--checkpoint", str(weights), "--output", str(tmp_path / "report")]) == 0
+        report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+        assert [scene["scene"] for scene in report["scenes"]] == ["x"] and report["pixels"] == 20 * 30
         assert main(["predict", "--checkpoint", str(weights), "--input", f"{out_dir}/.*.tif",
                      "--output", str(tmp_path / "again")]) == 1
         assert "no input raster found" in capsys.readouterr().err
