@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -33,6 +34,28 @@ class ConfigError(LrssError):
 
 class OutputExistsError(LrssError):
     """An output already exists and ``--overwrite`` was not given."""
+
+
+class OutputError(LrssError):
+    """An output cannot be written: it is one of the inputs, or the disk or directory refuses it."""
+
+    @classmethod
+    def from_os_error(cls, where: str | Path, error: OSError) -> "OutputError":
+        """Name the cause of a failed write (full disk, read-only directory, ...) in words.
+
+        Args:
+            where: the output (or its directory) being written.
+            error: the ``OSError`` the write raised.
+        """
+        causes = {
+            errno.ENOSPC: "the disk is full",
+            errno.EDQUOT: "the disk quota is exhausted",
+            errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied (the directory is not writable)",
+            errno.EPERM: "permission denied (the directory is not writable)",
+        }
+        cause = causes.get(error.errno or 0) or (error.strerror or str(error))
+        return cls(where, f"cannot write: {cause}; an earlier file at this name, if any, is unchanged")
 
 
 class TrainingError(LrssError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,9 +14,10 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
+from lrss_ds.engine.temporaries import write_atomically
 from lrss_ds.engine.metrics import ConfusionMatrix, jsonable
 from lrss_ds.engine.predict import check_source, expand_inputs, open_store_scene, predictor_for, resolve_device
-from lrss_ds.errors import InputFileError, LrssError, OutputExistsError, StoreError
+from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
 REPORT_FILES = ("metrics.json", "metrics.md", "confusion.png")
 
@@ -153,13 +153,13 @@ def evaluate_store(
     from lrss_ds.data.store import TileStore
     from lrss_ds.engine.model_io import load_model
 
+    torch_device = resolve_device(device)  # a bad --device fails before any work
     store = TileStore.open(store_path)
     scenes = store.scenes(split)
     if not scenes:
         raise StoreError(
             store_path, f"split {split!r} has no scenes (splits: {', '.join(sorted(store.splits)) or 'none'})"
         )
-    torch_device = resolve_device(device)
     model, meta = load_model(checkpoint, device=torch_device)
     spec = store.spec.to_dict()
     k = int(meta["model"]["num_classes"])
@@ -300,25 +300,21 @@ def write_report(report: dict[str, Any], out_dir: str | Path, overwrite: bool = 
 
     Raises:
         OutputExistsError: a report file exists and ``overwrite`` is false.
+        OutputError: ``out_dir`` or a file in it cannot be written (full disk, read-only).
     """
     out_dir = Path(out_dir)
     targets = [out_dir / name for name in REPORT_FILES]
     for target in targets:
         if target.exists() and not overwrite:
             raise OutputExistsError(target, "already exists; pass --overwrite to replace the report")
-    out_dir.mkdir(parents=True, exist_ok=True)
     writers = {
         "metrics.json": lambda p: p.write_text(json.dumps(jsonable(report), indent=2) + "\n"),
         "metrics.md": lambda p: p.write_text(markdown_report(report)),
         "confusion.png": lambda p: draw_confusion(report["matrix"], report["classes"], p),
     }
     for target in targets:
-        temporary = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
-        try:
+        with write_atomically(target) as temporary:
             writers[target.name](temporary)
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
     return targets
 
 
@@ -438,6 +434,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lrss-ds evaluate``; returns the exit code."""
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise OutputError(
+            args.output, "is a file; --output is the report directory (metrics.json, metrics.md, confusion.png)"
+        )
     for target in (Path(args.output) / name for name in REPORT_FILES):
         if target.exists() and not args.overwrite:  # refuse before spending time predicting
             raise OutputExistsError(target, "already exists; pass --overwrite to replace the report")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lrss_ds.engine.temporaries import write_atomically
 from lrss_ds.engine.model_io import WEIGHTS_FORMAT, load_model
-from lrss_ds.errors import OutputExistsError
+from lrss_ds.errors import OutputError, OutputExistsError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +51,13 @@ def export_weights(checkpoint: str | Path, output: str | Path, overwrite: bool =
 
     Raises:
         OutputExistsError: ``output`` exists and ``overwrite`` is false.
+        OutputError: ``output`` is a directory, or cannot be written (full disk, read-only
+            directory); an earlier file at ``output`` is then unchanged.
         InputFileError: the checkpoint is missing or corrupt.
     """
     output = Path(output)
+    if output.is_dir():
+        raise OutputError(output, "is a directory; --output is the weights file to write, e.g. model.pt")
     if output.exists() and not overwrite:
         raise OutputExistsError(output, "already exists; pass --overwrite to replace it")
     model, meta = load_model(checkpoint)
@@ -68,13 +72,10 @@ def export_weights(checkpoint: str | Path, output: str | Path, overwrite: bool =
         "metrics": _plain(meta.get("metrics") or {}),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with write_atomically(output) as temporary, open(temporary, "wb") as file:
+        # Through a Python file, a full disk is an OSError with its errno; torch's own writer
+        # reports it as an untyped RuntimeError ("PytorchStreamWriter failed writing file").
+        torch.save(payload, file)
     return output
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.errors import ConfigError, LrssError
 
 GIB = 1024**3
@@ -175,21 +176,28 @@ def run_isolated(
 
             reaper = threading.Thread(target=reap, daemon=True)
             reaper.start()
-            while reaper.is_alive():
-                reaper.join(poll_s)
-                if not reaper.is_alive():
-                    break
-                if time.perf_counter() - start > timeout_s:
-                    killed_for = "timeout"
-                elif cap_bytes is not None:
-                    with contextlib.suppress(psutil.Error):
-                        if watched.memory_info().rss > cap_bytes:
-                            killed_for = "over_cap"
-                if killed_for:
+            try:
+                while reaper.is_alive():
+                    reaper.join(poll_s)
+                    if not reaper.is_alive():
+                        break
+                    if time.perf_counter() - start > timeout_s:
+                        killed_for = "timeout"
+                    elif cap_bytes is not None:
+                        with contextlib.suppress(psutil.Error):
+                            if watched.memory_info().rss > cap_bytes:
+                                killed_for = "over_cap"
+                    if killed_for:
+                        break
+            finally:
+                # Also on Ctrl-C or SIGTERM (as SystemExit) in this loop: the child must not
+                # outlive us, and must be reaped before its temporary folder is removed. Whether
+                # it was reaped is read from ``exit_info``: a join interrupted by an exception
+                # can leave ``reaper.is_alive()`` False while wait4 still waits.
+                if not exit_info:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGKILL)
                     reaper.join()
-                    break
             wall_s = time.perf_counter() - start
         _, status_word, usage = exit_info[0]
         proc.returncode = os.waitstatus_to_exitcode(status_word)  # Popen must not reap again
@@ -573,6 +581,58 @@ def _cache_key(params: dict[str, Any]) -> str:
     return f"{params['model']}_{params['mode']}_{params['height']}x{params['width']}_{digest}.json"
 
 
+PROBE_TARGET = "lrss_ds.engine.plan:probe_training_step"
+"""The ``module:function`` each probe process runs (tests point it at a stand-in)."""
+
+PROBE_STEPS = 2
+"""Training steps per probe: the first pays for kernel selection and first-touch page faults."""
+
+PROBE_SECONDS_PRIOR = 45.0
+"""Wall seconds per probe assumed before this cache has timed any: ehsnet probes in mode
+``none`` at 256 and 512 px took 44 s and 51 s (12 s and 16 s of CPU) on a 2-core machine
+shared with other jobs; most of a probe is starting Python, torch and DeepSpeed."""
+
+
+def _probe_params(
+    model: str,
+    side: int,
+    mode: str,
+    bands: int,
+    num_classes: int,
+    model_options: dict[str, Any] | None,
+    steps: int,
+) -> dict[str, Any]:
+    """The keyword arguments of one probe (and the identity of its cache entry)."""
+    return {
+        "model": model, "height": side, "width": side, "mode": mode, "steps": steps,
+        "bands": bands, "num_classes": num_classes, "model_options": model_options or {},
+    }
+
+
+def cached_measurement(params: dict[str, Any], cache_dir: Path | None, refresh: bool = False) -> Measurement | None:
+    """The cached measurement of a probe with ``params``, or None (no cache, not cached, refresh)."""
+    if cache_dir is None or refresh:
+        return None
+    cache_file = cache_dir / _cache_key(params)
+    return Measurement(**json.loads(cache_file.read_text())) if cache_file.exists() else None
+
+
+def probe_seconds_estimate(cache_dir: Path | None, model: str) -> float:
+    """Mean wall seconds of the cached probes of ``model`` (any size or mode), else the prior."""
+    times = []
+    for path in sorted(cache_dir.glob(f"{model}_*.json")) if cache_dir is not None and cache_dir.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            wall = json.loads(path.read_text())["probe"].get("probe_wall_s")
+            if wall:
+                times.append(float(wall))
+    return sum(times) / len(times) if times else PROBE_SECONDS_PRIOR
+
+
+def _duration(seconds: float) -> str:
+    """``"about 40 s"`` / ``"about 12 min"``."""
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
+
+
 def measure(
     model: str,
     side: int,
@@ -583,7 +643,7 @@ def measure(
     model_options: dict[str, Any] | None = None,
     cap_bytes: int | None = None,
     cache_dir: Path | None = None,
-    steps: int = 2,
+    steps: int = PROBE_STEPS,
     refresh: bool = False,
 ) -> Measurement:
     """Measure one training step in a fresh process, or read it from the cache.
@@ -603,14 +663,12 @@ def measure(
     Returns:
         The ``Measurement``.
     """
-    params = {
-        "model": model, "height": side, "width": side, "mode": mode, "steps": steps,
-        "bands": bands, "num_classes": num_classes, "model_options": model_options or {},
-    }
+    params = _probe_params(model, side, mode, bands, num_classes, model_options, steps)
+    cached = cached_measurement(params, cache_dir, refresh)
+    if cached is not None:
+        return cached
     cache_file = cache_dir / _cache_key(params) if cache_dir is not None else None
-    if cache_file is not None and cache_file.exists() and not refresh:
-        return Measurement(**json.loads(cache_file.read_text()))
-    run = run_isolated("lrss_ds.engine.plan:probe_training_step", params, cap_bytes=cap_bytes)
+    run = run_isolated(PROBE_TARGET, params, cap_bytes=cap_bytes)
     found = Measurement(mode=mode, side=side, status=run.status, probe=dict(run.result))
     if run.fits:
         device = run.result.get("device_peak_bytes")
@@ -620,6 +678,7 @@ def measure(
         found.step_cpu_s = float(run.result["step_cpu_min_s"])
     else:
         found.probe = {"error": run.error, "peak_rss_bytes": run.peak_rss_bytes}
+    found.probe["probe_wall_s"] = run.wall_s  # what later estimates of a plan's duration start from
     if cache_file is not None and run.status in ("ok", "over_cap", "oom"):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -881,6 +940,7 @@ def make_plan(
     probe_cap: int | None = None,
     cache_dir: Path | None = None,
     refresh: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure (or read cached) small sizes, fit per mode, predict ``height x width``, recommend.
 
@@ -898,23 +958,51 @@ def make_plan(
         probe_cap: RSS cap per probe in bytes.
         cache_dir: measurement cache (``None``: no cache).
         refresh: ignore cached measurements.
+        progress: called with one line before measuring (the number of probes, what they
+            measure, an estimate of the time) and before and after each probe.
 
     Returns:
         JSON-able dict: ``measurements``, ``fits``, ``predictions``, ``recommendation`` (mode
         name or ``None``), ``ds_config`` (the recommended JSON's content), ``device_meaning``.
 
     Raises:
-        ConfigError: for an unknown mode.
+        ConfigError: for an unknown model or mode (before anything is measured).
     """
+    from lrss_ds.models import MODEL_BUILDERS  # models sit below engine; imported late for --help speed
+
+    if model not in MODEL_BUILDERS:
+        raise ConfigError("--model", f"unknown model {model!r}; known models: {', '.join(sorted(MODEL_BUILDERS))}")
     for mode in modes:
         if mode not in PLAN_MODES:
             raise ConfigError("--modes", f"unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
-    measurements = [
-        measure(model, side, mode, bands=bands, num_classes=num_classes, model_options=model_options,
-                cap_bytes=probe_cap, cache_dir=cache_dir, refresh=refresh)
+    say = progress or (lambda line: None)
+    params = {
+        (mode, side): _probe_params(model, side, mode, bands, num_classes, model_options, PROBE_STEPS)
         for mode in modes
         for side in fit_sides
-    ]
+    }
+    cached = {job: cached_measurement(p, cache_dir, refresh) for job, p in params.items()}
+    todo = [job for job, found in cached.items() if found is None]
+    if todo:
+        per_probe = probe_seconds_estimate(cache_dir, model)
+        say(f"measuring {len(todo)} probe(s), {len(params) - len(todo)} cached: one {model} training step per "
+            f"memory mode at {','.join(map(str, fit_sides))} px, each in a fresh process, for its peak memory and "
+            f"step time; estimate {_duration(per_probe * len(todo))}")
+    measurements, seconds = [], []
+    for job in params:
+        if cached[job] is not None:
+            measurements.append(cached[job])
+            continue
+        (mode, side), index = job, len(seconds) + 1
+        say(f"probe {index}/{len(todo)}: {mode} ({PLAN_MODES[mode].summary}) at {side}x{side} px ...")
+        start = time.perf_counter()
+        found = measure(model, side, mode, bands=bands, num_classes=num_classes, model_options=model_options,
+                        cap_bytes=probe_cap, cache_dir=cache_dir, refresh=refresh)
+        seconds.append(time.perf_counter() - start)
+        left = len(todo) - index
+        say(f"probe {index}/{len(todo)}: {found.status} in {seconds[-1]:.0f} s"
+            + (f"; {_duration(sum(seconds) / len(seconds) * left)} left" if left else ""))
+        measurements.append(found)
     fits = fit_modes(measurements)
     predictions = predict(fits, height, width, device_mem, host_mem)
     best = recommend(predictions)
@@ -954,12 +1042,14 @@ def run(args: argparse.Namespace) -> int:
     device_mem = parse_bytes(args.device_mem, "--device-mem") if args.device_mem else None
     host_mem = parse_bytes(args.host_mem, "--host-mem") if args.host_mem else None
     cache = Path(args.cache) if args.cache else default_cache_dir()
-    plan = make_plan(
-        args.model, height, width, device_mem=device_mem, host_mem=host_mem,
-        modes=[m for m in args.modes.split(",") if m], fit_sides=_parse_sides(args.fit_sides, "--fit-sides"),
-        bands=args.bands, num_classes=args.classes, model_options=_parse_options(args.option),
-        probe_cap=parse_bytes(args.probe_cap, "--probe-cap"), cache_dir=cache, refresh=args.refresh,
-    )
+    with terminate_as_exit("lrss-ds plan"):  # SIGTERM kills the running probe and removes its folder
+        plan = make_plan(
+            args.model, height, width, device_mem=device_mem, host_mem=host_mem,
+            modes=[m for m in args.modes.split(",") if m], fit_sides=_parse_sides(args.fit_sides, "--fit-sides"),
+            bands=args.bands, num_classes=args.classes, model_options=_parse_options(args.option),
+            probe_cap=parse_bytes(args.probe_cap, "--probe-cap"), cache_dir=cache, refresh=args.refresh,
+            progress=lambda line: print(f"lrss-ds plan: {line}", file=sys.stderr, flush=True),
+        )
     if args.json:
         print(json.dumps(plan, indent=2, default=_json_default))
         return 0 if plan["recommendation"] else 1

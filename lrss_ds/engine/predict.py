@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,10 @@ from rasterio.windows import Window
 from torch import nn
 from tqdm import tqdm
 
+from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.model_io import load_model
-from lrss_ds.errors import InputFileError, LrssError, OutputExistsError, StoreError
+from lrss_ds.engine.temporaries import is_temporary, remove_stale_temporaries, temporary_name
+from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
 BLOCK = 512
 """Tile size of the written GeoTIFFs, and the row height in which results are streamed out."""
@@ -51,6 +54,7 @@ class RasterSource:
         crs, transform: rasterio georeference (``crs`` None when the input has none).
         nodata: the input's nodata value (pixels where every band equals it are written as
             the ignore value), or None.
+        path: the raster file it is read from (None for a store scene); no output may be it.
     """
 
     name: str
@@ -63,6 +67,7 @@ class RasterSource:
     transform: Any
     nodata: float | None
     _reader: Any = None
+    path: Path | None = None
 
     def read(self, row: int, col: int, height: int, width: int) -> np.ndarray:
         """Read a window in the native dtype.
@@ -106,7 +111,9 @@ def open_geotiff(path: str | Path) -> RasterSource:
         except RasterioIOError as error:
             raise InputFileError(path, f"read failed: {str(error).splitlines()[0]}") from error
 
-    return RasterSource(name=path.stem, where=str(path), crs=crs, transform=transform, _reader=read, **info)
+    return RasterSource(
+        name=path.stem, where=str(path), crs=crs, transform=transform, _reader=read, path=path, **info
+    )
 
 
 def open_store_scene(store_path: str | Path, scene: str) -> RasterSource:
@@ -288,20 +295,25 @@ class Predictor:
         # precision loses the small edge weights); the overlap carries over to the next row.
         acc = torch.zeros(k, win_h, width, dtype=torch.float32, device=self.device)
         weight_sum = torch.zeros(win_h, width, dtype=torch.float32, device=self.device)
-        for index, row in enumerate(row_starts):
-            strip = source.read(row, 0, win_h, width)
-            for col in col_starts:
-                probs = torch.softmax(self._forward(strip[:, :, col : col + win_w]), dim=0)
-                acc[:, :, col : col + win_w] += probs * weight
-                weight_sum[:, col : col + win_w] += weight
-            next_row = row_starts[index + 1] if index + 1 < len(row_starts) else height
-            done = next_row - row
-            blended = acc[:, :done] / weight_sum[:done]
-            classes, probs_out = self._finish(blended, strip[:, :done], source, probabilities, are_probs=True)
-            yield row, classes, probs_out
-            # Shift the unfinished rows up to become the top of the next row of windows.
-            acc = torch.cat([acc[:, done:], torch.zeros(k, done, width, device=self.device)], dim=1)
-            weight_sum = torch.cat([weight_sum[done:], torch.zeros(done, width, device=self.device)], dim=0)
+        # A bar per scene over its windows (on a terminal only): small windows over a large scene
+        # are hundreds of thousands of forwards.
+        bar = tqdm(total=len(row_starts) * len(col_starts), desc=source.name, unit="window", leave=False, disable=None)
+        with contextlib.closing(bar):
+            for index, row in enumerate(row_starts):
+                strip = source.read(row, 0, win_h, width)
+                for col in col_starts:
+                    probs = torch.softmax(self._forward(strip[:, :, col : col + win_w]), dim=0)
+                    acc[:, :, col : col + win_w] += probs * weight
+                    weight_sum[:, col : col + win_w] += weight
+                    bar.update()
+                next_row = row_starts[index + 1] if index + 1 < len(row_starts) else height
+                done = next_row - row
+                blended = acc[:, :done] / weight_sum[:done]
+                classes, probs_out = self._finish(blended, strip[:, :done], source, probabilities, are_probs=True)
+                yield row, classes, probs_out
+                # Shift the unfinished rows up to become the top of the next row of windows.
+                acc = torch.cat([acc[:, done:], torch.zeros(k, done, width, device=self.device)], dim=1)
+                weight_sum = torch.cat([weight_sum[done:], torch.zeros(done, width, device=self.device)], dim=0)
 
 
 def window_starts(total: int, size: int, stride: int) -> list[int]:
@@ -369,6 +381,9 @@ def predictor_for(
     Returns:
         the predictor.
 
+    Warns:
+        UserWarning: windows smaller than the model's input multiple (see :func:`min_window`).
+
     Raises:
         LrssError: an overlap that is not smaller than the window.
     """
@@ -385,6 +400,8 @@ def predictor_for(
         overlap = min(size) // 4
     if size is not None and not 0 <= int(overlap or 0) < min(size):
         raise LrssError("--overlap", f"must be in [0, {min(size)}) for windows of {size[0]}x{size[1]}, got {overlap}")
+    if size is not None:
+        _warn_small_window(model, config, size)
     dataset = meta.get("dataset") or {}
     ignore = dataset.get("ignore_index", 255)
     return Predictor(
@@ -395,6 +412,34 @@ def predictor_for(
         overlap=int(overlap or 0),
         device=device,
         bf16=bf16,
+    )
+
+
+def min_window(model: nn.Module) -> int:
+    """The smallest useful window side for ``model``: what it pads every input to a multiple of.
+
+    Models pad H and W up to ``pad_multiple`` (the stride of their coarsest feature map, at least
+    their ``output_stride``); a smaller window is padded to that size, so most of each forward
+    is spent on padding and its few real pixels see almost no context.
+
+    Returns:
+        ``max(pad_multiple, output_stride)``, or 1 for a model that declares neither.
+    """
+    return max(int(getattr(model, "pad_multiple", 1) or 1), int(getattr(model, "output_stride", 1) or 1))
+
+
+def _warn_small_window(model: nn.Module, config: dict[str, Any], size: tuple[int, int]) -> None:
+    """Warn when windows of ``size`` are smaller than :func:`min_window` of ``model``."""
+    minimum = min_window(model)
+    if min(size) >= minimum:
+        return
+    padded = [-(-side // minimum) * minimum for side in size]
+    work = padded[0] * padded[1] / (size[0] * size[1])
+    warnings.warn(
+        f"--window {size[0]}x{size[1]} is smaller than {config.get('name', 'the model')}'s minimum of {minimum} px "
+        f"(its input multiple): each window is padded to {padded[0]}x{padded[1]}, {work:.0f}x the work per pixel, "
+        f"with almost no context; use --window {minimum} or more (or 0 for the whole scene)",
+        stacklevel=3,
     )
 
 
@@ -550,21 +595,17 @@ def write_prediction(
                     **extra,
                 )
         for part, final, _, _ in finals:
-            os.replace(_temporary_name(final, "tmp"), final)
+            os.replace(temporary_name(final, "tmp"), final)
     finally:
         for path in temporaries:
-            path.unlink(missing_ok=True)
-
-
-def _temporary_name(final: Path, kind: str) -> Path:
-    """``.<name>.<kind>-<pid>.tif`` beside ``final`` (same filesystem, so the rename is atomic)."""
-    return final.with_name(f".{final.stem}.{kind}-{os.getpid()}.tif")
+            with contextlib.suppress(OSError):  # a failing clean-up must not hide the cause
+                path.unlink(missing_ok=True)
 
 
 def _temporary(final: Path, kind: str, registry: list[Path]) -> Path:
     """A temporary name for ``final``, recorded in ``registry`` for cleanup."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = _temporary_name(final, kind)
+    path = temporary_name(final, kind)
     registry.append(path)
     return path
 
@@ -637,18 +678,25 @@ def run(args: argparse.Namespace) -> int:
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device, bf16=args.bf16)
-    progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
-    for source, (output, probabilities) in progress:
-        progress.set_postfix_str(source.name)
-        write_prediction(
-            source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
-        )
-        tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
+    for directory in dict.fromkeys(path.parent for pair in outputs for path in pair if path is not None):
+        for leftover in remove_stale_temporaries(directory):
+            print(f"removed {leftover}, left by a predict that was killed", file=sys.stderr)
+    with terminate_as_exit("lrss-ds predict"):  # SIGTERM unwinds through write_prediction's clean-up
+        progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
+        for source, (output, probabilities) in progress:
+            progress.set_postfix_str(source.name)
+            write_prediction(
+                source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
+            )
+            tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
     return 0
 
 
 def expand_inputs(pattern: str) -> list[Path]:
     """The raster files a ``--input`` value names: a file, a directory's rasters, or a glob.
+
+    Temporaries of a prediction writer (``.<name>.part-<pid>.tif``, see :func:`is_temporary`)
+    in a directory or a glob are skipped: they are unfinished or left by a killed run.
 
     Raises:
         InputFileError: nothing matches.
@@ -659,7 +707,9 @@ def expand_inputs(pattern: str) -> list[Path]:
     elif glob.has_magic(pattern):
         found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     else:
-        found = [path] if path.exists() else []
+        found = [path] if path.exists() else []  # a file named on its own is read as asked
+    if path.is_dir() or glob.has_magic(pattern):
+        found = [p for p in found if not is_temporary(p)]
     if not found:
         raise InputFileError(
             pattern, "no input raster found (give a GeoTIFF, a directory of .tif files or a quoted glob)"
@@ -693,6 +743,7 @@ def plan_outputs(
 
     Raises:
         OutputExistsError: an output exists and ``overwrite`` is false.
+        OutputError: an output is one of the input files (same path, hard link or symlink).
         LrssError: two inputs would write the same output.
     """
 
@@ -701,6 +752,7 @@ def plan_outputs(
         return base / f"{source.name}.tif" if as_directory else base
 
     planned = [(target(output, s), target(probabilities, s) if probabilities else None) for s in sources]
+    inputs = {_file_id(s.path): s.path for s in sources if s.path is not None and _file_id(s.path)}
     seen: dict[Path, str] = {}
     for source, paths in zip(sources, planned):
         for path in (p for p in paths if p is not None):
@@ -709,13 +761,63 @@ def plan_outputs(
                     path, f"both {seen[path]} and {source.where} would be written here; give inputs distinct names"
                 )
             seen[path] = source.where
+            same_input = inputs.get(_file_id(path))
+            if same_input is not None:
+                raise OutputError(
+                    path,
+                    f"is the input {same_input} ({_how_same(path, same_input)}); writing there would destroy it, "
+                    "so it is refused even with --overwrite: choose another --output",
+                )
             if path.exists() and not overwrite:
                 raise OutputExistsError(path, "already exists; pass --overwrite to replace it")
     return planned
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file ``path`` resolves to (following symlinks), or None if none."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _how_same(output: Path, source: Path) -> str:
+    """Why ``output`` is ``source``: the same path, a symlink, or a hard link."""
+    if output.absolute() == source.absolute():
+        return "the same path"
+    if output.resolve() == source.resolve():
+        return "the same file through a symlink"
+    return "a hard link to the same file"
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given."""
+    """The ``--device`` a user asked for, checked against this machine and this PyTorch build.
+
+    Args:
+        name: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or any other
+            PyTorch device string.
+
+    Returns:
+        the device.
+
+    Raises:
+        LrssError: an unknown device string, or a device this build or machine does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LrssError("--device", f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        build = "has no CUDA (a CPU-only build)" if device.type == "cuda" and torch.version.cuda is None else ""
+        problem = f"this PyTorch {torch.__version__} {build}" if build else f"no {device.type} device is available"
+        raise LrssError("--device", f"{name!r} asked, but {problem}; use --device cpu or auto")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise LrssError("--device", f"{name!r} asked, but this machine has {count} {device.type} device(s)")
+    return device

@@ -17,7 +17,7 @@ from lrss_ds.cli import main
 from lrss_ds.engine.model_io import load_model, load_state, resolve_checkpoint
 from lrss_ds.engine.predict import Predictor, open_geotiff, predictor_for, ramp, window_starts
 from lrss_ds.errors import InputFileError
-from tests.engine.test_predict_helpers import DATASET, build_stand_in, make_checkpoints, write_geotiff
+from tests.engine.test_predict_helpers import DATASET, build_stand_in, make_checkpoints, one_line_error, write_geotiff
 
 RGB_BYTE = Path("/work/shared/realdata/rasterio_rgb_byte/RGB.byte.tif")
 MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
@@ -318,21 +318,12 @@ def test_exported_weights_reload_to_identical_outputs(runs: dict[str, Path], tmp
 # ------------------------------------------------------------------------------ bad input
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"lrss-ds {argv[0]}: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def test_bad_inputs_get_one_line_errors(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = str(runs["point"])
     four = write_geotiff(tmp_path / "four.tif", _image(20, 20, bands=4))
-    _one_line_error(
+    one_line_error(
         capsys,
         ["predict", "--checkpoint", ckpt, "--input", str(four), "--output", str(tmp_path / "o1.tif")],
         str(four),
@@ -340,21 +331,21 @@ def test_bad_inputs_get_one_line_errors(
         "trained on 3",
     )
     wide = write_geotiff(tmp_path / "wide.tif", _image(20, 20, dtype="uint16"))
-    _one_line_error(
+    one_line_error(
         capsys,
         ["predict", "--checkpoint", ckpt, "--input", str(wide), "--output", str(tmp_path / "o2.tif")],
         str(wide),
         "uint16",
         "uint8",
     )
-    _one_line_error(
+    one_line_error(
         capsys,
         ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "none*.tif"), "--output", str(tmp_path / "o3.tif")],
         "none*.tif",
     )
     text = tmp_path / "not_a_raster.tif"
     text.write_text("hello")
-    _one_line_error(
+    one_line_error(
         capsys,
         ["predict", "--checkpoint", ckpt, "--input", str(text), "--output", str(tmp_path / "o4.tif")],
         str(text),
@@ -393,7 +384,7 @@ def test_existing_output_is_refused_unless_overwrite(
     output = tmp_path / "exists.tif"
     output.write_bytes(b"keep me")
     argv = ["predict", "--checkpoint", str(runs["point"]), "--input", str(source), "--output", str(output)]
-    _one_line_error(capsys, argv, str(output), "--overwrite")
+    one_line_error(capsys, argv, str(output), "--overwrite")
     assert output.read_bytes() == b"keep me"
     assert main(argv + ["--overwrite"]) == 0
     with rasterio.open(output) as out:
@@ -414,13 +405,13 @@ def test_corrupt_checkpoints_name_the_file(
         file = broken / "checkpoints" / "step_0000002" / victim
         file.write_bytes(file.read_bytes()[:100])
         output = tmp_path / f"{victim}.tif"
-        _one_line_error(
+        one_line_error(
             capsys, ["predict", "--checkpoint", str(broken), "--input", str(source), "--output", str(output)], str(file)
         )
         assert not output.exists()
     weights = tmp_path / "junk.pt"
     weights.write_bytes(b"\x00" * 64)
-    _one_line_error(
+    one_line_error(
         capsys, ["export", "--checkpoint", str(weights), "--output", str(tmp_path / "w.pt")], str(weights), "corrupt"
     )
     with pytest.raises(InputFileError, match="not a checkpoint"):

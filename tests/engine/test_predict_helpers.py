@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import rasterio
 import torch
 from torch import nn
@@ -215,3 +216,15 @@ def _save_all(specs: list[dict[str, Any]]) -> None:
         }
         if int(os.environ.get("RANK", "0")) == 0:
             (root / tag / "lrss_meta.json").write_text(json.dumps(meta))
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *fragments: str) -> str:
+    """Run ``lrss-ds argv``; assert exit 1 and one ``lrss-ds <command>: error:`` line holding ``fragments``."""
+    from lrss_ds.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lrss-ds {argv[0]}: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
