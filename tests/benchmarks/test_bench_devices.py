@@ -7,6 +7,7 @@ loss, the predictor and the checkpoint loader say which device each one was hand
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,77 @@ def test_benchmark_header_names_the_accelerator_device_and_backend() -> None:
     accelerator = header["accelerator"]
     assert accelerator["name"] == "cpu" and accelerator["device"] == "cpu"
     assert accelerator["backend"] in ("gloo", "ccl")
+
+
+def test_memory_time_note_names_the_accelerator_that_ran() -> None:
+    import memory_time
+
+    cpu = {"name": "cpu", "device": "cpu", "backend": "gloo", "device_model": None}
+    gpu = {"name": "cuda", "device": "cuda:0", "backend": "nccl", "device_model": "NVIDIA A100-SXM4-80GB"}
+    assert "n/a (CPU)" in memory_time._device_note(cpu) and "backend gloo" in memory_time._device_note(cpu)
+    note = memory_time._device_note(gpu)
+    assert "cuda:0" in note and "nccl" in note and "A100" in note and "n/a" not in note
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_bf16_convergence_runs_keep_the_nodes_accelerator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         gpu: bool) -> None:
+    import subprocess
+
+    import bf16_convergence
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    envs = []
+
+    def run(command: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess:
+        envs.append(env)
+        return subprocess.CompletedProcess(command, 1, stdout="stand-in")
+
+    monkeypatch.setattr(bf16_convergence.subprocess, "run", run)
+    (tmp_path / "runs" / "fp32_seed0").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        bf16_convergence.train_once(tmp_path, "fp32", 0, [], threads=1)
+    assert envs[0].get("DS_ACCELERATOR") == (None if gpu else "cpu")
+
+
+
+def test_fullscene_leaves_the_accelerator_to_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither the parent (on a GPU node) nor the child sets DS_ACCELERATOR or a backend of its own."""
+    import argparse
+    import subprocess
+
+    import deepspeed
+
+    import fullscene_train
+    import lrss_ds.engine.setup as setup
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    envs = []
+
+    def run(command: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess:
+        envs.append(env)
+        return subprocess.CompletedProcess(command, 1, stdout="", stderr="stand-in")
+
+    monkeypatch.setattr(fullscene_train.subprocess, "run", run)
+    args = argparse.Namespace(need_gib=0.0, max_wait=0.0, preset="none", height=128, width=128, bands=4, steps=1,
+                              dw_method="auto", default_allocator=True)
+    with pytest.raises(SystemExit):
+        fullscene_train._run_child(args, "fp32")
+    assert "DS_ACCELERATOR" not in envs[0]
+
+    backends = []
+
+    def init(*args: Any, **kwargs: Any) -> None:
+        backends.append(kwargs.get("dist_backend"))
+        raise Stop
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init)
+    monkeypatch.setattr(setup, "init_distributed", init)
+    with pytest.raises(Stop):
+        fullscene_train.run_step(args)
+    assert "DS_ACCELERATOR" not in os.environ and backends == [None]
