@@ -290,7 +290,8 @@ def check_collective(args: argparse.Namespace) -> CheckResult:
         except subprocess.TimeoutExpired:
             for other in children:
                 other.kill()
-            return CheckResult("collective", False, reason=f"{world} ranks did not finish in {args.timeout:.0f} s")
+                other.wait()
+            return CheckResult("collective", False, reason=f"{world} ranks did not finish in {args.timeout:g} s")
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if child.returncode != 0 or not lines:
             errors.append(f"rank {rank} exited {child.returncode}: {_last_error(err)}")
@@ -357,7 +358,7 @@ def check_training(args: argparse.Namespace) -> CheckResult:
             status = subprocess.run(command, env=launcher_env(), stdout=log, stderr=subprocess.STDOUT,
                                     timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
-            return CheckResult("training", False, lines, f"no result in {args.timeout:.0f} s; see {log_path}")
+            return CheckResult("training", False, lines, f"no result in {args.timeout:g} s; see {log_path}")
     if status != 0:
         tail = _last_error(log_path.read_text())
         return CheckResult("training", False, lines, f"the launcher exited {status} ({tail}); see {log_path}")
