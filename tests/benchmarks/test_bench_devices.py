@@ -261,3 +261,28 @@ def test_fullscene_leaves_the_accelerator_to_the_node(monkeypatch: pytest.Monkey
     with pytest.raises(Stop):
         fullscene_train.run_step(args)
     assert "DS_ACCELERATOR" not in os.environ and backends == [None]
+
+
+def test_lrd_kernel_timings_run_on_the_accelerator_and_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepspeed.accelerator
+
+    import lrd_kernels
+
+    class Accelerator(_FakeAccelerator):
+        syncs = 0
+
+        def synchronize(self) -> None:
+            Accelerator.syncs += 1
+
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Accelerator())
+    devices = []
+    original = lrd_kernels.depthwise_conv2d
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
+        devices.append((x.device, weight.device))
+        return original(x, weight, *args)
+
+    monkeypatch.setattr(lrd_kernels, "depthwise_conv2d", recording)
+    lrd_kernels.bench_depthwise(4, 8, 8, 3, torch.float32, "direct", repeats=2)
+    assert set(devices) == {(META, META)}
+    assert Accelerator.syncs == 2 * (1 + 2)  # forward and train step: warm-up + 2 timed runs each
