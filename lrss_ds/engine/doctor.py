@@ -148,7 +148,10 @@ def check_versions(args: argparse.Namespace) -> CheckResult:
     except Exception as error:  # noqa: BLE001 - reported, not raised
         return CheckResult("versions", False, [f"torch {torch.__version__}"], f"DeepSpeed does not import: {error}")
     cuda = torch.cuda.is_available()
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else "n/a (no CUDA device)"
+    nccl = "n/a (no CUDA device)"
+    if cuda:
+        version = torch.cuda.nccl.version()  # a tuple in torch 2.x, an int in older releases
+        nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     cudnn = torch.backends.cudnn.version() if cuda else None
     lines = [
         f"python {platform.python_version()}, torch {torch.__version__} (built for CUDA {torch.version.cuda}), "
