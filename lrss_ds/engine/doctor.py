@@ -191,7 +191,8 @@ def check_accelerator(args: argparse.Namespace) -> CheckResult:
         f"DeepSpeed picks the {accel['name']} accelerator: device {accel['device']}"
         + (f" ({accel['device_model']})" if accel["device_model"] else "")
         + f", {get_accelerator().device_count()} device(s), backend {accel['backend']}",
-        f"DS_ACCELERATOR={accel['DS_ACCELERATOR']}; GPUs on this node (nvidia-smi, /dev): {'yes' if hardware else 'no'}",
+        f"DS_ACCELERATOR={accel['DS_ACCELERATOR']}; "
+        f"GPUs on this node (nvidia-smi, /dev): {'yes' if hardware else 'no'}",
     ]
     if accel["name"] == "cpu" and hardware:
         env_chosen = os.environ.get("LRSS_DS_AUTO_ACCELERATOR") == os.environ.get("DS_ACCELERATOR")
@@ -368,14 +369,15 @@ def check_training(args: argparse.Namespace) -> CheckResult:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     run_log = (run_dir / "log.txt").read_text()
     # log.txt lines are "HH:MM:SS text"; the trainer names its accelerator in one of them
-    said = [line.split(" ", 1)[-1] for line in run_log.splitlines() if line.split(" ", 1)[-1].startswith("accelerator ")]
+    texts = [line.split(" ", 1)[-1] for line in run_log.splitlines()]
+    said = [text for text in texts if text.startswith("accelerator ")]
     miou = (metrics.get("final") or {}).get("miou")
     lines.append(f"{metrics['iteration']} iterations on {metrics['world_size']} rank(s), loss "
                  f"{metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}, val mIoU "
                  + ("not computed" if miou is None else f"{miou:.3f}"))
     lines.append("the run's log: " + (said[0] if said else "(no accelerator line)"))
     memory = metrics.get("memory", {})
-    lines.append("memory (training and evaluation, rank 0): "
+    lines.append("memory over the run (rank 0, metrics.json): "
                  + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in memory.items()))
     expected = f"accelerator {get_accelerator().device_name()} "
     if metrics["iteration"] != iterations or not metrics.get("finished"):

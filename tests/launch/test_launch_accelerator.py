@@ -9,7 +9,6 @@ The scripts run in bash subprocesses against stand-ins on PATH: ``nvidia-smi`` t
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
