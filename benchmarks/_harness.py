@@ -151,12 +151,16 @@ def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict
         extra: more key/value pairs (e.g. the cap used).
 
     Returns:
-        A JSON-able dict: date, host CPU, cores, RAM, OS, Python/torch/DeepSpeed/numpy
+        A JSON-able dict: date, host CPU, cores, RAM, the accelerator (name, device, backend,
+        as ``lrss_ds.engine.setup.accelerator_summary`` reports it in this process, which
+        starts the children with the same environment), OS, Python/torch/DeepSpeed/numpy
         versions, git commit, torch threads, allocator settings, load, conditions.
     """
     import numpy
     import psutil
     import torch
+
+    from lrss_ds.engine.setup import accelerator_summary
 
     try:
         import deepspeed
@@ -164,13 +168,12 @@ def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict
         ds_version = deepspeed.__version__
     except Exception:  # noqa: BLE001 - the header still says which one is missing
         ds_version = "not importable"
-    device = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     header = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
-        "device": device,
+        "accelerator": accelerator_summary(),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "torch": torch.__version__,

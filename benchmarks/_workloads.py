@@ -153,7 +153,7 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
     the choice kinder to the patch baseline.
 
     Args:
-        net: the model (train mode is set and restored here).
+        net: the model (train mode is set and restored here); samples go to its parameters' device.
         scenes: training scenes.
         patch: patch side for patch-trained models, ``None`` for whole scenes.
         pixels: how many input pixels to forward (whole scenes or patches of them).
@@ -174,16 +174,30 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
         m.momentum = None  # cumulative average of the per-sample statistics
     was_training = net.training
     net.train()
+    device = model_device(net)
     count, seen = 0, 0
     with torch.no_grad():
         while seen < pixels:
             image, label = sample(scenes, patch, rng, batch)
-            net(torch.from_numpy(image))
+            net(torch.from_numpy(image).to(device))
             count, seen = count + 1, seen + label.size
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     net.train(was_training)
     return count
+
+
+def model_device(net: Any) -> Any:
+    """The ``torch.device`` holding ``net``'s parameters (where its inputs must go)."""
+    return next(net.parameters()).device
+
+
+def accelerator_device() -> Any:
+    """The ``torch.device`` DeepSpeed's accelerator computes on in this process (``cuda:0``, ``cpu``)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def _class_names() -> list[str]:
@@ -206,7 +220,7 @@ def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classe
     """Predict ``scenes`` with ``lrss_ds.engine.predict.Predictor`` and score them.
 
     Args:
-        model: eval-mode model.
+        model: eval-mode model; it predicts on the device that holds it.
         scenes: ``[(image, label)]``.
         num_classes: K.
         window: sliding-window size (local inference) or ``None`` (global: whole scene).
@@ -221,7 +235,8 @@ def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classe
     from lrss_ds.engine.predict import Predictor, RasterSource
 
     window_hw = None if window is None else (window, window)
-    predictor = Predictor(model=model, num_classes=num_classes, ignore_index=None, window=window_hw, overlap=overlap)
+    predictor = Predictor(model=model, num_classes=num_classes, ignore_index=None, window=window_hw, overlap=overlap,
+                          device=model_device(model))
     matrix = ConfusionMatrix(num_classes, 255)
     times = []
     for index, (image, label) in enumerate(scenes):
@@ -338,8 +353,8 @@ def short_train(
     while cpu_seconds() - start_cpu < budget_cpu_s and steps < max_steps:
         batch = patch_batch if sample_patch is not None else 1
         image, label = sample(train, sample_patch, rng, batch)
-        x = torch.from_numpy(image)
-        y = torch.from_numpy(label)
+        x = torch.from_numpy(image).to(engine.device)
+        y = torch.from_numpy(label).to(engine.device)
         loss = loss_fn(engine(x), y)
         engine.backward(loss)
         engine.step()
@@ -424,7 +439,7 @@ def infer(
         net.load_state_dict(saved["state_dict"])
     else:
         net = build_model(spec.model, num_classes, bands, **options_for(spec, patch))
-    net.eval()
+    net.to(accelerator_device()).eval()
     data = synthetic_scenes(scenes, size, bands, seed, water_scale)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model and scenes loaded
     window = patch if view == "local" else None
@@ -459,8 +474,8 @@ def evaluate_checkpoint(
     from lrss_ds.engine.model_io import load_model
     from lrss_ds.engine.predict import predictor_for
 
-    model, meta = load_model(checkpoint)
-    predictor = predictor_for(model, meta)
+    model, meta = load_model(checkpoint, device=accelerator_device())
+    predictor = predictor_for(model, meta, device=model_device(model))
     val = synthetic_scenes(val_scenes, size, bands, seed, water_scale)
     window = None if predictor.window is None else int(predictor.window[0])
     scores = evaluate(model, val, model.num_classes, window, predictor.overlap)

@@ -24,7 +24,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -70,8 +69,10 @@ def train_once(out: Path, precision: str, seed: int, overrides: list[str], threa
         f"data.store={out / f'store_{data_key}'}", f"train.seed={seed}",
         f"memory.bf16={'true' if precision == 'bf16' else 'false'}", *overrides,
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore::FutureWarning")
+    from lrss_ds.engine.demo import launcher_env
+
+    # The node's accelerator: launcher_env sets the CPU one only where no GPU is present.
+    env = dict(launcher_env(), OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore::FutureWarning")
     recorded = run_dir / "wall_s.txt"
     settings = run_dir / "overrides.json"
     same = settings.is_file() and json.loads(settings.read_text()) == overrides
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.iterations={args.iterations}")
     header = machine_header(
         f"{EXPERIMENT.name} with overrides {overrides or 'none'}; seeds {seeds}; each run a fresh "
-        f"`lrss-ds train` process (one rank, ZeRO-2 + CPU optimizer offload) with {args.threads} intra-op "
+        f"`lrss-ds train` process (one rank, ZeRO-2 + host optimizer offload) with {args.threads} intra-op "
         f"thread(s), runs one after another. {args.conditions}".strip()
     )
     runs = []
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict_row = [{"measure": key, "value": value} for key, value in summary.items()]
     report = Report(
         name="bf16_convergence",
-        title="bf16 autocast vs fp32 on the main job's synthetic task (measured here, CPU)",
+        title=f"bf16 autocast vs fp32 on the main job's synthetic task (measured here, "
+              f"{header['accelerator']['name']} accelerator)",
         header=header,
         tables=[("Runs", columns, rows),
                 ("bf16 minus fp32, against fp32's own seed spread", [Column("measure", "Measure"),

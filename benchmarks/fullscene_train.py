@@ -1,7 +1,8 @@
 """One holistic whole-scene EHSNet training step (forward, backward, ZeRO-Offload step): peak RSS and time.
 
 Each precision runs in a fresh Python process (so one run's heap never colours the next), as
-a single DeepSpeed rank on the CPU accelerator: ZeRO-2 with the optimizer offloaded to the host
+a single DeepSpeed rank on the node's accelerator (the CPU one only where no GPU is present;
+the record names it): ZeRO-2 with the optimizer offloaded to the host
 (``DeepSpeedCPUAdam``), the model prepared with a memory preset of ``lrss_ds.memory``. The scene
 is synthetic (uint8 bands, blocky labels) at the size of a whole FBP scene, 4 x 6908 x 7300.
 
@@ -22,7 +23,6 @@ import datetime as dt
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +43,6 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # --- the child: one training step ---------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _synthetic_scene(bands: int, height: int, width: int, classes: int, seed: int) -> tuple[Any, Any]:
@@ -75,29 +69,22 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     """Build EHSNet and DeepSpeed, then time ``args.steps`` whole-scene training steps.
 
     Returns:
-        the record: sizes, mode, peak RSS (``ru_maxrss``), step seconds and their phases.
+        the record: sizes, mode, accelerator, peak RSS (``ru_maxrss``), the accelerator's peak
+        allocated/reserved bytes (``None`` on the CPU accelerator), step seconds and their phases.
     """
-    os.environ.update(
-        {
-            "DS_ACCELERATOR": "cpu",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-        }
-    )
     import deepspeed
     import torch
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from lrss_ds.data.catalog import get_dataset
+    from lrss_ds.engine.setup import accelerator_summary, init_distributed
     from lrss_ds.memory import SavedTensorLedger, apply_memory_mode, get_memory_mode, prepare_model
     from lrss_ds.models import build_model
     from lrss_ds.models.losses import build_loss
 
     started = time.perf_counter()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # one rank on a free loopback port, the accelerator's backend
     spec = get_dataset("fbp")
     classes = len(spec.classes)
     mode = get_memory_mode(args.preset)
@@ -115,7 +102,11 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     init_seconds = time.perf_counter() - t_build
     loss_fn = build_loss("ehsnet", classes, spec.ignore_index, band_rows=mode.loss_band_rows)
-    image, label = _synthetic_scene(args.bands, args.height, args.width, classes, seed=1)
+    image, label = (t.to(engine.device) for t in _synthetic_scene(args.bands, args.height, args.width, classes, 1))
+    accelerator = get_accelerator()
+    on_device = accelerator.device_name() != "cpu"
+    if on_device:
+        accelerator.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     ledger = SavedTensorLedger()
     steps = []
@@ -144,6 +135,10 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         )
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    device_peaks = {
+        "device_peak_allocated_gib": round(accelerator.max_memory_allocated() / GIB, 3) if on_device else None,
+        "device_peak_reserved_gib": round(accelerator.max_memory_reserved() / GIB, 3) if on_device else None,
+    }
     return {
         "model": "ehsnet",
         "backbone": "hrnet_w18",
@@ -158,6 +153,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         "memory_mode_fields": mode.to_dict(),
         "dw_method": dw_method,
         "peak_rss_gib": round(peak_rss_gib, 3),
+        **device_peaks,
         "rss_before_step_gib": round(rss_before, 3),
         "step_seconds": steps[-1]["step_seconds"],
         "steps": steps,
@@ -167,7 +163,8 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         "deepspeed_init_seconds": round(init_seconds, 2),
         "optimizer": "DeepSpeedCPUAdam (ZeRO-2, offload_optimizer cpu)",
         "ds_config": ds_config,
-        "device": "cpu",
+        "device": str(engine.device),
+        "accelerator": accelerator_summary(),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -182,18 +179,6 @@ def _available_gib() -> float:
     import psutil
 
     return psutil.virtual_memory().available / GIB
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def _wait_for_memory(need_gib: float, max_wait_s: float) -> float:
@@ -217,10 +202,11 @@ def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "--size", f"{args.height}x{args.width}", "--bands", str(args.bands), "--steps", str(args.steps),
         "--dw-method", args.dw_method,
     ]
-    env = dict(os.environ)
+    from lrss_ds.engine.demo import launcher_env
+
+    env = launcher_env()  # the CPU accelerator only where this node has no GPU
     if not args.default_allocator:
         env.update(ALLOCATOR_ENV)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     print(f"[{precision}] {' '.join(cmd[2:])} (available {available:.1f} GiB)", flush=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -244,14 +230,22 @@ def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     return record
 
 
+def _accelerator(record: dict[str, Any]) -> dict[str, Any]:
+    """The accelerator a record ran on (records written before it was recorded ran on the CPU one)."""
+    return record.get("accelerator") or {"name": "cpu", "device": "cpu", "backend": "gloo", "device_model": None}
+
+
 def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    accel = _accelerator(records[0])
+    gpu = accel["device_model"] or "no GPU"
     lines = [
-        "# Whole-scene EHSNet training step on CPU",
+        f"# Whole-scene EHSNet training step on {accel['name'].upper()}",
         "",
         "One holistic training step of EHSNet-W18 (output stride 8) on a whole "
         f"{records[0]['bands']} x {records[0]['height']} x {records[0]['width']} scene — forward, backward and "
         "the ZeRO-Offload optimizer step (ZeRO-2, `offload_optimizer` cpu, DeepSpeedCPUAdam) — "
-        "as one DeepSpeed rank on the CPU accelerator, each precision in a fresh process.",
+        f"as one DeepSpeed rank on the {accel['name']} accelerator ({accel['device']}, backend {accel['backend']}), "
+        "each precision in a fresh process.",
         "Reproduce: `python benchmarks/fullscene_train.py` (sizes: `--size HxW`).",
         "",
         "| dtype | memory preset | peak RSS GiB | target GiB | step s | fwd+loss s | bwd s | opt. step s | "
@@ -268,7 +262,7 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines += [
         "",
         "## Conditions",
-        f"- Machine: {header['cpu']}, {header['logical_cores']} logical cores, {header['ram_gib']} GiB RAM, no GPU; "
+        f"- Machine: {header['cpu']}, {header['logical_cores']} logical cores, {header['ram_gib']} GiB RAM, {gpu}; "
         f"torch {records[0]['torch']} ({records[0]['torch_threads']} threads), DeepSpeed {records[0]['deepspeed']}; "
         + ", ".join(f"{r['dtype']} run {r.get('date', header['date'])}" for r in records) + ".",
         f"- Allocator: `MALLOC_MMAP_THRESHOLD_={records[0]['allocator_env']['MALLOC_MMAP_THRESHOLD_']}` "
@@ -351,14 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         for record in kept:  # the ZeRO JSON is the same for every precision; records carry it
             record.setdefault("ds_config", earlier.get("ds_config"))
         records = sorted(kept + records, key=lambda r: ["bf16", "fp32"].index(r["dtype"]))
-    import psutil
+    from benchmarks._harness import machine_header
 
-    header = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
-    }
+    header = machine_header(f"whole-scene step at {args.height}x{args.width}, precisions {args.precision}")
     write_results(records, header, args.out)
     return 0
 
@@ -374,6 +363,7 @@ def write_results(records: list[dict[str, Any]], header: dict[str, Any], out: Pa
         "cpu_model": header["cpu"],
         "logical_cores": header["logical_cores"],
         "ram_gib": header["ram_gib"],
+        "header": header,
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "ds_config": records[0]["ds_config"],

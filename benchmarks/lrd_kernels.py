@@ -2,14 +2,16 @@
 
 Usage::
 
-    DS_ACCELERATOR=cpu python benchmarks/lrd_kernels.py [--height 213 --width 225]
+    python benchmarks/lrd_kernels.py [--height 213 --width 225]
         [--channels 256] [--repeats 3] [--dtypes float32 bfloat16] [--out benchmarks/results]
 
 The default feature size, 256 x 213 x 225, is 1/16 of the area of the stride-8 feature map
 of a 6800x7200 FBP scene (256 x 850 x 900); time scales linearly with area for the direct
 convolutions and as ``N log N`` for the FFT weight gradient, so the ratios carry over.
 Each measurement is one warm-up then ``--repeats`` timed runs; the median and the minimum
-are reported, with the 1-minute load average before and after (the machine is shared).
+are reported, with the 1-minute load average before and after (the machine is shared). The
+tensors live on DeepSpeed's accelerator device (the CPU where no GPU is present); each timed
+run ends with the accelerator's ``synchronize()`` so that queued device work is counted.
 Writes ``lrd_kernels.json`` and ``lrd_kernels.md`` into ``--out``.
 """
 
@@ -35,17 +37,29 @@ from lrss_ds.models.lrd import LRDModule  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def device() -> torch.device:
+    """The device DeepSpeed's accelerator computes on in this process."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def time_it(fn: Callable[[], None], repeats: int) -> dict[str, float]:
     """Median and minimum wall seconds, and median process CPU seconds, of ``repeats`` runs.
 
     One warm-up run first. The CPU time (all threads of this process) is less disturbed than
     the wall time when other jobs compete for the cores.
     """
+    from deepspeed.accelerator import get_accelerator
+
+    sync = get_accelerator().synchronize
     fn()
+    sync()
     times, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return {"median_s": statistics.median(times), "min_s": min(times), "cpu_median_s": statistics.median(cpu), "runs": repeats}
@@ -54,9 +68,10 @@ def time_it(fn: Callable[[], None], repeats: int) -> dict[str, float]:
 def bench_depthwise(channels: int, height: int, width: int, kernel: int, dtype: torch.dtype, method: str, repeats: int) -> dict:
     """Forward and forward+backward of one depth-wise convolution."""
     torch.manual_seed(0)
-    x = torch.randn(1, channels, height, width, dtype=dtype, requires_grad=True)
-    weight = torch.randn(channels, 1, kernel, kernel, dtype=dtype, requires_grad=True)
-    grad = torch.randn(1, channels, height, width, dtype=dtype)
+    on = device()
+    x = torch.randn(1, channels, height, width, dtype=dtype, device=on, requires_grad=True)
+    weight = torch.randn(channels, 1, kernel, kernel, dtype=dtype, device=on, requires_grad=True)
+    grad = torch.randn(1, channels, height, width, dtype=dtype, device=on)
 
     def forward() -> None:
         with torch.no_grad():
@@ -77,8 +92,8 @@ def bench_depthwise(channels: int, height: int, width: int, kernel: int, dtype: 
 def bench_lrd(in_channels: int, channels: int, height: int, width: int, dtype: torch.dtype, method: str, channels_last: bool, repeats: int) -> dict:
     """Forward and forward+backward of the whole LRD module (train mode)."""
     torch.manual_seed(0)
-    lrd = LRDModule(in_channels, k=channels, d=channels, dw_method=method).to(dtype)
-    x = torch.randn(1, in_channels, height, width, dtype=dtype, requires_grad=True)
+    lrd = LRDModule(in_channels, k=channels, d=channels, dw_method=method).to(device(), dtype)
+    x = torch.randn(1, in_channels, height, width, dtype=dtype, device=device(), requires_grad=True)
     if channels_last:
         lrd = lrd.to(memory_format=torch.channels_last)
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -106,10 +121,19 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from lrss_ds.engine.setup import accelerator_summary
+
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "accelerator": accelerator_summary(),
     }
+
+
+def _accelerator_text(mach: dict) -> str:
+    """Where the tensors lived (runs recorded before the accelerator was recorded ran on the CPU)."""
+    accel = mach.get("accelerator") or {"name": "cpu", "device": "cpu"}
+    return f"{accel['name']} accelerator, device {accel['device']}"
 
 
 def _ms(timing: dict, digits: int = 1) -> str:
@@ -131,6 +155,7 @@ def to_markdown(result: dict) -> str:
             f"- {run['sections']}: feature map {size['channels']} x {size['height']} x {size['width']} "
             f"(batch 1; {run['note']}); LRD input channels {run['lrd_in_channels']}. {mach['cpu']}, "
             f"{mach['cores']} cores, torch {mach['torch']}, {mach['threads']} threads, {mach['date']}; "
+            f"{_accelerator_text(mach)}; "
             f"load average (1 min) before {run['load_before']:.1f}, after {run['load_after']:.1f}."
         )
     lines += [""] + [f"{note}" for note in result.get("notes", [])] + [

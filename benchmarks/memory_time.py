@@ -441,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             ("THEIR figures: " + _papers.GLSNET_TABLE6_SOURCE, _papers.GLSNET_ABLATION_COLUMNS, _papers.GLSNET_TABLE6),
         ],
         notes=[
-            "Device peak MiB: the accelerator allocator's peak; this machine has no accelerator, so it is n/a (CPU) "
-            "and JSON null. Saved act. columns: the memory ledger's peak bytes of tensors autograd saved for "
+            _device_note(header["accelerator"]) + " Saved act. columns: the memory ledger's peak bytes of tensors autograd saved for "
             "backward, on the device and in total with the offloaded ones (on CPU 'offloaded' bytes are still in "
             "RAM, so peak RSS is the honest memory figure here).",
             "Host peak RSS: the configuration's process peak resident set (kernel ru_maxrss), including the "
@@ -460,6 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_report(report, args.out):
         print(path)
     return 0
+
+
+def _device_note(accelerator: dict[str, Any]) -> str:
+    """What the device-peak column holds on the accelerator this report ran on (header ``accelerator``)."""
+    where = f"{accelerator['name']} accelerator, device {accelerator['device']}, backend {accelerator['backend']}"
+    if accelerator["name"] == "cpu":
+        return (f"Device peak MiB: the accelerator allocator's peak; this report ran on DeepSpeed's {where}, "
+                "which has no device allocator, so it is n/a (CPU) and JSON null.")
+    model = f" ({accelerator['device_model']})" if accelerator.get("device_model") else ""
+    return f"Device peak MiB: the accelerator allocator's peak, measured on the {where}{model}."
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ def _machine() -> dict:
     import rasterio
     import zarr
 
+    from lrss_ds.engine.setup import accelerator_summary
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -167,6 +169,8 @@ def _machine() -> dict:
         "numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
         "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        # the node's accelerator, for comparing reports; this benchmark reads on the host only
+        "accelerator": accelerator_summary(),
     }
 
 

@@ -38,9 +38,11 @@ export PATH="$venv/bin:$PATH"
 # blocks the next one. One cache per environment; a value set by the caller wins.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}"
 # DeepSpeed picks the CPU accelerator by itself when no GPU is visible; saying so avoids a
-# probe warning on every start. A user with GPUs leaves DS_ACCELERATOR unset.
-if ! "$venv/bin/python" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
+# probe warning on every start. The value is marked as env.sh's own (LRSS_DS_AUTO_ACCELERATOR),
+# so that slurm.sbatch and multi_node.sh decide again on the nodes that run the ranks instead of
+# carrying this machine's answer to GPU nodes (launch/accelerator.sh). A value set by the
+# caller is kept as it is.
+. "$root/launch/accelerator.sh"
+lrss_ds_decide_accelerator
 cd "$root"
 exec "$@"

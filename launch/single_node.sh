@@ -7,6 +7,9 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 config="${1:?usage: $0 EXPERIMENT.yaml [--output DIR] [--resume] [key=value ...]}"; shift
+# The accelerator is this node's (launch/accelerator.sh), not one chosen where env.sh ran.
+. "$root/launch/accelerator.sh"
+lrss_ds_decide_accelerator
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lrss_ds.engine.export", "consolidate a checkpoint into one fp32 weights file"),
     "plan": ("lrss_ds.engine.plan", "predict peak memory per memory mode and recommend one"),
     "demo": ("lrss_ds.engine.demo", "the main job: synthesize, ingest, train and evaluate on CPU"),
+    "doctor": ("lrss_ds.engine.doctor", "preflight on this node: versions, accelerator, ops, a collective, a short run"),
 }
 
 

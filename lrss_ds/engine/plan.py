@@ -104,9 +104,23 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _has_cuda_cheap() -> bool:
-    """Whether CUDA looks present, without importing torch (a probe must not pay for it)."""
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidia0").exists()
+def _has_cuda_cheap(dev: Path = Path("/dev")) -> bool:
+    """Whether CUDA looks present, without importing torch (a probe must not pay for it).
+
+    Any ``/dev/nvidiaN`` counts: a node whose scheduler exposes only its job's GPUs (cgroup
+    device filtering) may show ``/dev/nvidia2`` and ``/dev/nvidia3`` but no ``/dev/nvidia0``.
+    ``/dev/nvidiactl`` and ``/dev/nvidia-uvm`` exist wherever the driver is loaded, GPU or not.
+
+    Args:
+        dev: the device directory to look in.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+        return True
+    try:
+        names = os.listdir(dev)
+    except OSError:
+        return False
+    return any(name.startswith("nvidia") and name[len("nvidia"):].isdigit() for name in names)
 
 
 def run_isolated(

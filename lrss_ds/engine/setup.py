@@ -90,6 +90,44 @@ def init_distributed() -> DistInfo:
     )
 
 
+def accelerator_summary() -> dict[str, Any]:
+    """Which accelerator, device and communication backend this process uses, asked now.
+
+    The backend is the open process group's (``torch.distributed.get_backend()``); before one is
+    open, the one DeepSpeed will open (the accelerator's ``communication_backend_name()``).
+
+    Returns:
+        ``name`` (``cuda``, ``cpu``...), ``device`` (``cuda:0``, ``cpu``), ``backend``
+        (``nccl``, ``gloo``...), ``backend_source`` (``process group`` or ``accelerator``),
+        ``device_model`` (the GPU's name; ``None`` on CPU), ``DS_ACCELERATOR`` (as set, or
+        ``"unset"``: DeepSpeed then chose by itself).
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    name = accelerator.device_name()
+    opened = dist.is_available() and dist.is_initialized()
+    return {
+        "name": name,
+        "device": accelerator.current_device_name(),
+        "backend": dist.get_backend() if opened else accelerator.communication_backend_name(),
+        "backend_source": "process group" if opened else "accelerator",
+        "device_model": torch.cuda.get_device_name(torch.cuda.current_device()) if name == "cuda" else None,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "unset"),
+    }
+
+
+def describe_accelerator() -> str:
+    """One log line naming the accelerator, device and backend in use (see :func:`accelerator_summary`)."""
+    summary = accelerator_summary()
+    device = summary["device"] + (f" ({summary['device_model']})" if summary["device_model"] else "")
+    return (
+        f"accelerator {summary['name']} on {device}, backend {summary['backend']} "
+        f"(DS_ACCELERATOR={summary['DS_ACCELERATOR']})"
+    )
+
+
 def release_shared_memory_name() -> None:
     """Unlink this rank's DeepSpeed CPU all-reduce buffer name from ``/dev/shm`` once all ranks hold it.
 

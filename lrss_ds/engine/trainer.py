@@ -28,6 +28,7 @@ from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
     DistInfo,
+    describe_accelerator,
     init_distributed,
     initialize_engine,
     load_deepspeed_json,
@@ -289,6 +290,7 @@ def train(run: Run, resume: bool) -> int:
     losses_this_iteration: list[float] = []
     last_eval: dict[str, Any] | None = None
     exit_code = 0
+    run.say(describe_accelerator())
     run.say(
         f"training {run.meta['model']['name']} for {cfg.iterations} iterations on {run.dist.world_size} rank(s), "
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "

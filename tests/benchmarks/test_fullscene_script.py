@@ -34,8 +34,13 @@ def test_fullscene_step_per_precision_merged(tmp_path: Path) -> None:
         assert run["loss_finite"] and run["peak_rss_gib"] > 0.1 and run["step_seconds"] > 0
         assert run["batchnorm_stats_dtype"] == "torch.float32"
         assert run["meets_target"] is None  # targets are for the whole scene only
+        assert run["accelerator"]["backend_source"] == "process group"
+        assert run["device"] == run["accelerator"]["device"] == "cpu"  # this machine has no GPU
+        assert run["device_peak_allocated_gib"] is None
+    assert result["header"]["accelerator"]["name"] == "cpu"
     for key in ("model", "height", "width", "bands", "memory_mode", "peak_rss_gib", "step_seconds", "device",
                 "torch", "deepspeed", "date"):
         assert key in result, key
     note = out.with_suffix(".md").read_text()
     assert "| bf16 | `fullres_bf16` |" in note and "| fp32 | `fullres_fp32` |" in note
+    assert "on the cpu accelerator (cpu, backend gloo)" in note and "no GPU" in note
