@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lrss_ds.engine.comm import barrier
 from lrss_ds.engine.metrics import jsonable
 
 TAG_PATTERN = re.compile(r"^step_(\d{7})$")
@@ -47,14 +48,6 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
     tmp.replace(path)
-
-
-def barrier() -> None:
-    """Wait for every rank (a no-op in a process without torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def save(

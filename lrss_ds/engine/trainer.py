@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from lrss_ds.engine import checkpoints
+from lrss_ds.engine.comm import all_gather_bytes, any_rank
 from lrss_ds.engine.config import ExperimentConfig, save_config
 from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
@@ -90,14 +91,6 @@ class Run:
             from tqdm import tqdm
 
             tqdm.write(line, file=sys.stdout)
-
-
-def any_rank(flag: bool) -> bool:
-    """True if ``flag`` is true on any rank (a collective: every rank must call it)."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def train_step(run: Run, batch: dict[str, Any]) -> float | None:
@@ -403,11 +396,7 @@ def parameter_digests(engine: Any) -> list[str] | None:
     for name, param in sorted(engine.module.named_parameters()):
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    if not dist.is_initialized():
-        return [digest.hexdigest()]
-    digests: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest.hexdigest())
-    return digests
+    return [part.hex() for part in all_gather_bytes(digest.digest())]
 
 
 def _write_metrics(

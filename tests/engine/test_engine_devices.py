@@ -1,0 +1,145 @@
+"""Device placement on an accelerator other than the CPU, checked on a CPU-only machine.
+
+A recording stand-in for ``torch.distributed`` notes the device of every tensor a collective gets
+and, like nccl, refuses any tensor not on the device of the stand-in accelerator, which names
+``meta``. Meta tensors carry no values, so the stand-in stops the call (:class:`Reached`) once it
+has recorded an accepted collective.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lrss_ds.engine import comm
+from lrss_ds.engine.metrics import ConfusionMatrix
+from lrss_ds.engine.trainer import any_rank, parameter_digests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Reached(Exception):
+    """The recording stand-in accepted a collective on the stand-in device (and has no values to return)."""
+
+
+class StandInAccelerator:
+    """A DeepSpeed accelerator whose device is ``device`` (``meta``: no values, no CUDA needed)."""
+
+    def __init__(self, device: str = "meta") -> None:
+        self.device = device
+
+    def device_name(self, device_index: int | None = None) -> str:
+        return self.device
+
+    def current_device_name(self) -> str:
+        return self.device
+
+
+class RecordingDist:
+    """Stands in for a 2-rank ``torch.distributed`` group whose backend serves ``device`` only."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.calls: list[tuple[str, str]] = []
+
+    def _take(self, name: str, *tensors: torch.Tensor) -> None:
+        for tensor in tensors:
+            self.calls.append((name, tensor.device.type))
+            if tensor.device.type != self.device:
+                # nccl's words for a host tensor (the same as a group opened as "cuda:gloo")
+                raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        raise Reached(name)
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any = None, group: Any = None, async_op: bool = False) -> None:
+        self._take("all_reduce", tensor)
+
+    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+        self._take("all_gather", tensor, *outputs)
+
+    def all_gather_object(self, outputs: list[Any], obj: Any, group: Any = None) -> None:
+        # torch picks the device of this one itself (the current CUDA device under nccl)
+        self.calls.append(("all_gather_object", "chosen by torch"))
+        raise RuntimeError("all_gather_object: the device is not the caller's choice")
+
+
+@pytest.fixture
+def recording(monkeypatch: pytest.MonkeyPatch) -> RecordingDist:
+    """A 2-rank job on a ``meta`` accelerator, every collective recorded."""
+    import deepspeed.accelerator
+
+    recorder = RecordingDist("meta")
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: StandInAccelerator("meta"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    for name in ("all_reduce", "all_gather", "all_gather_object"):
+        monkeypatch.setattr(dist, name, getattr(recorder, name))
+    return recorder
+
+
+def test_any_rank_reduces_on_the_accelerator(recording: RecordingDist) -> None:
+    with pytest.raises(Reached):
+        any_rank(True)
+    assert recording.calls == [("all_reduce", "meta")]
+
+
+def test_confusion_matrix_reduces_on_the_accelerator(recording: RecordingDist) -> None:
+    matrix = ConfusionMatrix(3, 255)
+    matrix.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+    with pytest.raises(Reached):
+        matrix.all_reduce()
+    assert recording.calls == [("all_reduce", "meta")]
+
+
+def test_parameter_digests_gather_on_the_accelerator(recording: RecordingDist) -> None:
+    class Engine:
+        module = nn.Linear(2, 2)
+
+        def zero_optimization_stage(self) -> int:
+            return 2
+
+    with pytest.raises(Reached):
+        parameter_digests(Engine())
+    assert recording.calls and set(recording.calls) == {("all_gather", "meta")}
+
+
+def test_one_rank_needs_no_collective() -> None:
+    assert not dist.is_initialized()
+    assert any_rank(True) is True and any_rank(False) is False
+    assert comm.all_gather_bytes(b"\x01\x02") == [b"\x01\x02"]
+
+
+# Calls that move tensors between ranks; barrier carries none of ours and is left out.
+_TENSOR_COLLECTIVE = re.compile(
+    r"\b(?:dist|distributed)\.(all_reduce|all_gather\w*|broadcast\w*|reduce\w*|gather\w*|scatter\w*|all_to_all\w*|"
+    r"i?send|i?recv)\("
+)
+
+
+def test_every_collective_goes_through_the_comm_module() -> None:
+    """The audit, kept: a new collective elsewhere would choose its own device (or none)."""
+    offenders = []
+    for root in ("lrss_ds", "benchmarks"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            if path == REPO / "lrss_ds" / "engine" / "comm.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if _TENSOR_COLLECTIVE.search(line):
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_a_cuda_gloo_group_refuses_host_tensors(tmp_path: Path) -> None:
+    """The stand-in's premise, on the real library: a group whose backend serves CUDA tensors only
+    (as nccl does) refuses a host tensor with the message the stand-in uses."""
+    dist.init_process_group("cuda:gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.zeros(1, dtype=torch.int32))
+    finally:
+        dist.destroy_process_group()
