@@ -96,7 +96,7 @@ def prepare_model(
         plan = model.checkpoint_plan(mode.checkpointing)
         if mode.cpu_checkpointing:
             configure_deepspeed_checkpointing(True, ds_config)
-            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), _device_type(model), mode.channels_last)
+            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), mode.channels_last)
         else:
             runner = TorchCheckpointRunner(plan, batchnorm_modules(model), mode.channels_last)
     elif mode.channels_last:  # a runner that checkpoints nothing, only converts layouts
