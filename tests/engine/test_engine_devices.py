@@ -143,3 +143,34 @@ def test_a_cuda_gloo_group_refuses_host_tensors(tmp_path: Path) -> None:
             dist.all_reduce(torch.zeros(1, dtype=torch.int32))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path) -> None:
+    """The ``deepspeed`` launcher, 2 ranks, DeepSpeed-checkpointed segments, bf16 weights from the
+    JSON: the recomputation in backward must run under the forward's bf16 autocast, or its fp32
+    activations meet bf16 weights in the first backward."""
+    import json
+
+    from lrss_ds.engine.config import DataConfig, SynthConfig
+    from lrss_ds.engine.prepare import prepare_synthetic_store
+    from tests.engine.test_engine_launcher import TINY, launch, read_log
+
+    store = tmp_path / "store"
+    synth = SynthConfig(train_scenes=2, val_scenes=1, height=128, width=128, bands=4, seed=5)
+    prepare_synthetic_store(DataConfig(store=str(store), synthetic=synth), log=lambda line: None)
+    config = tmp_path / "tiny_bf16.yaml"
+    config.write_text(TINY.format(store=store, ds_json=REPO / "ds_configs" / "cpu_bf16.json"))
+    out = tmp_path / "run"
+    status = launch(
+        config, out, 2, "memory.cpu_checkpointing=true", "train.iterations=2", "train.checkpoint_every=0",
+        "data.workers=0",
+    )
+    assert status == 0, read_log(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["world_size"] == 2 and metrics["iteration"] == 2
+    assert metrics["memory_mode"]["cpu_checkpointing"] and metrics["memory_mode"]["checkpointing"] == "stage"
+    assert all(abs(h["loss"]) < 1e6 for h in metrics["history"])  # finite
+    digests = metrics["parameter_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
