@@ -145,6 +145,64 @@ def test_a_cuda_gloo_group_refuses_host_tensors(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
+
+class RngAccelerator(StandInAccelerator):
+    """A stand-in accelerator with a generator of its own, as CUDA has one per device."""
+
+    def __init__(self, device: str = "meta") -> None:
+        super().__init__(device)
+        self.generator = torch.Generator().manual_seed(7)
+
+    def get_rng_state(self, device_index: int | None = None) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor, device_index: int | None = None) -> None:
+        self.generator.set_state(state)
+
+
+@pytest.fixture
+def rng_accelerator(monkeypatch: pytest.MonkeyPatch) -> RngAccelerator:
+    import deepspeed.accelerator
+
+    accelerator = RngAccelerator()
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    return accelerator
+
+
+def test_resume_restores_the_accelerator_rng(rng_accelerator: RngAccelerator, tmp_path: Path) -> None:
+    from lrss_ds.engine import checkpoints
+
+    torch.save(checkpoints.rng_state(), tmp_path / "rng_rank0.pt")
+    expected = torch.rand(4, generator=rng_accelerator.generator)
+    checkpoints.set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=False))
+    assert torch.equal(torch.rand(4, generator=rng_accelerator.generator), expected)
+
+
+def test_a_checkpoint_without_the_accelerator_rng_still_resumes(rng_accelerator: RngAccelerator) -> None:
+    from lrss_ds.engine import checkpoints
+
+    state = checkpoints.rng_state()
+    old_format = {key: state[key] for key in ("python", "numpy", "torch")}
+    expected_cpu = torch.rand(3)
+    drawn = torch.rand(2, generator=rng_accelerator.generator)
+    checkpoints.set_rng_state(old_format)
+    assert torch.equal(torch.rand(3), expected_cpu)
+    assert not torch.equal(torch.rand(2, generator=rng_accelerator.generator), drawn)  # left as it was
+
+
+def test_another_accelerators_rng_is_not_restored(
+    rng_accelerator: RngAccelerator, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lrss_ds.engine import checkpoints
+
+    state = checkpoints.rng_state()
+    state["accelerator"]["name"] = "cuda"
+    drawn = torch.rand(2, generator=rng_accelerator.generator)
+    checkpoints.set_rng_state(state)
+    assert not torch.equal(torch.rand(2, generator=rng_accelerator.generator), drawn)
+    assert "cuda RNG state is not restored on the meta accelerator" in caplog.text
+
+
 @pytest.mark.slow
 @pytest.mark.launcher
 def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path) -> None:
