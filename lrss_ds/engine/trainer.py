@@ -24,6 +24,7 @@ import torch.distributed as dist
 from lrss_ds.engine import checkpoints
 from lrss_ds.engine.comm import all_gather_bytes, any_rank
 from lrss_ds.engine.config import ExperimentConfig, save_config
+from lrss_ds.engine.device_peaks import PhasePeaks
 from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
@@ -154,19 +155,14 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 
 def memory_now() -> dict[str, float]:
-    """Host RSS now and at peak, and the accelerator's peak allocation when there is one (GiB)."""
+    """Host RSS now and at peak (GiB); the device's peaks are :class:`PhasePeaks`'."""
     import psutil
-    from deepspeed.accelerator import get_accelerator
 
-    stats = {
+    return {
         "rss_gib": psutil.Process().memory_info().rss / GIB,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
     }
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        stats["accel_peak_gib"] = accelerator.max_memory_allocated() / GIB
-    return stats
 
 
 def ledger_summary(ledger: Any) -> dict[str, float]:
@@ -244,6 +240,12 @@ def train(run: Run, resume: bool) -> int:
         resume: continue from ``OUT/checkpoints/latest`` (model, optimizer, schedule, data
             position and RNG states) when it exists.
 
+    An iteration is one of DeepSpeed's ``global_steps``. Under fp16 its loss scaler skips the
+    optimizer step of an iteration whose gradients overflowed, and DeepSpeed then leaves the LR
+    schedule where it was: the schedule runs ``engine.skipped_steps`` behind the iteration count.
+    Each skip is logged, and the count is in every log line and in ``metrics.json``. The device's
+    peak memory is taken per phase (train steps, evaluation; :class:`PhasePeaks`).
+
     Returns:
         0 when done, :data:`EXIT_PREEMPTED` after a SIGTERM-triggered checkpoint.
 
@@ -281,6 +283,7 @@ def train(run: Run, resume: bool) -> int:
     nonfinite_total = 0
     losses_this_iteration: list[float] = []
     last_eval: dict[str, Any] | None = None
+    peaks = PhasePeaks()
     exit_code = 0
     run.say(
         f"training {run.meta['model']['name']} for {cfg.iterations} iterations on {run.dist.world_size} rank(s), "
@@ -300,7 +303,9 @@ def train(run: Run, resume: bool) -> int:
             data_position += 1
             steps_before = engine.global_steps
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the schedule moves after it)
-            loss = train_step(run, batch)
+            skipped_before = engine.skipped_steps
+            with peaks.phase("train"):
+                loss = train_step(run, batch)
             if loss is None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
@@ -318,12 +323,20 @@ def train(run: Run, resume: bool) -> int:
             iteration = engine.global_steps
             mean_loss = sum(losses_this_iteration) / len(losses_this_iteration)
             losses_this_iteration = []
-            record = {"iteration": iteration, "loss": mean_loss, "lr": lr}
+            skipped = engine.skipped_steps > skipped_before
+            record = {"iteration": iteration, "loss": mean_loss, "lr": lr, "skipped": skipped}
             run.history.append(record)
+            if skipped:
+                run.say(
+                    f"warning: the fp16 loss scaler skipped the optimizer step of iteration {iteration} (gradient "
+                    f"overflow); {engine.skipped_steps} skipped so far, the LR schedule is that many steps behind",
+                    console=False,
+                )
             stats = {**memory_now(), **ledger_summary(run.ledger)}
+            device = peaks.take("train")
             bar.set_postfix(
                 loss=f"{mean_loss:.4f}", rss=f"{stats['rss_gib']:.2f}G",
-                **({"accel_peak": f"{stats['accel_peak_gib']:.2f}G"} if "accel_peak_gib" in stats else {}),
+                **({"dev_alloc": f"{device['max_allocated_gib']:.2f}G"} if isinstance(device, dict) else {}),
                 # the ledger: peak saved activations kept on the device / offloaded, this step
                 saved=f"{stats['saved_device_peak_gib'] * 1024:.0f}/{stats['saved_offloaded_peak_gib'] * 1024:.0f}M",
                 data_wait=f"{data_wait:.1f}s", refresh=False,
@@ -333,16 +346,18 @@ def train(run: Run, resume: bool) -> int:
                 run.say(
                     f"it {iteration} loss {mean_loss:.4f} lr {record['lr']:.3g} data_wait {data_wait:.2f}s "
                     f"rss {stats['rss_gib']:.2f}G peak {stats['peak_rss_gib']:.2f}G saved(dev/off) "
-                    f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G",
+                    f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G "
+                    f"skipped {engine.skipped_steps} {PhasePeaks.line(device)}",
                     console=False,
                 )
             _monitor(engine, [("Train/loss", mean_loss, iteration), ("Train/data_wait_s", data_wait, iteration)])
             metrics = None
             last = iteration == cfg.iterations
             if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
-                metrics = last_eval = evaluate(run)
+                with peaks.phase("eval"):
+                    metrics = last_eval = evaluate(run)
                 run.history[-1]["val_miou"] = metrics["miou"]
-                run.say(_metric_line(iteration, metrics))
+                run.say(f"{_metric_line(iteration, metrics)}  {PhasePeaks.line(peaks.take('eval'))}")
                 _monitor(engine, [("Val/mIoU", metrics["miou"], iteration), ("Val/OA", metrics["oa"], iteration)])
             if (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0) or last:
                 tag = save_checkpoint(run, iteration, data_position, metrics)
@@ -358,7 +373,7 @@ def train(run: Run, resume: bool) -> int:
     seconds = time.perf_counter() - started
     digests = parameter_digests(engine)
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks)
     if exit_code == 0 and last_eval is not None:
         run.say(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -401,7 +416,7 @@ def parameter_digests(engine: Any) -> list[str] | None:
 
 def _write_metrics(
     run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
-    digests: list[str] | None,
+    digests: list[str] | None, peaks: PhasePeaks,
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     best_tag, best_miou = checkpoints.read_best(run.out / "checkpoints")
@@ -418,7 +433,9 @@ def _write_metrics(
         "seconds": seconds,
         "data_wait_seconds": data_wait,
         "nonfinite_skipped": nonfinite,
-        "memory": {**memory_now(), **ledger_summary(run.ledger)},
+        # iterations whose optimizer step the fp16 loss scaler skipped (DeepSpeed's own counter)
+        "skipped_steps": run.engine.skipped_steps,
+        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary()},
         "memory_mode": run.memory_mode.to_dict(),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,

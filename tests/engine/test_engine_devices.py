@@ -8,6 +8,7 @@ has recorded an accepted collective.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,112 @@ def test_another_accelerators_rng_is_not_restored(
     checkpoints.set_rng_state(state)
     assert not torch.equal(torch.rand(2, generator=rng_accelerator.generator), drawn)
     assert "cuda RNG state is not restored on the meta accelerator" in caplog.text
+
+
+
+class MemoryAccelerator(RngAccelerator):
+    """A stand-in accelerator whose peak counters follow :meth:`allocate` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocated = self.reserved = 0
+        self.resets = 0
+
+    def allocate(self, nbytes: int) -> None:
+        self.allocated = max(self.allocated, nbytes)
+        self.reserved = max(self.reserved, nbytes + (nbytes >> 1))  # the caching allocator keeps more
+
+    def reset_peak_memory_stats(self, device_index: int | None = None) -> None:
+        self.allocated = self.reserved = 0
+        self.resets += 1
+
+    def max_memory_allocated(self, device_index: int | None = None) -> int:
+        return self.allocated
+
+    def max_memory_reserved(self, device_index: int | None = None) -> int:
+        return self.reserved
+
+
+GIB = 1 << 30
+
+
+def loop_run(tmp_path: Path, iterations: int) -> Any:
+    """The stand-in run of ``tests/engine/test_engine_units.py``, logging to ``log.txt``."""
+    from tests.engine.test_engine_units import stand_in_run
+
+    run = stand_in_run(tmp_path, nan_calls=set(), iterations=iterations, max_nonfinite=0)
+    run.log = open(tmp_path / "log.txt", "a")
+    return run
+
+
+def test_device_memory_is_reported_per_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train steps take 1 GiB and evaluation 3 GiB: no figure mixes the two."""
+    import deepspeed.accelerator
+
+    from lrss_ds.engine import trainer
+
+    accelerator = MemoryAccelerator()
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    run = loop_run(tmp_path, iterations=2)
+    loss_fn = run.loss_fn
+    run.loss_fn = lambda outputs, target: (accelerator.allocate(GIB), loss_fn(outputs, target))[1]
+
+    def evaluate(run: Any) -> dict[str, Any]:
+        accelerator.allocate(3 * GIB)
+        return {"miou": 0.5, "mean_f1": 0.5, "oa": 0.5, "seconds": 0.0, "classes": ["a"], "iou": [0.5]}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    run.val_set, run.config.train.eval_every = object(), 1
+    assert trainer.train(run, resume=False) == 0
+    run.log.close()
+    log = (tmp_path / "log.txt").read_text()
+    train_lines = [line for line in log.splitlines() if " it " in line]
+    eval_lines = [line for line in log.splitlines() if " eval @" in line and "done:" not in line]
+    assert len(train_lines) == 2 and len(eval_lines) == 2
+    assert all("device max alloc/reserved 1.00/1.50G" in line for line in train_lines), train_lines
+    assert all("device max alloc/reserved 3.00/4.50G" in line for line in eval_lines), eval_lines
+    device = json.loads((tmp_path / "metrics.json").read_text())["memory"]["device"]
+    assert device == {
+        "train": {"max_allocated_gib": 1.0, "max_reserved_gib": 1.5},
+        "eval": {"max_allocated_gib": 3.0, "max_reserved_gib": 4.5},
+    }
+
+
+def test_device_memory_on_the_cpu_says_not_measured(tmp_path: Path) -> None:
+    from lrss_ds.engine.trainer import train
+
+    run = loop_run(tmp_path, iterations=1)
+    assert train(run, resume=False) == 0
+    run.log.close()
+    assert "device n/a (CPU)" in (tmp_path / "log.txt").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["memory"]["device"] == "n/a (CPU)"
+
+
+def test_steps_the_loss_scaler_skipped_are_reported(tmp_path: Path) -> None:
+    """DeepSpeed counts an overflowed fp16 step as a global step, but neither steps the optimizer nor the LR schedule."""
+    from lrss_ds.engine.trainer import train
+
+    run = loop_run(tmp_path, iterations=3)
+    engine = run.engine
+    step = engine.step
+
+    def overflow_on_the_second_step() -> None:
+        if engine.global_steps == 1:
+            engine.skipped_steps += 1
+            engine.global_steps += 1
+            engine.optimizer.zero_grad()
+        else:
+            step()
+
+    engine.step = overflow_on_the_second_step
+    assert train(run, resume=False) == 0
+    run.log.close()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 1 and metrics["iteration"] == 3
+    assert [h["skipped"] for h in metrics["history"]] == [False, True, False]
+    log = (tmp_path / "log.txt").read_text()
+    assert "skipped the optimizer step of iteration 2" in log
+    assert [line.split(" skipped ")[1][0] for line in log.splitlines() if " it " in line] == ["0", "1", "1"]
 
 
 @pytest.mark.slow
