@@ -136,16 +136,18 @@ def evaluate(run: Run) -> dict[str, Any]:
     """
     started = time.perf_counter()
     matrix = ConfusionMatrix(run.num_classes, run.ignore_index, run.class_names)
-    loader, count = make_eval_loader(run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers)
+    loader, count = make_eval_loader(
+        run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers, run.engine.device
+    )
     run.engine.eval()
     try:
         with worker_batches(loader) as batches:
             for index, batch in enumerate(batches):
                 with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
                     with precision_autocast(run.engine):
-                        logits = run.engine(batch["image"].to(run.engine.device))
+                        logits = run.engine(batch["image"].to(run.engine.device, non_blocking=True))
                 if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
-                    matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
+                    matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device, non_blocking=True))
     finally:
         run.engine.train()
     matrix.all_reduce()
@@ -269,7 +271,9 @@ def train(run: Run, resume: bool) -> int:
     sampler = ResumableSampler(
         len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
     )
-    loader = make_train_loader(run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch)
+    loader = make_train_loader(
+        run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch, engine.device
+    )
     previous_handler = _install_sigterm(run)
     bar = tqdm(
         total=cfg.iterations, initial=engine.global_steps, disable=run.dist.rank != 0, dynamic_ncols=True,

@@ -310,6 +310,100 @@ def test_steps_the_loss_scaler_skipped_are_reported(tmp_path: Path) -> None:
     assert [line.split(" skipped ")[1][0] for line in log.splitlines() if " it " in line] == ["0", "1", "1"]
 
 
+
+_HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+def test_banded_loss_reads_nothing_back_per_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every value a tensor hands to Python waits for the device; the banded loss reads
+    the same number of values (its label check) however many bands it runs."""
+    from lrss_ds.models.losses import build_loss
+
+    torch.manual_seed(0)
+    outputs = {
+        "logits": torch.randn(1, 3, 10, 12, requires_grad=True),
+        "aux": [torch.randn(1, 3, 10, 12, requires_grad=True)],
+        "input_size": (37, 45), "padded_size": (40, 48),
+    }
+    target = torch.randint(0, 3, (1, 37, 45), dtype=torch.uint8)
+    reads: list[str] = []
+
+    def count(name: str) -> None:
+        method = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            reads.append(name)
+            return method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_of(band_rows: int) -> tuple[int, torch.Tensor]:
+        reads.clear()
+        for name in _HOST_READS:
+            count(name)
+        loss = build_loss("ehsnet", 3, 255, band_rows=band_rows)(outputs, target)
+        loss.backward()
+        monkeypatch.undo()
+        return len(reads), loss.detach()
+
+    one_band, loss_one = reads_of(37)
+    many_bands, loss_many = reads_of(4)  # 10 bands
+    assert many_bands == one_band <= 1
+    torch.testing.assert_close(loss_many, loss_one)
+
+
+def test_source_span_on_the_host_equals_the_device_indices() -> None:
+    from lrss_ds.models.losses import _linear_source, _source_span
+
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for in_size, out_size in ((10, 40), (863, 6908), (7, 7), (913, 7300), (17, 1000)):
+            for start, stop in ((0, 1), (0, out_size), (3, min(out_size, 131)), (out_size - 5, out_size)):
+                i0, i1, _ = _linear_source(start, stop, in_size, out_size, torch.device("cpu"), dtype)
+                assert _source_span(start, stop, in_size, out_size, dtype) == (int(i0[0]), int(i1[-1]) + 1)
+
+
+
+def test_loaders_pin_host_memory_when_the_batches_go_to_an_accelerator() -> None:
+    from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
+    from tests.engine.test_engine_units import Scenes
+
+    for device, pinned in ((torch.device("meta"), True), (torch.device("cpu"), False)):
+        sampler = ResumableSampler(3, 0, 1, seed=0)
+        assert make_train_loader(Scenes(), sampler, 1, 0, 2, device).pin_memory is pinned
+        assert make_eval_loader(Scenes(), 0, 1, 0, device)[0].pin_memory is pinned
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_the_trainer_pins_for_the_engines_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrss_ds.engine import trainer
+
+    run = loop_run(tmp_path, iterations=1)
+    run.engine.device = torch.device("meta")
+    loaders: list[Any] = []
+    make = trainer.make_train_loader
+    monkeypatch.setattr(trainer, "make_train_loader", lambda *args: loaders.append(make(*args)) or loaders[-1])
+    monkeypatch.setattr(trainer, "train_step", lambda run, batch: (run.engine.step(), 0.5)[1])
+    assert trainer.train(run, resume=False) == 0
+    run.log.close()
+    assert len(loaders) == 1 and loaders[0].pin_memory
+
+
+
+def test_gpu_experiments_carry_no_cpu_cache_tuning() -> None:
+    """A YAML naming a GPU JSON (not ``cpu*.json``) runs no banded stem: its 32-row bands were
+    sized for a CPU's cache (see ds_configs/README.md)."""
+    from lrss_ds.engine.config import load_config
+    from lrss_ds.engine.setup import resolve_memory_mode
+
+    gpu = []
+    for path in sorted((REPO / "ds_configs").glob("*.yaml")):
+        config = load_config(path)
+        if not Path(config.deepspeed.config).name.startswith("cpu"):
+            gpu.append(path.name)
+            assert resolve_memory_mode(config).stem_band_rows is None, path.name
+    assert {"ehsnet_fbp.yaml", "ehsnet_inria.yaml", "glsnet_deepglobe.yaml", "glsnet_vaihingen.yaml"} <= set(gpu)
+
+
 @pytest.mark.slow
 @pytest.mark.launcher
 def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path) -> None:
