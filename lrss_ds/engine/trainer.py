@@ -237,16 +237,16 @@ def _batches(loader: Any) -> Iterator[tuple[dict[str, Any], float]]:
 def train(run: Run, resume: bool) -> int:
     """Train ``run.config.train.iterations`` optimizer steps; evaluate, checkpoint, log.
 
-    Args:
-        run: from :func:`build_run`.
-        resume: continue from ``OUT/checkpoints/latest`` (model, optimizer, schedule, data
-            position and RNG states) when it exists.
-
     An iteration is one of DeepSpeed's ``global_steps``. Under fp16 its loss scaler skips the
     optimizer step of an iteration whose gradients overflowed, and DeepSpeed then leaves the LR
     schedule where it was: the schedule runs ``engine.skipped_steps`` behind the iteration count.
     Each skip is logged, and the count is in every log line and in ``metrics.json``. The device's
     peak memory is taken per phase (train steps, evaluation; :class:`PhasePeaks`).
+
+    Args:
+        run: from :func:`build_run`.
+        resume: continue from ``OUT/checkpoints/latest`` (model, optimizer, schedule, data
+            position and RNG states) when it exists.
 
     Returns:
         0 when done, :data:`EXIT_PREEMPTED` after a SIGTERM-triggered checkpoint.

@@ -32,6 +32,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _device_type(model: nn.Module) -> str:
+    """The device type of the model's parameters now (read per step: ``deepspeed.initialize`` moves them)."""
     param = next(model.parameters(), None)
     return param.device.type if param is not None else "cpu"
 
