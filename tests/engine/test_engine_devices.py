@@ -1,9 +1,10 @@
-"""Device placement on an accelerator other than the CPU, checked on a CPU-only machine.
+"""The GPU path checked on a CPU-only machine: collectives, RNG, device memory, fp16 skips, host copies.
 
 A recording stand-in for ``torch.distributed`` notes the device of every tensor a collective gets
 and, like nccl, refuses any tensor not on the device of the stand-in accelerator, which names
 ``meta``. Meta tensors carry no values, so the stand-in stops the call (:class:`Reached`) once it
-has recorded an accepted collective.
+has recorded an accepted collective. Other stand-in accelerators keep an RNG of their own or count
+peak memory; the training loop runs on the stand-in engine of ``test_engine_units.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class RecordingDist:
     def all_reduce(self, tensor: torch.Tensor, op: Any = None, group: Any = None, async_op: bool = False) -> None:
         self._take("all_reduce", tensor)
 
-    def all_gather(self, outputs: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+    def all_gather(
+        self, outputs: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False
+    ) -> None:
         self._take("all_gather", tensor, *outputs)
 
     def all_gather_object(self, outputs: list[Any], obj: Any, group: Any = None) -> None:
@@ -284,7 +287,8 @@ def test_device_memory_on_the_cpu_says_not_measured(tmp_path: Path) -> None:
 
 
 def test_steps_the_loss_scaler_skipped_are_reported(tmp_path: Path) -> None:
-    """DeepSpeed counts an overflowed fp16 step as a global step, but neither steps the optimizer nor the LR schedule."""
+    """DeepSpeed counts an overflowed fp16 step as a global step, but steps neither the optimizer
+    nor the LR schedule."""
     from lrss_ds.engine.trainer import train
 
     run = loop_run(tmp_path, iterations=3)
