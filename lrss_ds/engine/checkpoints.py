@@ -11,6 +11,7 @@ rebuild the model and read inputs, see the contract).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lrss_ds.engine.comm import barrier
 from lrss_ds.engine.metrics import jsonable
 
 TAG_PATTERN = re.compile(r"^step_(\d{7})$")
@@ -31,15 +33,48 @@ def tag_for(iteration: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's python, numpy and torch RNG states."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's python, numpy and torch (CPU) RNG states, and the accelerator's.
+
+    An accelerator keeps its own generator (CUDA one per device), which dropout and any random
+    op on the device draw from; ``torch.get_rng_state`` is the CPU one only. It is asked of
+    ``deepspeed.accelerator.get_accelerator()`` and saved under ``"accelerator"`` with the
+    accelerator's name. The CPU accelerator's generator is the CPU one, saved already.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    state: dict[str, Any] = {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    }
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = {"name": accelerator.device_name(), "state": accelerator.get_rng_state()}
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned.
+
+    A state without ``"accelerator"`` (written before it was saved, or on the CPU accelerator)
+    restores the other generators and leaves the accelerator's as seeded. One saved on another
+    accelerator than this process's is not restored (its generator does not exist here), with a
+    warning: the run continues from the checkpoint with fresh device draws.
+    """
+    from deepspeed.accelerator import get_accelerator
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    saved = state.get("accelerator")
+    if saved is None:
+        return
+    accelerator = get_accelerator()
+    if saved["name"] != accelerator.device_name():
+        logging.getLogger(__name__).warning(
+            "the checkpoint's %s RNG state is not restored on the %s accelerator",
+            saved["name"], accelerator.device_name(),
+        )
+        return
+    accelerator.set_rng_state(saved["state"])
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -47,14 +82,6 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
     tmp.replace(path)
-
-
-def barrier() -> None:
-    """Wait for every rank (a no-op in a process without torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def save(

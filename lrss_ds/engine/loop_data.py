@@ -109,8 +109,17 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def pin_for(device: torch.device) -> bool:
+    """Whether batches bound for ``device`` are collated into pinned (page-locked) host memory.
+
+    A copy to an accelerator with ``non_blocking=True`` overlaps the host only from pinned
+    memory; from pageable memory it waits for the copy. On the CPU there is no copy to make.
+    """
+    return device.type != "cpu"
+
+
 def make_train_loader(
-    dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, prefetch: int
+    dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, prefetch: int, device: torch.device
 ) -> DataLoader:
     """DataLoader over ``dataset`` in ``sampler``'s order, read ahead by ``workers`` processes.
 
@@ -124,6 +133,7 @@ def make_train_loader(
         batch_size: micro-batch size (1 scene in holistic mode).
         workers: worker processes (0: read in this process).
         prefetch: batches each worker reads ahead.
+        device: where the batches go (the engine's device); decides :func:`pin_for`.
 
     Returns:
         The loader; iterate it once (the sampler is endless).
@@ -132,11 +142,14 @@ def make_train_loader(
     if workers > 0:
         extra = {"prefetch_factor": prefetch, "persistent_workers": False, "worker_init_fn": _worker_init}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, **extra
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=pin_for(device), **extra,
     )
 
 
-def make_eval_loader(dataset: Dataset, rank: int, world_size: int, workers: int) -> tuple[DataLoader, int]:
+def make_eval_loader(
+    dataset: Dataset, rank: int, world_size: int, workers: int, device: torch.device
+) -> tuple[DataLoader, int]:
     """DataLoader over this rank's share (``rank::world_size``) of the evaluation samples, in order.
 
     Every rank gets the same number of batches (a short share is padded by repeating its first
@@ -149,6 +162,7 @@ def make_eval_loader(dataset: Dataset, rank: int, world_size: int, workers: int)
         rank: this rank.
         world_size: number of ranks.
         workers: worker processes.
+        device: where the batches go (the engine's device); decides :func:`pin_for`.
 
     Returns:
         ``(loader, count)``: a finite loader of batches of one scene, and how many are real.
@@ -159,6 +173,7 @@ def make_eval_loader(dataset: Dataset, rank: int, world_size: int, workers: int)
     indices += [indices[0] if indices else 0] * (per_rank - count)
     extra: dict[str, Any] = {"worker_init_fn": _worker_init} if workers > 0 else {}
     loader = DataLoader(
-        dataset, batch_size=1, sampler=indices, num_workers=min(workers, len(indices)), collate_fn=collate, **extra
+        dataset, batch_size=1, sampler=indices, num_workers=min(workers, len(indices)), collate_fn=collate,
+        pin_memory=pin_for(device), **extra,
     )
     return loader, count

@@ -7,6 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed
+
+from lrss_ds.engine import comm
 
 # Pixels counted per bincount call: bounds the int64 index buffer (8 B/px) for a whole scene.
 _CHUNK_PIXELS = 1 << 22
@@ -93,8 +96,9 @@ class ConfusionMatrix:
         """Sum the matrix over all ranks in place (no-op unless torch.distributed is initialised).
 
         Call it once, after the last :meth:`update` of an evaluation; calling it twice would count
-        every rank's pixels again. Works with gloo, ccl and mpi on the host and with nccl (the
-        matrix is moved to the current CUDA device for the reduction, then back).
+        every rank's pixels again. The reduction runs on the device the communication backend
+        serves (:func:`lrss_ds.engine.comm.collective_device`: the CUDA device under nccl, the
+        host under gloo); the matrix stays on the host.
 
         Args:
             group: process group (default: the world).
@@ -102,13 +106,7 @@ class ConfusionMatrix:
         Returns:
             self, for chaining (``cm.all_reduce().compute()``).
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self
-        backend = str(torch.distributed.get_backend(group)).lower()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        buffer = self.matrix.to(device)
-        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM, group=group)
-        self.matrix = buffer.to("cpu")
+        self.matrix = comm.all_reduce(self.matrix, torch.distributed.ReduceOp.SUM, group).to("cpu")
         return self
 
     def compute(self) -> dict[str, Any]:

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 from lrss_ds.engine import checkpoints
+from lrss_ds.engine.comm import all_gather_bytes, any_rank
 from lrss_ds.engine.config import ExperimentConfig, save_config
+from lrss_ds.engine.device_peaks import PhasePeaks
 from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
@@ -93,14 +95,6 @@ class Run:
             tqdm.write(line, file=sys.stdout)
 
 
-def any_rank(flag: bool) -> bool:
-    """True if ``flag`` is true on any rank (a collective: every rank must call it)."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def train_step(run: Run, batch: dict[str, Any]) -> float | None:
     """One micro-batch: load, forward, loss, backward, step.
 
@@ -143,16 +137,18 @@ def evaluate(run: Run) -> dict[str, Any]:
     """
     started = time.perf_counter()
     matrix = ConfusionMatrix(run.num_classes, run.ignore_index, run.class_names)
-    loader, count = make_eval_loader(run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers)
+    loader, count = make_eval_loader(
+        run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers, run.engine.device
+    )
     run.engine.eval()
     try:
         with worker_batches(loader) as batches:
             for index, batch in enumerate(batches):
                 with torch.autocast(run.engine.device.type, dtype=torch.bfloat16, enabled=run.memory_mode.bf16):
                     with precision_autocast(run.engine):
-                        logits = run.engine(batch["image"].to(run.engine.device))
+                        logits = run.engine(batch["image"].to(run.engine.device, non_blocking=True))
                 if index < count:  # the rest only keeps ranks in step (see make_eval_loader)
-                    matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device))
+                    matrix.update(logits.argmax(dim=1), batch["label"].to(logits.device, non_blocking=True))
     finally:
         run.engine.train()
     matrix.all_reduce()
@@ -162,19 +158,14 @@ def evaluate(run: Run) -> dict[str, Any]:
 
 
 def memory_now() -> dict[str, float]:
-    """Host RSS now and at peak, and the accelerator's peak allocation when there is one (GiB)."""
+    """Host RSS now and at peak (GiB); the device's peaks are :class:`PhasePeaks`'."""
     import psutil
-    from deepspeed.accelerator import get_accelerator
 
-    stats = {
+    return {
         "rss_gib": psutil.Process().memory_info().rss / GIB,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
     }
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        stats["accel_peak_gib"] = accelerator.max_memory_allocated() / GIB
-    return stats
 
 
 def ledger_summary(ledger: Any) -> dict[str, float]:
@@ -247,6 +238,12 @@ def _batches(loader: Any) -> Iterator[tuple[dict[str, Any], float]]:
 def train(run: Run, resume: bool) -> int:
     """Train ``run.config.train.iterations`` optimizer steps; evaluate, checkpoint, log.
 
+    An iteration is one of DeepSpeed's ``global_steps``. Under fp16 its loss scaler skips the
+    optimizer step of an iteration whose gradients overflowed, and DeepSpeed then leaves the LR
+    schedule where it was: the schedule runs ``engine.skipped_steps`` behind the iteration count.
+    Each skip is logged, and the count is in every log line and in ``metrics.json``. The device's
+    peak memory is taken per phase (train steps, evaluation; :class:`PhasePeaks`).
+
     Args:
         run: from :func:`build_run`.
         resume: continue from ``OUT/checkpoints/latest`` (model, optimizer, schedule, data
@@ -275,7 +272,9 @@ def train(run: Run, resume: bool) -> int:
     sampler = ResumableSampler(
         len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
     )
-    loader = make_train_loader(run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch)
+    loader = make_train_loader(
+        run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch, engine.device
+    )
     previous_handler = _install_sigterm(run)
     bar = tqdm(
         total=cfg.iterations, initial=engine.global_steps, disable=run.dist.rank != 0, dynamic_ncols=True,
@@ -289,6 +288,7 @@ def train(run: Run, resume: bool) -> int:
     nonfinite_total = 0
     losses_this_iteration: list[float] = []
     last_eval: dict[str, Any] | None = None
+    peaks = PhasePeaks()
     exit_code = 0
     run.say(describe_accelerator())
     run.say(
@@ -309,7 +309,9 @@ def train(run: Run, resume: bool) -> int:
             data_position += 1
             steps_before = engine.global_steps
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the schedule moves after it)
-            loss = train_step(run, batch)
+            skipped_before = engine.skipped_steps
+            with peaks.phase("train"):
+                loss = train_step(run, batch)
             if loss is None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
@@ -327,12 +329,20 @@ def train(run: Run, resume: bool) -> int:
             iteration = engine.global_steps
             mean_loss = sum(losses_this_iteration) / len(losses_this_iteration)
             losses_this_iteration = []
-            record = {"iteration": iteration, "loss": mean_loss, "lr": lr}
+            skipped = engine.skipped_steps > skipped_before
+            record = {"iteration": iteration, "loss": mean_loss, "lr": lr, "skipped": skipped}
             run.history.append(record)
+            if skipped:
+                run.say(
+                    f"warning: the fp16 loss scaler skipped the optimizer step of iteration {iteration} (gradient "
+                    f"overflow); {engine.skipped_steps} skipped so far, the LR schedule is that many steps behind",
+                    console=False,
+                )
             stats = {**memory_now(), **ledger_summary(run.ledger)}
+            device = peaks.take("train")
             bar.set_postfix(
                 loss=f"{mean_loss:.4f}", rss=f"{stats['rss_gib']:.2f}G",
-                **({"accel_peak": f"{stats['accel_peak_gib']:.2f}G"} if "accel_peak_gib" in stats else {}),
+                **({"dev_alloc": f"{device['max_allocated_gib']:.2f}G"} if isinstance(device, dict) else {}),
                 # the ledger: peak saved activations kept on the device / offloaded, this step
                 saved=f"{stats['saved_device_peak_gib'] * 1024:.0f}/{stats['saved_offloaded_peak_gib'] * 1024:.0f}M",
                 data_wait=f"{data_wait:.1f}s", refresh=False,
@@ -342,16 +352,18 @@ def train(run: Run, resume: bool) -> int:
                 run.say(
                     f"it {iteration} loss {mean_loss:.4f} lr {record['lr']:.3g} data_wait {data_wait:.2f}s "
                     f"rss {stats['rss_gib']:.2f}G peak {stats['peak_rss_gib']:.2f}G saved(dev/off) "
-                    f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G",
+                    f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G "
+                    f"skipped {engine.skipped_steps} {PhasePeaks.line(device)}",
                     console=False,
                 )
             _monitor(engine, [("Train/loss", mean_loss, iteration), ("Train/data_wait_s", data_wait, iteration)])
             metrics = None
             last = iteration == cfg.iterations
             if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
-                metrics = last_eval = evaluate(run)
+                with peaks.phase("eval"):
+                    metrics = last_eval = evaluate(run)
                 run.history[-1]["val_miou"] = metrics["miou"]
-                run.say(_metric_line(iteration, metrics))
+                run.say(f"{_metric_line(iteration, metrics)}  {PhasePeaks.line(peaks.take('eval'))}")
                 _monitor(engine, [("Val/mIoU", metrics["miou"], iteration), ("Val/OA", metrics["oa"], iteration)])
             if (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0) or last:
                 tag = save_checkpoint(run, iteration, data_position, metrics)
@@ -367,7 +379,7 @@ def train(run: Run, resume: bool) -> int:
     seconds = time.perf_counter() - started
     digests = parameter_digests(engine)
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks)
     if exit_code == 0 and last_eval is not None:
         run.say(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -405,16 +417,12 @@ def parameter_digests(engine: Any) -> list[str] | None:
     for name, param in sorted(engine.module.named_parameters()):
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    if not dist.is_initialized():
-        return [digest.hexdigest()]
-    digests: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest.hexdigest())
-    return digests
+    return [part.hex() for part in all_gather_bytes(digest.digest())]
 
 
 def _write_metrics(
     run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
-    digests: list[str] | None,
+    digests: list[str] | None, peaks: PhasePeaks,
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     best_tag, best_miou = checkpoints.read_best(run.out / "checkpoints")
@@ -431,7 +439,9 @@ def _write_metrics(
         "seconds": seconds,
         "data_wait_seconds": data_wait,
         "nonfinite_skipped": nonfinite,
-        "memory": {**memory_now(), **ledger_summary(run.ledger)},
+        # iterations whose optimizer step the fp16 loss scaler skipped (DeepSpeed's own counter)
+        "skipped_steps": run.engine.skipped_steps,
+        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary()},
         "memory_mode": run.memory_mode.to_dict(),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,

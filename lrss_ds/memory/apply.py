@@ -32,6 +32,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _device_type(model: nn.Module) -> str:
+    """The device type of the model's parameters now (read per step: ``deepspeed.initialize`` moves them)."""
     param = next(model.parameters(), None)
     return param.device.type if param is not None else "cpu"
 
@@ -96,7 +97,7 @@ def prepare_model(
         plan = model.checkpoint_plan(mode.checkpointing)
         if mode.cpu_checkpointing:
             configure_deepspeed_checkpointing(True, ds_config)
-            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), _device_type(model), mode.channels_last)
+            runner = DeepSpeedCheckpointRunner(plan, batchnorm_modules(model), mode.channels_last)
         else:
             runner = TorchCheckpointRunner(plan, batchnorm_modules(model), mode.channels_last)
     elif mode.channels_last:  # a runner that checkpoints nothing, only converts layouts

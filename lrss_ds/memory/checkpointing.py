@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -70,6 +71,65 @@ def channels_last_inputs(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*pytree.tree_map(_to_channels_last, args))
 
     return run
+
+
+def checkpoint_device_type(tensors: Iterable[Tensor]) -> str:
+    """The device type whose autocast state a checkpoint keeps for its recomputation.
+
+    As ``torch.utils.checkpoint`` decides it: the non-CPU device type of the checkpointed
+    tensors (``cuda`` first when there are several), read when the segment runs, so a model
+    moved after it was prepared (``deepspeed.initialize`` moves it to the accelerator) is seen
+    where it is; when every tensor is on the host, the accelerator's device type.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    types = [t.device.type for t in tensors if t.device.type != "cpu"]
+    if "cuda" in types:
+        return "cuda"
+    return types[0] if types else get_accelerator().device_name()
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The autocast state of a forward, to put back around its recomputation in backward.
+
+    Kept as ``torch.utils.checkpoint`` keeps it: ``enabled``, ``dtype`` and ``cache_enabled``
+    for the checkpoint's device type (where autocast exists for it) and for the CPU, which
+    autocast tracks separately even when the device is the CPU.
+
+    Attributes:
+        device_type: from :func:`checkpoint_device_type`.
+        device: ``torch.amp.autocast`` keyword arguments for ``device_type`` (None where that
+            device type has no autocast, e.g. ``meta``).
+        cpu: the same for ``"cpu"``.
+    """
+
+    device_type: str
+    device: dict[str, Any] | None
+    cpu: dict[str, Any]
+
+    @staticmethod
+    def _of(device_type: str) -> dict[str, Any]:
+        return {
+            "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type),
+            "cache_enabled": torch.is_autocast_cache_enabled(),
+        }
+
+    @classmethod
+    def capture(cls, device_type: str) -> "AutocastState":
+        """The state in effect now (call it in the forward)."""
+        device = cls._of(device_type) if torch.amp.is_autocast_available(device_type) else None
+        return cls(device_type, device, cls._of("cpu"))
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Run the body under the captured state, whatever autocast is in effect around it."""
+        with contextlib.ExitStack() as stack:
+            if self.device is not None:
+                stack.enter_context(torch.amp.autocast(self.device_type, **self.device))
+            stack.enter_context(torch.amp.autocast("cpu", **self.cpu))
+            yield
 
 
 class _PlanRunner:
@@ -139,7 +199,7 @@ class DeepSpeedCheckpointRunner(_PlanRunner):
       does (the first segment takes the raw uint8 image), so the parameters inside get
       gradients;
     * the recomputation in backward runs under the first forward's autocast state (DeepSpeed
-      does not restore it) and with frozen BatchNorm statistics.
+      does not restore it; see :class:`AutocastState`) and with frozen BatchNorm statistics.
 
     DeepSpeed keeps the inputs outside autograd's saved tensors, so the saved-tensor hooks do
     not see them; this runner counts them in ``self.ledger`` (set by ``apply_memory_mode``)
@@ -148,15 +208,11 @@ class DeepSpeedCheckpointRunner(_PlanRunner):
     Args:
         plan: segment names to checkpoint.
         batchnorms: BatchNorm layers to freeze during recomputation.
-        device_type: the autocast device type, e.g. ``"cpu"`` or ``"cuda"``.
         channels_last: give every segment its 4-D tensor inputs in channels-last layout.
     """
 
-    def __init__(
-        self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm], device_type: str, channels_last: bool = False
-    ) -> None:
+    def __init__(self, plan: Iterable[str], batchnorms: Iterable[_BatchNorm], channels_last: bool = False) -> None:
         super().__init__(plan, batchnorms, channels_last)
-        self.device_type = device_type
         self.ledger: SavedTensorLedger | None = None
 
     def checkpoint(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -164,8 +220,7 @@ class DeepSpeedCheckpointRunner(_PlanRunner):
 
         leaves, in_spec = pytree.tree_flatten(args)
         tensor_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-        autocast_on = torch.is_autocast_enabled(self.device_type)
-        autocast_dtype = torch.get_autocast_dtype(self.device_type)
+        autocast = AutocastState.capture(checkpoint_device_type(leaves[i] for i in tensor_at))
         calls = 0
         out_spec: list[pytree.TreeSpec] = []
 
@@ -179,9 +234,7 @@ class DeepSpeedCheckpointRunner(_PlanRunner):
             if calls == 1:
                 result = fn(*call_args)
             else:  # the recomputation in backward
-                with frozen_batchnorm_statistics(self.batchnorms), torch.autocast(
-                    self.device_type, dtype=autocast_dtype, enabled=autocast_on
-                ):
+                with frozen_batchnorm_statistics(self.batchnorms), autocast.restored():
                     result = fn(*call_args)
             out_leaves, spec = pytree.tree_flatten(result)
             out_spec[:] = [spec]

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -175,10 +176,28 @@ def _linear_source(
     return i0, i1, src - i0.to(opmath)
 
 
+def _source_span(out_start: int, out_stop: int, in_size: int, out_size: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(i0[0], i1[-1] + 1)`` of :func:`_linear_source`, computed on the host.
+
+    The same float operations in the same precision (numpy's float32/float64 round like the
+    kernels), so the span equals the one read from the device tensors, without making the host
+    wait for the device to compute them.
+    """
+    opmath = np.float64 if loss_dtype(dtype) == torch.float64 else np.float32
+    scale = opmath(in_size) / opmath(out_size)
+    half = opmath(0.5)
+
+    def source(dst: int) -> int:
+        return int(max((opmath(dst) + half) * scale - half, opmath(0.0)))
+
+    return source(out_start), min(source(out_stop - 1) + 1, in_size - 1) + 1
+
+
 def upsample_rows(logits: Tensor, padded: tuple[int, int], input_size: tuple[int, int], row_start: int, row_stop: int) -> Tensor:
     """Rows ``row_start:row_stop`` of ``upsample_logits(logits, padded, input_size)``.
 
-    Reads only the low-resolution rows those output rows interpolate from.
+    Reads only the low-resolution rows those output rows interpolate from; which rows those are
+    is worked out on the host (:func:`_source_span`), so a band costs no device synchronisation.
 
     Args:
         logits: ``(B, K, h, w)``.
@@ -196,7 +215,7 @@ def upsample_rows(logits: Tensor, padded: tuple[int, int], input_size: tuple[int
         rows = logits[:, :, row_start:row_stop]
     else:
         i0, i1, l1 = _linear_source(row_start, row_stop, height, out_h, logits.device, logits.dtype)
-        first, last = int(i0[0]), int(i1[-1]) + 1
+        first, last = _source_span(row_start, row_stop, height, out_h, logits.dtype)
         rows = logits[:, :, first:last]
         lam1 = l1.to(rows.dtype).view(1, 1, -1, 1)
         # Width first, then height: the order PyTorch's bilinear kernel multiplies in.

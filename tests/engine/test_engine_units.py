@@ -134,6 +134,7 @@ class StandInEngine(nn.Module):
         self.micro_steps = 0
         self.optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
         self.global_steps = 0
+        self.skipped_steps = 0  # the fp16 loss scaler's count (never skips here)
         self.global_rank = 0
         self.device = torch.device("cpu")
         self.monitor = None
