@@ -246,6 +246,7 @@ def collective_rank() -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from lrss_ds.engine import comm
     from lrss_ds.engine.setup import init_distributed
 
     accelerator = get_accelerator()
@@ -254,9 +255,9 @@ def collective_rank() -> None:
     info = init_distributed()
     device = accelerator.current_device_name()
     total = torch.full((1024,), float(info.rank + 1), device=device)
-    dist.all_reduce(total)
+    total = comm.all_reduce(total)
     flag = torch.tensor([info.rank], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    flag = comm.all_reduce(flag, op=dist.ReduceOp.MAX)
     dist.barrier()
     on_device = accelerator.device_name() != "cpu"
     print(json.dumps({
