@@ -1,11 +1,17 @@
-"""`lrss-ds info STORE`: print a tile store's scenes, sizes, splits, classes and band statistics."""
+"""`lrss-ds info STORE`: print a tile store's scenes, sizes, splits, classes and band statistics.
+
+``--check`` also reads every chunk of every scene and names each damaged scene (``store_check``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from lrss_ds.data.store import PARTIAL_DIR, TileStore
+from lrss_ds.data.store_check import check_store
+from lrss_ds.errors import StoreError
 
 
 def describe(path: str | Path) -> str:
@@ -17,7 +23,8 @@ def describe(path: str | Path) -> str:
     store = TileStore.open(path)
     spec = store.spec
     lines = [f"store     {store.path}", f"dataset   {spec.name}: {spec.description}".rstrip(": ")]
-    lines.append(f"bands     {len(spec.bands)}: {', '.join(spec.bands)}")
+    lines.append(f"bands     {len(spec.bands)}: {', '.join(spec.bands)}"
+                 + (f"; pixel type {store.pixel_dtype}" if store.scenes() else ""))
     lines.append(f"labels    {spec.label_encoding}-coded, ignore_index {spec.ignore_index}")
     lines.append(f"classes   {spec.num_classes}:")
     for k, name in enumerate(spec.classes):
@@ -30,8 +37,12 @@ def describe(path: str | Path) -> str:
     total = 0
     for scene in scenes:
         bands, height, width = store.shape(scene)
-        crs, _ = store.georef(scene)
-        attrs = store.scene_attrs(scene)
+        try:
+            crs, _ = store.georef(scene)
+            attrs = store.scene_attrs(scene)
+        except StoreError as error:
+            lines.append(f"  {scene}  damaged: {error.problem} (see `lrss-ds info --check`)")
+            continue
         split = next((name for name, ids in splits.items() if scene in ids), "?")
         crs_text = crs.to_string() if crs is not None else "no georeference"
         total += bands * height * width * store.dtype(scene).itemsize
@@ -63,9 +74,19 @@ def describe(path: str | Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the ``lrss-ds info`` arguments."""
     parser.add_argument("store", type=Path, help="tile store directory")
+    parser.add_argument("--check", action="store_true",
+                        help="read every chunk of every scene, name each damaged scene; exit 1 if any")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lrss-ds info``."""
+    """Run ``lrss-ds info``; with ``--check``, return 1 if a scene is damaged."""
     print(describe(args.store))
-    return 0
+    if not args.check:
+        return 0
+    intact, damaged = check_store(args.store)
+    print(f"check     {len(intact)} scenes intact, {len(damaged)} damaged")
+    for line in damaged:
+        print(f"damaged   {line}", file=sys.stderr)
+    if damaged:
+        print("          rerun `lrss-ds ingest` with a damaged scene's files to write it again", file=sys.stderr)
+    return 1 if damaged else 0
