@@ -653,7 +653,8 @@ class StoreWriter:
                                                  dtype=None)
             return
         with disk_errors(self.path):
-            self.root = zarr.open_group(str(self.path), mode="w")
+            # "a", not "w": "w" would clear the directory, the lock file with it.
+            self.root = zarr.open_group(str(self.path), mode="a")
             self.root.attrs[ATTR_KEY] = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
