@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lrss_ds.data.store import PARTIAL_DIR, TileStore
 from lrss_ds.data.store_check import check_store
+from lrss_ds.data.store_lock import describe_holder, live_holder
 from lrss_ds.errors import StoreError
 
 
@@ -59,15 +60,23 @@ def describe(path: str | Path) -> str:
         lines.append("band statistics: none (no scenes)")
     lines.append(f"pixels    {total / 2**20:.1f} MiB uncompressed")
     if scenes:
-        meta = store.array(scenes[0], "image").metadata.to_dict()
-        codecs = [c["name"] + (f"-{c['configuration']['cname']}" if c["name"] == "blosc" else "")
-                  for c in meta["codecs"] if c["name"] != "bytes"]
-        chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        lines.append(f"storage   image chunks {chunks}, codec {', '.join(codecs) or 'none'} (first scene)")
+        try:
+            meta = store.array(scenes[0], "image").metadata.to_dict()
+        except StoreError:
+            meta = None  # a damaged first scene: --check names it
+        if meta is not None:
+            codecs = [c["name"] + (f"-{c['configuration']['cname']}" if c["name"] == "blosc" else "")
+                      for c in meta["codecs"] if c["name"] != "bytes"]
+            chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            lines.append(f"storage   image chunks {chunks}, codec {', '.join(codecs) or 'none'} (first scene)")
+    holder = live_holder(store.path)
+    if holder is not None:
+        lines.append(f"writer    an ingest is writing to the store: {describe_holder(holder)}")
     partial = Path(path) / PARTIAL_DIR
     if partial.is_dir() and any(partial.iterdir()):
         names = ", ".join(sorted(p.name for p in partial.iterdir()))
-        lines.append(f"incomplete scenes (interrupted ingest; rerun ingest to redo): {names}")
+        why = "being written" if holder is not None else "interrupted ingest; rerun ingest to redo"
+        lines.append(f"incomplete scenes ({why}): {names}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,30 @@ def read_holder(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def live_holder(store: Path) -> dict[str, Any] | None:
+    """Return the record of the writer holding ``store`` now, or None.
+
+    Judged without touching the lock (taking it, even shared and briefly, could refuse a writer
+    starting at that moment): the record's process must be alive, when it is on this host; a
+    record from another host counts as live.
+    """
+    record = read_holder(Path(store) / LOCK_NAME)
+    if record is None:
+        return None
+    if record.get("host") != socket.gethostname():
+        return record
+    try:
+        pid = int(record.get("pid", 0))
+        if pid <= 0:
+            return None
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return None
+    except PermissionError:
+        return record  # alive, another user's
+    return record
+
+
 class WriterLock:
     """Exclusive writer lock of the store directory ``store`` (see the module docstring).
 

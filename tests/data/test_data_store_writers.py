@@ -70,7 +70,7 @@ ingest(store, images, labels, "synthetic", tile=32, log=lambda s: None)
 """
 
 
-def test_second_ingest_is_refused_naming_the_first_then_waits_with_wait(tmp_path, synth_dir) -> None:
+def test_second_ingest_is_refused_naming_the_first_then_waits_with_wait(tmp_path, synth_dir, capsys) -> None:
     images, labels = str(synth_dir / "images"), str(synth_dir / "labels")
     clean = tmp_path / "clean.zarr"
     ingest(clean, images, labels, "synthetic", tile=32, log=_quiet)
@@ -90,6 +90,10 @@ def test_second_ingest_is_refused_naming_the_first_then_waits_with_wait(tmp_path
         assert "\n" not in error and "another ingest is writing to this store" in error
         assert f"pid {first.pid} " in error and "--wait" in error
         assert partial.is_dir()  # the second ingest left the first one's work alone
+        assert main(["info", str(store)]) == 0
+        shown = capsys.readouterr().out
+        assert f"an ingest is writing to the store: pid {first.pid} " in shown
+        assert f"incomplete scenes (being written): {partial.name}" in shown
 
         waiting_log = tmp_path / "waiting.log"
         with open(waiting_log, "w") as log:
@@ -186,7 +190,7 @@ def test_full_disk_during_ingest_is_one_line_and_keeps_the_store_consistent(tmp_
     assert _snapshot(store) == _snapshot(clean)
 
 
-def test_lock_file_of_a_killed_writer_does_not_block(tmp_path, synth_dir) -> None:
+def test_lock_file_of_a_killed_writer_does_not_block(tmp_path, synth_dir, capsys) -> None:
     """The kernel drops a dead writer's lock: its leftover lock file and _partial scene are taken over."""
     store = tmp_path / "s.zarr"
     images, labels = str(synth_dir / "images"), str(synth_dir / "labels")
@@ -199,6 +203,9 @@ def test_lock_file_of_a_killed_writer_does_not_block(tmp_path, synth_dir) -> Non
         writer.kill()
         writer.wait()
     assert (store / LOCK_NAME).exists() and (store / PARTIAL_DIR).is_dir()
+    assert main(["info", str(store)]) == 0
+    shown = capsys.readouterr().out  # the dead writer's record is not shown as a live writer
+    assert "an ingest is writing" not in shown and "incomplete scenes (interrupted ingest" in shown
     lines: list[str] = []
     result = ingest(store, images, labels, "synthetic", tile=32, log=lines.append)
     assert sorted(result["ingested"]) == ["synth_0_0000", "synth_0_0001", "synth_0_0002"]
