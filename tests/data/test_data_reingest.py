@@ -12,30 +12,19 @@ from lrss_ds.cli import main
 from lrss_ds.data import TileStore
 from lrss_ds.data.ingest import ingest, sha256_of
 from lrss_ds.errors import InputFileError, StoreError
-from tests.data.data_helpers import user_dataset_yaml
-
-
-def _quiet(_: str) -> None:
-    pass
+from tests.data.data_helpers import quiet, snapshot, synth_scenes, user_dataset_yaml
 
 
 @pytest.fixture()
 def synth_dir(tmp_path: Path) -> Path:
-    assert main(["synth", "--out", str(tmp_path / "syn"), "--scenes", "2", "--size", "64x96"]) == 0
-    return tmp_path / "syn"
-
-
-def _snapshot(store_path: Path) -> dict:
-    store = TileStore.open(store_path)
-    return {s: tuple(a.tobytes() for a in store.read(s)) for s in store.scenes()} | {
-        "_splits": store.splits, "_stats": store.band_stats()}
+    return synth_scenes(tmp_path, 2, "64x96")
 
 
 def test_changed_file_under_the_same_stem_is_refused_unless_replace(tmp_path, synth_dir, capsys) -> None:
     images, labels = synth_dir / "images", synth_dir / "labels"
     store = tmp_path / "s.zarr"
-    ingest(store, str(images), str(labels), "synthetic", log=_quiet)
-    before = _snapshot(store)
+    ingest(store, str(images), str(labels), "synthetic", log=quiet)
+    before = snapshot(store)
     old_sha = sha256_of(images / "synth_0_0001.tif")
     with rasterio.open(images / "synth_0_0001.tif", "r+") as dst:  # the file is edited in place
         changed = dst.read()
@@ -43,12 +32,12 @@ def test_changed_file_under_the_same_stem_is_refused_unless_replace(tmp_path, sy
         dst.write(changed)
     new_sha = sha256_of(images / "synth_0_0001.tif")
     with pytest.raises(StoreError) as info:
-        ingest(store, str(images), str(labels), "synthetic", log=_quiet)
+        ingest(store, str(images), str(labels), "synthetic", log=quiet)
     text = str(info.value)
     assert "\n" not in text and text.startswith(str(images / "synth_0_0001.tif"))
     assert f"image synth_0_0001.tif has sha256 {new_sha[:12]}..., the store's copy of synth_0_0001.tif had " \
            f"{old_sha[:12]}..." in text and "--replace" in text
-    assert _snapshot(store) == before  # refused before anything was written
+    assert snapshot(store) == before  # refused before anything was written
 
     command = ["ingest", "--store", str(store), "--images", str(images), "--labels", str(labels),
                "--dataset", "synthetic", "--replace"]
@@ -59,20 +48,20 @@ def test_changed_file_under_the_same_stem_is_refused_unless_replace(tmp_path, sy
     assert opened.scene_attrs("synth_0_0001")["source_image_sha256"] == new_sha
     assert main(["info", "--check", str(store)]) == 0
     # The same files again: skipped, nothing to replace.
-    assert ingest(store, str(images), str(labels), "synthetic", log=_quiet)["skipped"] == ["synth_0_0000",
+    assert ingest(store, str(images), str(labels), "synthetic", log=quiet)["skipped"] == ["synth_0_0000",
                                                                                           "synth_0_0001"]
 
 
 def test_moving_a_scene_to_another_split_needs_replace(tmp_path, synth_dir) -> None:
     images, labels = synth_dir / "images", synth_dir / "labels"
     store = tmp_path / "s.zarr"
-    ingest(store, str(images), str(labels), "synthetic", log=_quiet)
+    ingest(store, str(images), str(labels), "synthetic", log=quiet)
     one = str(images / "synth_0_0001.tif")
     with pytest.raises(StoreError, match=r"synth_0_0001.tif: scene 'synth_0_0001' .* split is 'train' in the "
                                          r"store, 'val' now; pass --replace"):
-        ingest(store, one, str(labels), "synthetic", split="val", log=_quiet)
+        ingest(store, one, str(labels), "synthetic", split="val", log=quiet)
     assert TileStore.open(store).splits == {"train": ["synth_0_0000", "synth_0_0001"]}
-    result = ingest(store, one, str(labels), "synthetic", split="val", replace=True, log=_quiet)
+    result = ingest(store, one, str(labels), "synthetic", split="val", replace=True, log=quiet)
     assert result["replaced"] == ["synth_0_0001"]
     moved = TileStore.open(store)
     assert moved.splits == {"train": ["synth_0_0000"], "val": ["synth_0_0001"]}
@@ -86,7 +75,7 @@ def test_an_empty_store_takes_the_corrected_spec_and_a_refusal_names_the_key(tmp
     right = user_dataset_yaml(tmp_path / "right.yaml", ["NIR", "R", "G", "B"], classes)
     store = tmp_path / "s.zarr"
     with pytest.raises(InputFileError, match="has 4 bands"):
-        ingest(store, images, labels, str(wrong), log=_quiet)
+        ingest(store, images, labels, str(wrong), log=quiet)
     assert TileStore.open(store).scenes() == [] and TileStore.open(store).spec.bands == ["R", "G", "B"]
     lines: list[str] = []
     result = ingest(store, images, labels, str(right), log=lines.append)
@@ -97,6 +86,6 @@ def test_an_empty_store_takes_the_corrected_spec_and_a_refusal_names_the_key(tmp
 
     other = user_dataset_yaml(tmp_path / "other.yaml", ["NIR", "R", "G", "B"], classes[:-1] + ["pond"])
     with pytest.raises(StoreError) as info:
-        ingest(store, images, labels, str(other), log=_quiet)
+        ingest(store, images, labels, str(other), log=quiet)
     text = str(info.value)
     assert "\n" not in text and "classes differ (classes: store [" in text and '"pond"]' in text

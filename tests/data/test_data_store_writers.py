@@ -18,25 +18,15 @@ from lrss_ds.data.ingest import ingest
 from lrss_ds.data.store import PARTIAL_DIR
 from lrss_ds.data.store_lock import LOCK_NAME
 from lrss_ds.errors import StoreError
+from tests.data.data_helpers import quiet, snapshot, synth_scenes
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 @pytest.fixture()
 def synth_dir(tmp_path: Path) -> Path:
-    assert main(["synth", "--out", str(tmp_path / "syn"), "--scenes", "3", "--size", "96x160"]) == 0
-    return tmp_path / "syn"
-
-
-def _snapshot(store_path: Path) -> dict:
-    store = TileStore.open(store_path)
-    return {s: tuple(a.tobytes() for a in store.read(s)) for s in store.scenes()} | {
-        "_splits": store.splits, "_stats": store.band_stats()}
+    return synth_scenes(tmp_path, 3, "96x160")
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +63,7 @@ ingest(store, images, labels, "synthetic", tile=32, log=lambda s: None)
 def test_second_ingest_is_refused_naming_the_first_then_waits_with_wait(tmp_path, synth_dir, capsys) -> None:
     images, labels = str(synth_dir / "images"), str(synth_dir / "labels")
     clean = tmp_path / "clean.zarr"
-    ingest(clean, images, labels, "synthetic", tile=32, log=_quiet)
+    ingest(clean, images, labels, "synthetic", tile=32, log=quiet)
     store = tmp_path / "s.zarr"
     ready, go = tmp_path / "ready", tmp_path / "go"
     first = subprocess.Popen([sys.executable, "-c", PAUSED_INGEST, str(store), images, labels, str(ready), str(go)],
@@ -110,15 +100,15 @@ def test_second_ingest_is_refused_naming_the_first_then_waits_with_wait(tmp_path
         first.kill()
         first.wait()
     assert not (store / LOCK_NAME).exists() and not (store / PARTIAL_DIR).exists()
-    assert _snapshot(store) == _snapshot(clean)
+    assert snapshot(store) == snapshot(clean)
     assert main(["info", "--check", str(store)]) == 0
 
 
 def test_info_check_names_each_damaged_scene_and_ingest_repairs_them(tmp_path, synth_dir, capsys) -> None:
     images, labels = str(synth_dir / "images"), str(synth_dir / "labels")
     store = tmp_path / "s.zarr"
-    ingest(store, images, labels, "synthetic", tile=32, log=_quiet)
-    reference = _snapshot(store)
+    ingest(store, images, labels, "synthetic", tile=32, log=quiet)
+    reference = snapshot(store)
     assert main(["info", "--check", str(store)]) == 0
     assert "3 scenes intact, 0 damaged" in capsys.readouterr().out
 
@@ -132,10 +122,10 @@ def test_info_check_names_each_damaged_scene_and_ingest_repairs_them(tmp_path, s
     assert "synth_0_0002: label metadata missing" in damaged[1]
     assert "1 scenes intact, 2 damaged" in captured.out
 
-    result = ingest(store, images, labels, "synthetic", tile=32, log=_quiet)
+    result = ingest(store, images, labels, "synthetic", tile=32, log=quiet)
     assert result["skipped"] == ["synth_0_0000"] and sorted(result["redone"]) == ["synth_0_0001", "synth_0_0002"]
     assert main(["info", "--check", str(store)]) == 0
-    assert _snapshot(store) == reference
+    assert snapshot(store) == reference
 
 
 def test_a_scene_with_a_chunk_lost_while_writing_is_not_marked_complete(tmp_path, synth_dir, monkeypatch) -> None:
@@ -151,7 +141,7 @@ def test_a_scene_with_a_chunk_lost_while_writing_is_not_marked_complete(tmp_path
     monkeypatch.setattr(zarr_local, "_put", lose_one_chunk)
     with pytest.raises(StoreError, match="chunk files missing after writing") as info:
         ingest(tmp_path / "s.zarr", str(synth_dir / "images"), str(synth_dir / "labels"), "synthetic", tile=32,
-               log=_quiet)
+               log=quiet)
     assert "\n" not in str(info.value) and "synth_0_0001" in str(info.value)
     assert TileStore.open(tmp_path / "s.zarr").scenes() == ["synth_0_0000"]
     assert not (tmp_path / "s.zarr" / "synth_0_0001").exists()
@@ -161,7 +151,7 @@ def test_full_disk_during_ingest_is_one_line_and_keeps_the_store_consistent(tmp_
                                                                             capsys) -> None:
     images, labels = str(synth_dir / "images"), str(synth_dir / "labels")
     clean = tmp_path / "clean.zarr"
-    ingest(clean, images, labels, "synthetic", tile=32, log=_quiet)
+    ingest(clean, images, labels, "synthetic", tile=32, log=quiet)
     original = zarr_local._put
     writes = {"n": 0}
 
@@ -187,7 +177,7 @@ def test_full_disk_during_ingest_is_one_line_and_keeps_the_store_consistent(tmp_
 
     monkeypatch.setattr(zarr_local, "_put", original)  # space freed: the rerun completes the store
     assert main(command) == 0
-    assert _snapshot(store) == _snapshot(clean)
+    assert snapshot(store) == snapshot(clean)
 
 
 def test_lock_file_of_a_killed_writer_does_not_block(tmp_path, synth_dir, capsys) -> None:
