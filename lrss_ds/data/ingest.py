@@ -462,12 +462,14 @@ def _ingest_locked(writer: StoreWriter, pairs: list[ScenePair], split: str | Non
     import rasterio
 
     result: dict[str, list[str]] = {"ingested": [], "skipped": [], "redone": [], "replaced": []}
-    for name in writer.discard_leftovers():
-        if name.startswith(REPLACED_PREFIX):  # the old copy of a scene swapped out when the run died
-            log(f"ingest: removed the replaced copy of {name[len(REPLACED_PREFIX):]!r} left by an interrupted run")
+    deleted, restored = writer.discard_leftovers()
+    for name in deleted:
+        if name.startswith(REPLACED_PREFIX):  # the old copy of a scene whose replacement is in place
             continue
         log(f"ingest: removed incomplete scene {name!r} left by an interrupted run")
         result["redone"].append(name)
+    for scene in restored:
+        log(f"ingest: put back scene {scene!r}, which an interrupted run was replacing")
     writer.refresh_root()
     plan = plan_ingest(writer, pairs, split, replace)
     # GDAL's block cache defaults to 5 % of RAM; rows are read once, so a small cache suffices

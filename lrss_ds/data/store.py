@@ -583,8 +583,9 @@ def disk_errors(where: str | Path) -> Iterator[None]:
     except OSError as error:
         path = error.filename or where
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(path, "disk full (no space left on device) while writing the store; "
-                             "the store keeps only the scenes completed before; free space and rerun") from None
+            cause = "the disk is full" if error.errno == errno.ENOSPC else "the disk quota is exhausted"
+            raise StoreError(path, f"cannot write the store: {cause} (disk full); the scene being written was "
+                             "discarded and the store keeps the scenes completed before; free space and rerun") from None
         raise StoreError(path, f"cannot write the store: {error.strerror or error}") from None
 
 
@@ -725,19 +726,32 @@ class StoreWriter:
         self._cleanup_partial_dir()
         return removed
 
-    def discard_leftovers(self) -> list[str]:
-        """Delete everything under ``_partial`` (a dead writer's: this writer holds the lock).
+    def discard_leftovers(self) -> tuple[list[str], list[str]]:
+        """Clear ``_partial`` of what a dead writer left (this writer holds the lock, so it is dead).
+
+        The old copy of a scene whose replacement had not yet been moved into place is put back;
+        everything else is deleted.
 
         Returns:
-            The names removed.
+            ``(names deleted, scenes restored)``.
         """
         partial = self.path / PARTIAL_DIR
         names = sorted(p.name for p in partial.iterdir()) if partial.is_dir() else []
+        deleted, restored = [], []
         for name in names:
-            target = partial / name
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+            leftover = partial / name
+            scene = name[len(REPLACED_PREFIX):]
+            if name.startswith(REPLACED_PREFIX) and not (self.path / scene).exists():
+                os.replace(leftover, self.path / scene)
+                restored.append(scene)
+                continue
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+            deleted.append(name)
         self._cleanup_partial_dir()
-        return names
+        return deleted, restored
 
     def begin_scene(
         self, scene: str, bands: int, height: int, width: int, dtype: np.dtype, tile: int = DEFAULT_TILE
@@ -786,9 +800,8 @@ class StoreWriter:
 
         The completion marker is written only after both arrays' metadata and every chunk file
         were found on disk, and the directory rename is atomic, so a scene directory at the top
-        level is always whole. A scene that replaces another is swapped in by two renames; a
-        crash between them leaves the old copy under ``_partial`` and no scene, which the next
-        ingest of the file redoes.
+        level is always whole. A scene that replaces another is swapped in by two renames; after
+        a crash between them the next writer puts the old copy back (``discard_leftovers``).
 
         Raises:
             StoreError: an array's metadata or chunk files are missing (the scene is not marked).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,10 @@ import pytest
 import rasterio
 
 from lrss_ds.cli import main
+from lrss_ds.data import store as store_module
 from lrss_ds.data import TileStore
 from lrss_ds.data.ingest import ingest, sha256_of
+from lrss_ds.data.store import PARTIAL_DIR
 from lrss_ds.errors import InputFileError, StoreError
 from tests.data.data_helpers import quiet, snapshot, synth_scenes, user_dataset_yaml
 
@@ -89,3 +92,33 @@ def test_an_empty_store_takes_the_corrected_spec_and_a_refusal_names_the_key(tmp
         ingest(store, images, labels, str(other), log=quiet)
     text = str(info.value)
     assert "\n" not in text and "classes differ (classes: store [" in text and '"pond"]' in text
+
+
+def test_a_replacement_interrupted_between_its_renames_puts_the_old_scene_back(tmp_path, synth_dir,
+                                                                               monkeypatch) -> None:
+    images, labels = synth_dir / "images", synth_dir / "labels"
+    store = tmp_path / "s.zarr"
+    ingest(store, str(images), str(labels), "synthetic", log=quiet)
+    before = snapshot(store)
+    with rasterio.open(images / "synth_0_0001.tif", "r+") as dst:
+        changed = dst.read()
+        changed[:, :10, :10] = 7
+        dst.write(changed)
+    real_replace = os.replace
+
+    def killed_between_renames(src, dst) -> None:
+        if Path(src).parent.name == PARTIAL_DIR and not Path(src).name.startswith("."):
+            raise KeyboardInterrupt  # the old copy is aside, the new one not yet in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_module.os, "replace", killed_between_renames)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(store, str(images), str(labels), "synthetic", replace=True, log=quiet)
+    monkeypatch.setattr(store_module.os, "replace", real_replace)
+    assert not (store / "synth_0_0001").exists()
+
+    lines: list[str] = []
+    ingest(store, str(images / "synth_0_0000.tif"), str(labels), "synthetic", log=lines.append)
+    assert any("put back scene 'synth_0_0001'" in line for line in lines)
+    assert snapshot(store) == before
+    assert main(["info", "--check", str(store)]) == 0
