@@ -326,14 +326,13 @@ def _ingest_scene(writer: StoreWriter, pair: ScenePair, split: str, tile: int, l
             source_label_sha256=sha256_of(pair.label),
             stats=stats,
         )
+        writer.finish_scene(pair.scene_id, group, attrs)
     except BaseException:
+        writer.discard_incomplete(pair.scene_id)  # leaves a scene already moved into place
+        raise
+    finally:
         image_src.close()
         label_src.close()
-        writer.discard_incomplete(pair.scene_id)
-        raise
-    image_src.close()
-    label_src.close()
-    writer.finish_scene(pair.scene_id, group, attrs)
 
 
 def _band_names(src, spec: DatasetSpec) -> list[str]:

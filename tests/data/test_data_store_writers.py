@@ -144,7 +144,7 @@ def test_a_scene_with_a_chunk_lost_while_writing_is_not_marked_complete(tmp_path
                log=quiet)
     assert "\n" not in str(info.value) and "synth_0_0001" in str(info.value)
     assert TileStore.open(tmp_path / "s.zarr").scenes() == ["synth_0_0000"]
-    assert not (tmp_path / "s.zarr" / "synth_0_0001").exists()
+    assert not (tmp_path / "s.zarr" / "synth_0_0001").exists() and not (tmp_path / "s.zarr" / PARTIAL_DIR).exists()
 
 
 def test_full_disk_during_ingest_is_one_line_and_keeps_the_store_consistent(tmp_path, synth_dir, monkeypatch,
