@@ -24,8 +24,11 @@ def describe(path: str | Path) -> str:
     store = TileStore.open(path)
     spec = store.spec
     lines = [f"store     {store.path}", f"dataset   {spec.name}: {spec.description}".rstrip(": ")]
-    lines.append(f"bands     {len(spec.bands)}: {', '.join(spec.bands)}"
-                 + (f"; pixel type {store.pixel_dtype}" if store.scenes() else ""))
+    try:
+        pixel_type = f"; pixel type {store.pixel_dtype}" if store.scenes() else ""
+    except StoreError as error:  # a store written before one type was enforced
+        pixel_type = f"; {error.problem}"
+    lines.append(f"bands     {len(spec.bands)}: {', '.join(spec.bands)}{pixel_type}")
     lines.append(f"labels    {spec.label_encoding}-coded, ignore_index {spec.ignore_index}")
     lines.append(f"classes   {spec.num_classes}:")
     for k, name in enumerate(spec.classes):

@@ -68,7 +68,7 @@ def test_a_scene_of_another_pixel_type_is_refused_naming_file_and_types(tmp_path
     assert TileStore.open(tmp_path / "new.zarr").scenes() == []
 
 
-def test_a_store_that_mixes_pixel_types_is_named_when_read(tmp_path) -> None:
+def test_a_store_that_mixes_pixel_types_is_named_when_read(tmp_path, capsys) -> None:
     """A store written before one type was enforced: its pixel type is an error naming the mix."""
     dataset = user_dataset_yaml(tmp_path / "d.yaml", ["R", "G", "B"], ["dark", "bright"])
     for dtype, name in (("uint8", "a"), ("uint16", "b")):
@@ -80,6 +80,8 @@ def test_a_store_that_mixes_pixel_types_is_named_when_read(tmp_path) -> None:
         writer.refresh_root()
     with pytest.raises(StoreError, match=r"mixes pixel types uint16 \(b, \.\.\.\), uint8 \(a, \.\.\.\)"):
         TileStore.open(tmp_path / "uint8.zarr").pixel_dtype
+    assert main(["info", str(tmp_path / "uint8.zarr")]) == 0
+    assert "store mixes pixel types" in capsys.readouterr().out
 
 
 # Trains each store for 2 iterations through `lrss-ds train` and predicts a file and a store

@@ -113,13 +113,13 @@ def test_info_check_names_each_damaged_scene_and_ingest_repairs_them(tmp_path, s
     assert "3 scenes intact, 0 damaged" in capsys.readouterr().out
 
     (store / "synth_0_0001" / "image" / "c" / "0" / "1" / "2").unlink()
-    (store / "synth_0_0002" / "label" / "zarr.json").unlink()
+    (store / "synth_0_0002" / "image" / "zarr.json").unlink()  # what made every later ingest fail with KeyError
     assert main(["info", "--check", str(store)]) == 1
     captured = capsys.readouterr()
     damaged = [line for line in captured.err.splitlines() if line.startswith("damaged")]
     assert len(damaged) == 2, captured.err
     assert "synth_0_0001: image chunk c/0/1/2 missing" in damaged[0]
-    assert "synth_0_0002: label metadata missing" in damaged[1]
+    assert "synth_0_0002: image metadata missing" in damaged[1]
     assert "1 scenes intact, 2 damaged" in captured.out
 
     result = ingest(store, images, labels, "synthetic", tile=32, log=quiet)
