@@ -96,6 +96,7 @@ class WriterLock:
     def __init__(self, store: Path, wait: bool = False, log: Callable[[str], None] = print) -> None:
         self.path = Path(store) / LOCK_NAME
         self._fd: int | None = None
+        self._pid = os.getpid()
         said_waiting = False
         while True:
             fd = self._open()
@@ -126,6 +127,7 @@ class WriterLock:
                 os.close(fd)
                 continue
             self._fd = fd
+            self._pid = os.getpid()
             break
         self._record()
 
@@ -154,8 +156,9 @@ class WriterLock:
         return self._fd is not None
 
     def release(self) -> None:
-        """Remove the lock file and release the lock (idempotent)."""
-        if self._fd is None:
+        """Remove the lock file and release the lock (idempotent; a no-op in a forked child,
+        whose copy of the descriptor shares the parent's lock and must not unlink its file)."""
+        if self._fd is None or self._pid != os.getpid():
             return
         try:
             os.unlink(self.path)  # while still locked, so no one else can hold this file
@@ -171,4 +174,7 @@ class WriterLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # at interpreter exit the kernel drops the lock anyway
+            pass
