@@ -127,7 +127,6 @@ class WriterLock:
                 os.close(fd)
                 continue
             self._fd = fd
-            self._pid = os.getpid()
             break
         self._record()
 
