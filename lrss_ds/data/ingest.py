@@ -3,7 +3,14 @@
 Each scene is read in row blocks of one tile height, so memory holds one block (bands x 512 x W)
 whatever the scene size; it is written under ``STORE/_partial/<id>`` and renamed into place
 when complete. A rerun skips complete scenes and redoes incomplete ones, so an interrupted
-ingest (Ctrl-C, kill) leaves a valid store.
+ingest (Ctrl-C, kill, full disk) leaves a valid store. One ingest writes to a store at a time
+(``store_lock``); a second is refused at once, naming the first, or waits with ``--wait``.
+
+A scene already in the store is skipped only when its image and label files hash to the sha256
+recorded at its ingest and it goes to the same split; otherwise the ingest refuses before
+writing anything, saying what differs, unless ``--replace`` is given (which re-ingests the scene,
+also to move it to another split). Every file of a complete scene is hashed on each rerun
+(about 0.9 GB/s on one core).
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ from lrss_ds.data.store import (
     CODECS,
     DEFAULT_TILE,
     PARTIAL_DIR,
+    REPLACED_PREFIX,
     BandStats,
     StoreWriter,
     check_scene_id,
+    disk_errors,
     scene_attributes,
 )
-from lrss_ds.errors import ConfigError, InputFileError
+from lrss_ds.errors import ConfigError, InputFileError, StoreError
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp", ".gif"}
 MAX_LISTED_VALUES = 12
@@ -100,11 +109,18 @@ def pair_scenes(images: list[Path], labels: list[Path], spec: DatasetSpec) -> li
 
 
 def sha256_of(path: Path) -> str:
-    """Return the file's sha256 hex digest, read in 8 MiB pieces."""
+    """Return the file's sha256 hex digest, read in 8 MiB pieces.
+
+    Raises:
+        InputFileError: the file cannot be read.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(piece)
+    try:
+        with open(path, "rb") as handle:
+            for piece in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(piece)
+    except OSError as error:
+        raise InputFileError(path, f"cannot read: {error.strerror or error}") from None
     return digest.hexdigest()
 
 
@@ -228,7 +244,14 @@ def ingest_scene(
     Raises:
         InputFileError: unreadable raster, size or georeference mismatch, band count different
             from the store's, label values outside the class table.
+        StoreError: pixel type different from the store's; the disk is full or the store is
+            not writable (nothing of the scene is kept).
     """
+    with disk_errors(writer.path / PARTIAL_DIR / pair.scene_id):
+        _ingest_scene(writer, pair, split, tile, log)
+
+
+def _ingest_scene(writer: StoreWriter, pair: ScenePair, split: str, tile: int, log: Callable[[str], None]) -> None:
     from rasterio.windows import Window
 
     spec = writer.spec
@@ -269,6 +292,7 @@ def ingest_scene(
         if not image_geo:
             log(f"warning: {pair.image}: no georeference (no CRS or transform); scene stored without one")
         dtype = np.dtype(image_src.dtypes[0])
+        writer.check_pixel_dtype(dtype, pair.image)
         nodata = image_src.nodata
         bands, height, width = image_src.count, image_src.height, image_src.width
 
@@ -302,14 +326,13 @@ def ingest_scene(
             source_label_sha256=sha256_of(pair.label),
             stats=stats,
         )
+        writer.finish_scene(pair.scene_id, group, attrs)
     except BaseException:
+        writer.discard_incomplete(pair.scene_id)  # leaves a scene already moved into place
+        raise
+    finally:
         image_src.close()
         label_src.close()
-        writer.discard_incomplete(pair.scene_id)
-        raise
-    image_src.close()
-    label_src.close()
-    writer.finish_scene(pair.scene_id, group, attrs)
 
 
 def _band_names(src, spec: DatasetSpec) -> list[str]:
@@ -318,11 +341,94 @@ def _band_names(src, spec: DatasetSpec) -> list[str]:
     return described if len(described) == src.count else list(spec.bands)
 
 
+def scene_differences(writer: StoreWriter, pair: ScenePair, split: str) -> list[str]:
+    """Return what differs between a complete scene in the store and the files and split given now.
+
+    Args:
+        writer: the store.
+        pair: the scene's files now (hashed here).
+        split: the split the scene would go to now.
+
+    Returns:
+        One phrase per difference (image or label sha256, split); empty if the scene is the same.
+    """
+    recorded = writer.scene_attrs(pair.scene_id)
+    out = []
+    for kind, path in (("image", pair.image), ("label", pair.label)):
+        before, now = recorded.get(f"source_{kind}_sha256"), sha256_of(path)
+        if before != now:
+            out.append(f"{kind} {path.name} has sha256 {now[:12]}..., the store's copy of "
+                       f"{recorded.get(f'source_{kind}')} had {str(before)[:12]}...")
+    if recorded.get("split") != split:
+        out.append(f"split is {recorded.get('split')!r} in the store, {split!r} now")
+    return out
+
+
+def plan_ingest(
+    writer: StoreWriter, pairs: list[ScenePair], split: str | None, replace: bool
+) -> list[tuple[ScenePair, str, str]]:
+    """Decide per scene: ``skip`` (same files, same split), ``new``, ``replace`` or ``repair``.
+
+    ``repair`` is a complete scene whose chunk files are not all on disk: it is ingested again.
+
+    Runs before anything is written, so a refusal leaves the store as it was.
+
+    Args:
+        writer: the store.
+        pairs: the scenes given.
+        split: the split asked for, or None for the dataset's rule.
+        replace: re-ingest scenes whose files or split differ instead of refusing.
+
+    Returns:
+        ``(pair, split, action)`` per scene.
+
+    Raises:
+        StoreError: a scene in the store differs and ``replace`` is False (naming the scene, what
+            differs, and how many other scenes differ); image files of several pixel types, or
+            of another type than the store's.
+    """
+    plan: list[tuple[ScenePair, str, str]] = []
+    conflicts: list[tuple[ScenePair, list[str]]] = []
+    for pair in pairs:
+        scene_split = split or writer.spec.split_of(pair.scene_id)
+        if not writer.is_complete(pair.scene_id):
+            plan.append((pair, scene_split, "new"))
+            continue
+        differences = scene_differences(writer, pair, scene_split)
+        if differences and not replace:
+            conflicts.append((pair, differences))
+        damaged = not differences and writer.missing_chunk_files(pair.scene_id)
+        plan.append((pair, scene_split, "replace" if differences else "repair" if damaged else "skip"))
+    if conflicts:
+        pair, differences = conflicts[0]
+        more = f" ({len(conflicts) - 1} more scenes differ too)" if len(conflicts) > 1 else ""
+        raise StoreError(pair.image, f"scene {pair.scene_id!r} is already in {writer.path} and differs: "
+                         f"{'; '.join(differences)}{more}; pass --replace to re-ingest it")
+    _check_pixel_dtypes(writer, [pair for pair, _, action in plan if action != "skip"])
+    return plan
+
+
+def _check_pixel_dtypes(writer: StoreWriter, pairs: list[ScenePair]) -> None:
+    # Headers only: refuse a mix of pixel types before the first scene is written.
+    first: tuple[Path, np.dtype] | None = None
+    for pair in pairs:
+        src = _open_raster(pair.image)
+        dtype = np.dtype(src.dtypes[0])
+        src.close()
+        writer.check_pixel_dtype(dtype, pair.image)
+        if first is None:
+            first = (pair.image, dtype)
+        elif dtype != first[1]:
+            raise StoreError(pair.image, f"pixel type {dtype} differs from {first[1]} of {first[0].name} in "
+                             "the same ingest; a store holds one pixel type: ingest them into separate stores")
+
+
 def ingest(
     store: str | Path, images: str, labels: str, dataset: str | Path, split: str | None = None,
     tile: int = DEFAULT_TILE, log: Callable[[str], None] = print, codec: str = "lz4",
+    replace: bool = False, wait: bool = False,
 ) -> dict[str, list[str]]:
-    """Ingest all image/label pairs into ``store``, skipping complete scenes.
+    """Ingest all image/label pairs into ``store``, skipping complete scenes of the same files.
 
     Args:
         store: store directory (created if absent).
@@ -333,9 +439,11 @@ def ingest(
         tile: chunk size.
         log: where progress lines go.
         codec: chunk codec of new scenes: ``lz4`` (default), ``zstd`` or ``none``.
+        replace: re-ingest scenes whose files (sha256) or split differ from the store's copy.
+        wait: wait for another ingest into the store to finish instead of refusing at once.
 
     Returns:
-        ``{"ingested": [...], "skipped": [...], "redone": [...]}`` scene ids.
+        ``{"ingested": [...], "skipped": [...], "redone": [...], "replaced": [...]}`` scene ids.
 
     Raises:
         LrssError subclasses: bad input, naming the file.
@@ -344,31 +452,44 @@ def ingest(
         raise ConfigError("--tile", "must be at least 16")
     spec = get_dataset(dataset)
     pairs = pair_scenes(expand_paths(images, "--images"), expand_paths(labels, "--labels"), spec)
-    writer = StoreWriter(store, spec, codec)
-    leftovers = sorted(p.name for p in (writer.path / PARTIAL_DIR).glob("*")) if (writer.path / PARTIAL_DIR).is_dir() else []
-    result: dict[str, list[str]] = {"ingested": [], "skipped": [], "redone": []}
-    for name in leftovers:
-        writer.discard_incomplete(name)
-        log(f"ingest: removed incomplete scene {name!r} left by an interrupted run")
-        result["redone"].append(name)
-    writer.refresh_root()
+    with StoreWriter(store, spec, codec, wait=wait, log=log) as writer:
+        return _ingest_locked(writer, pairs, split, tile, log, replace)
+
+
+def _ingest_locked(writer: StoreWriter, pairs: list[ScenePair], split: str | None, tile: int,
+                   log: Callable[[str], None], replace: bool) -> dict[str, list[str]]:
     import rasterio
 
+    result: dict[str, list[str]] = {"ingested": [], "skipped": [], "redone": [], "replaced": []}
+    deleted, restored = writer.discard_leftovers()
+    for name in deleted:
+        if name.startswith(REPLACED_PREFIX):  # the old copy of a scene whose replacement is in place
+            continue
+        log(f"ingest: removed incomplete scene {name!r} left by an interrupted run")
+        result["redone"].append(name)
+    for scene in restored:
+        log(f"ingest: put back scene {scene!r}, which an interrupted run was replacing")
+    writer.refresh_root()
+    plan = plan_ingest(writer, pairs, split, replace)
     # GDAL's block cache defaults to 5 % of RAM; rows are read once, so a small cache suffices
     # and keeps the peak memory of a 4x6800x7200 ingest well under 1 GiB.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        for pair in pairs:
-            if writer.is_complete(pair.scene_id):
+        for pair, scene_split, action in plan:
+            if action == "skip":
                 result["skipped"].append(pair.scene_id)
-                log(f"ingest: {pair.scene_id}: complete, skipped")
+                log(f"ingest: {pair.scene_id}: complete, same files, skipped")
                 continue
-            if writer.discard_incomplete(pair.scene_id) and pair.scene_id not in result["redone"]:
+            if action == "repair":
+                missing = writer.missing_chunk_files(pair.scene_id)
+                log(f"ingest: {pair.scene_id}: damaged in the store ({len(missing)} chunk files missing, first "
+                    f"{missing[0]}), ingesting it again")
+            if (writer.discard_incomplete(pair.scene_id) or action == "repair") and pair.scene_id not in result["redone"]:
                 result["redone"].append(pair.scene_id)
-            scene_split = split or spec.split_of(pair.scene_id)
             start = time.perf_counter()
             ingest_scene(writer, pair, scene_split, tile, log)
-            result["ingested"].append(pair.scene_id)
-            log(f"ingest: {pair.scene_id} -> {scene_split} in {time.perf_counter() - start:.2f} s")
+            result["replaced" if action == "replace" else "ingested"].append(pair.scene_id)
+            verb = "replaced" if action == "replace" else "->"
+            log(f"ingest: {pair.scene_id} {verb} {scene_split} in {time.perf_counter() - start:.2f} s")
     writer.refresh_root()
     return result
 
@@ -383,6 +504,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help="chunk size in pixels (default 512)")
     parser.add_argument("--codec", choices=CODECS, default="lz4",
                         help="chunk compression: lz4 (default, fast), zstd (smaller, slower) or none")
+    parser.add_argument("--replace", action="store_true",
+                        help="re-ingest scenes already in the store whose files changed (sha256) or that go "
+                        "to another split (the way to move a scene between splits); without it they are refused")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another ingest is writing to the store, wait for it (default: refuse at once)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,7 +516,9 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
-    result = ingest(args.store, args.images, args.labels, args.dataset, args.split, args.tile, log, args.codec)
-    print(f"ingest: {len(result['ingested'])} scenes ingested, {len(result['skipped'])} already complete "
-          f"-> {args.store}")
+    result = ingest(args.store, args.images, args.labels, args.dataset, args.split, args.tile, log, args.codec,
+                    replace=args.replace, wait=args.wait)
+    replaced = f", {len(result['replaced'])} replaced" if result["replaced"] else ""
+    print(f"ingest: {len(result['ingested'])} scenes ingested{replaced}, {len(result['skipped'])} already "
+          f"complete -> {args.store}")
     return 0

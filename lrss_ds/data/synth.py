@@ -13,6 +13,7 @@ crosses the whole scene; a lake is a blob of a few percent of it), as in EHSNet'
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -427,9 +428,33 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+MANIFEST = "synth.json"
+
+
+def scene_ids(seed: int, scenes: int) -> list[str]:
+    """Return the ids of the ``scenes`` scenes of ``seed``: ``synth_<seed>_<index:04d>``."""
+    return [f"synth_{seed:d}_{i:04d}" for i in range(scenes)]
+
+
+def manifest(scenes: int, size: tuple[int, int], bands: int, seed: int, compress: str = "deflate") -> dict:
+    """Return the parameters ``synthesize`` records in ``synth.json`` for these arguments."""
+    return {"scenes": scenes, "height": size[0], "width": size[1], "bands": bands, "seed": seed, "compress": compress}
+
+
+def read_manifest(out: Path) -> dict | None:
+    """Return the parameters recorded in ``out/synth.json`` by ``synthesize``, or None."""
+    try:
+        values = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
 def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, seed: int = 0,
                overwrite: bool = False, compress: str = "deflate", log=print) -> list[str]:
     """Write ``scenes`` synthetic scenes to ``out/images/<id>.tif`` and ``out/labels/<id>.tif``.
+
+    The arguments are recorded in ``out/synth.json`` once every file is written.
 
     Args:
         out: output directory.
@@ -453,7 +478,7 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
     if bands < 1:
         raise ConfigError("--bands", "must be at least 1")
     images, labels = out / "images", out / "labels"
-    ids = [f"synth_{seed:d}_{i:04d}" for i in range(scenes)]
+    ids = scene_ids(seed, scenes)
     if not overwrite:
         for scene in ids:
             for path in (images / f"{scene}.tif", labels / f"{scene}.tif"):
@@ -467,6 +492,9 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
         layout = make_layout(seed, index, height, width)
         write_scene(images / f"{scene}.tif", labels / f"{scene}.tif", layout, index, bands, compress)
         log(f"synth: {scene} {bands}x{height}x{width} in {time.perf_counter() - start:.2f} s")
+    partial = out / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest(scenes, size, bands, seed, compress)))
+    partial.replace(out / MANIFEST)
     return ids
 
 

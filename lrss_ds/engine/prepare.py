@@ -16,9 +16,11 @@ def raw_dir(store: Path) -> Path:
 def prepare_synthetic_store(data: DataConfig, log: Callable[[str], None] = print) -> Path:
     """Synthesize the train and val scenes of ``data.synthetic`` and ingest them into ``data.store``.
 
-    Idempotent: existing GeoTIFFs are not rewritten and complete scenes are not re-ingested, so
-    a second call (a rerun of the demo) costs a directory listing. Train scenes use
-    ``synthetic.seed``, val scenes ``seed + 1``, so their ids (``synth_<seed>_<i>``) differ.
+    Idempotent: GeoTIFFs made with the same parameters are not rewritten and complete scenes are
+    not re-ingested, so a second call (a rerun of the demo) costs a listing and hashing the
+    files. Train scenes use ``synthetic.seed``, val scenes ``seed + 1``, so their ids
+    (``synth_<seed>_<i>``) differ. GeoTIFFs made with other parameters are made again; a store
+    made with other parameters is refused (it may hold what a model was trained on).
 
     Args:
         data: the data section; ``data.synthetic`` must be set.
@@ -28,25 +30,29 @@ def prepare_synthetic_store(data: DataConfig, log: Callable[[str], None] = print
         The store path.
 
     Raises:
-        ConfigError / StoreError: from the generator or the ingest.
+        ConfigError: the store holds scenes of other ``data.synthetic`` values (naming the key),
+            or ``bands`` is not the synthetic dataset's.
+        StoreError: from the ingest.
     """
     from lrss_ds.data.ingest import ingest
-    from lrss_ds.data.synth import synthesize
+    from lrss_ds.data.synth_cache import check_store_scenes, check_synthetic_bands, ensure_scene_files
 
     assert data.synthetic is not None, "prepare_synthetic_store needs data.synthetic"
     synth = data.synthetic
     store = Path(data.store)
     raw = raw_dir(store)
     size = (synth.height, synth.width)
-    for split, count, seed in (
-        (data.train_split, synth.train_scenes, synth.seed),
-        (data.val_split, synth.val_scenes, synth.seed + 1),
-    ):
-        if not split or count < 1:
-            continue
+    check_synthetic_bands(synth.bands, "data.synthetic.bands")
+    jobs = [(split, count, seed, key) for split, count, seed, key in (
+        (data.train_split, synth.train_scenes, synth.seed, "train_scenes"),
+        (data.val_split, synth.val_scenes, synth.seed + 1, "val_scenes"),
+    ) if split and count >= 1]
+    # A store made from other data.synthetic values is refused before anything is written,
+    # naming the value; stale GeoTIFFs under raw/ are made again.
+    for split, count, seed, key in jobs:
+        check_store_scenes(store, raw, split, count, size, synth.bands, seed, "data.synthetic", key)
+    for split, count, seed, _ in jobs:
         folder = raw / split
-        ids = [f"synth_{seed:d}_{i:04d}" for i in range(count)]
-        if not all((folder / "labels" / f"{scene}.tif").is_file() for scene in ids):
-            synthesize(folder, count, size, bands=synth.bands, seed=seed, overwrite=True, log=log)
+        ensure_scene_files(folder, count, size, synth.bands, seed, log=log)
         ingest(store, str(folder / "images"), str(folder / "labels"), "synthetic", split=split, log=log)
     return store

@@ -486,6 +486,7 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     train_scenes = store.scenes(config.data.train_split)
     if not train_scenes:
         raise ConfigError("data.train_split", f"split {config.data.train_split!r} of {config.data.store} has no scenes")
+    input_dtype = store.pixel_dtype  # the store's one pixel type; refuses a store that mixes types
     val_scenes = store.scenes(config.data.val_split) if config.data.val_split else []
     bands = store.shape(train_scenes[0])[0]
     band_mean, band_std = store.band_stats()
@@ -510,7 +511,7 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     meta = {
         "model": model.config(),
         "dataset": spec.to_dict(),
-        "input_dtype": str(store.dtype(train_scenes[0])),
+        "input_dtype": str(input_dtype),
         "band_mean": list(band_mean),
         "band_std": list(band_std),
         "store": str(Path(config.data.store).resolve()),

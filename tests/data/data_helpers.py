@@ -48,3 +48,24 @@ def user_dataset_yaml(path: Path, bands: list[str], classes: list[str], **extra)
               "bands": bands, **extra}
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def quiet(_: str) -> None:
+    """A ``log`` that drops every line."""
+
+
+def synth_scenes(tmp_path: Path, scenes: int, size: str) -> Path:
+    """Write ``scenes`` synthetic scenes of ``size`` (``HxW``) under ``tmp_path/syn`` and return it."""
+    from lrss_ds.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "syn"), "--scenes", str(scenes), "--size", size]) == 0
+    return tmp_path / "syn"
+
+
+def snapshot(store_path: Path) -> dict:
+    """Return every scene's pixels and labels, the splits and the band statistics of a store."""
+    from lrss_ds.data import TileStore
+
+    store = TileStore.open(store_path)
+    return {s: tuple(a.tobytes() for a in store.read(s)) for s in store.scenes()} | {
+        "_splits": store.splits, "_stats": store.band_stats()}
