@@ -169,9 +169,11 @@ class StandInEngine(nn.Module):
     def fp16_enabled(self) -> bool:
         return False
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool = True) -> None:
         (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / "latest").write_text(tag)
+        torch.save({"module": self.module.state_dict(), **client_state}, Path(root) / tag / "mp_rank_00_model_states.pt")
+        if save_latest:
+            (Path(root) / "latest").write_text(tag)
 
 
 class TinySegmenter(nn.Module):
