@@ -286,3 +286,26 @@ def test_samples_too_small_for_the_model_are_refused_before_training(tiny_yaml: 
     assert "larger than 64 px on a side" in line
     assert "training ehsnet for" not in result.stdout
     assert not out.exists()
+
+
+def test_unsafe_or_truncated_weights_are_refused_without_torch_advice(tmp_path: Path) -> None:
+    """``model.pretrained`` (read by the trainer) and exported weights (read by predict) holding a
+    pickled object: torch's advice to re-run with weights_only=False never reaches the user."""
+    import argparse
+
+    from lrss_ds.engine.model_io import _torch_load
+    from lrss_ds.errors import InputFileError
+    from lrss_ds.models.pretrained import read_state_dict
+
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, pickled)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(pickled.read_bytes()[:200])
+    for read in (read_state_dict, lambda path: _torch_load(path, weights_only=True)):
+        with pytest.raises(InputFileError) as info:
+            read(pickled)
+        message = str(info.value)
+        assert message.startswith(f"{pickled}: ") and "pickled Python objects (argparse.Namespace)" in message
+        assert "weights_only" not in message and "trust" not in message and "\x1b" not in message, message
+        with pytest.raises(InputFileError, match=r"truncated or not a torch file \(its zip archive cannot be read\)$"):
+            read(truncated)
