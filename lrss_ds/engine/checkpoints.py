@@ -135,7 +135,7 @@ def _save_failure_reported(root: Path, tag: str, partial: Path) -> Iterator[None
     except (OSError, RuntimeError) as error:
         free = _free_bytes(root)
         shutil.rmtree(partial, ignore_errors=True)
-        previous = latest_tag(root)
+        previous, _ = find_resumable(root)
         kept = f"{previous} stays the checkpoint --resume uses" if previous else "there is no earlier checkpoint"
         raise TrainingError(root, f"cannot save checkpoint {tag}: {_write_failure(error, free)}; "
                                   f"nothing of it was kept, {kept}") from error

@@ -583,13 +583,14 @@ def check_sample_sizes(config: ExperimentConfig, model: Any, sizes: list[tuple[i
     Raises:
         ConfigError: naming the smallest sample and the size needed.
     """
-    multiple = int(getattr(model, "pad_multiple", 1))
-    if micro_batch > 1 or not sizes:
+    if micro_batch > 1:
         return
+    multiple = int(getattr(model, "pad_multiple", 1))
     patch = config.data.patch_size if config.data.mode == "patch" else None
     samples = [(min(h, patch), min(w, patch)) if patch else (h, w) for h, w in sizes]
-    height, width = min(samples, key=lambda hw: hw[0] * hw[1])
-    if height <= multiple and width <= multiple:
+    too_small = [(h, w) for h, w in samples if h <= multiple and w <= multiple]
+    if too_small:
+        height, width = too_small[0]
         key = "data.patch_size" if patch and patch <= multiple else "data.store"
         raise ConfigError(
             config.where(key),
