@@ -309,3 +309,43 @@ def test_unsafe_or_truncated_weights_are_refused_without_torch_advice(tmp_path: 
         assert "weights_only" not in message and "trust" not in message and "\x1b" not in message, message
         with pytest.raises(InputFileError, match=r"truncated or not a torch file \(its zip archive cannot be read\)$"):
             read(truncated)
+
+
+def test_failed_run_removes_only_a_run_directory_it_created_with_nothing_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lrss_ds.engine import trainer
+
+    def fails(config, out: Path, checkpoint: bool):  # build_run failing after its first writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "log.txt").write_text("started\n")
+        if checkpoint:
+            (out / "checkpoints" / "step_0000001").mkdir(parents=True)
+        raise TrainingError("loss", "went non-finite")
+
+    for checkpoint, kept in ((False, False), (True, True)):
+        out = tmp_path / f"run_{checkpoint}"
+        monkeypatch.setattr(trainer, "build_run", lambda config, out, c=checkpoint: fails(config, out, c))
+        with pytest.raises(TrainingError, match="went non-finite"):
+            trainer.run_training(experiment(tmp_path, {}, f"train.output={out}"))
+        assert out.exists() == kept
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(TrainingError):
+        trainer.run_training(experiment(tmp_path, {}, f"train.output={existing}"))
+    assert (existing / "log.txt").is_file()  # not this run's directory: left as it is
+
+
+def test_patches_too_small_name_the_patch_size(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from lrss_ds.engine.trainer import check_sample_sizes
+
+    model = SimpleNamespace(pad_multiple=64)
+    config = experiment(tmp_path, {}, "data.mode=patch", "data.patch_size=48")
+    with pytest.raises(ConfigError, match=r"^command line: data.patch_size=48: a 48x48 training sample is too small"):
+        check_sample_sizes(config, model, [(512, 512), (40, 900)], micro_batch=1)
+    check_sample_sizes(config, model, [(512, 512)], micro_batch=2)  # two samples: BatchNorm has 2 values
+    check_sample_sizes(experiment(tmp_path, {}), model, [(65, 20), (512, 512)], micro_batch=1)
+    with pytest.raises(ConfigError, match=r"a 60x64 training sample"):
+        check_sample_sizes(experiment(tmp_path, {}), model, [(1, 4000), (60, 64)], micro_batch=1)
