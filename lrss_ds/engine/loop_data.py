@@ -72,10 +72,10 @@ class ResumableSampler(Sampler[int]):
 def _worker_init(worker_id: int, parent: int | None = None) -> None:
     """Make workers ignore SIGTERM (see :func:`make_train_loader`) and die with their parent.
 
-    torch's own check for a dead parent runs only between samples, once the worker's queue of
-    prefetched indices is empty: a worker reading whole scenes outlived a SIGKILLed training
-    process by its prefetched reads (about 45 s with large scenes). On Linux the kernel now
-    sends it SIGKILL the moment the process that started it (``parent``) dies.
+    torch's own check for a dead parent (``ManagerWatchdog``) runs only between samples: a
+    worker reading a whole scene outlived a SIGKILLed training process by the rest of that read
+    (about 45 s reported for a large scene). On Linux the kernel sends it SIGKILL the moment
+    the process that started it (``parent``) dies.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(os.getppid() if parent is None else parent)

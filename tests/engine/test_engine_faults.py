@@ -186,7 +186,7 @@ with worker_batches(loader) as batches:
 
 def test_data_workers_die_with_a_killed_training(tmp_path: Path) -> None:
     """SIGKILL the training process while its worker reads a scene: the worker is gone within
-    seconds (torch's own parent check would wait for its prefetched reads, here 3 x 60 s)."""
+    seconds (torch checks for a dead parent only between samples, here after a 60 s read)."""
     script = tmp_path / "slow_loader.py"
     script.write_text(_SLOW_LOADER)
     process = subprocess.Popen([sys.executable, str(script)], env=launcher_env(), stdout=subprocess.PIPE, text=True)
