@@ -385,7 +385,9 @@ def resume_state(run: Run) -> dict[str, Any] | None:
         run.say(f"--resume: skipping {note}")
     if tag is None:
         if broken:
-            raise TrainingError(root, f"no intact checkpoint to resume ({'; '.join(broken)}); train into a new --output")
+            raise TrainingError(
+                root, f"no intact checkpoint to resume ({'; '.join(broken)}); train into a new --output"
+            )
         run.say("--resume: no checkpoint yet, starting from scratch")
         return None
     differences = checkpoints.resume_differences(root / tag, run.meta)

@@ -97,7 +97,9 @@ class _Usage:
      RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 79936 vs 79830")],
     ids=["ENOSPC", "torch-short-write"],
 )
-def test_full_disk_during_checkpoint_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+def test_full_disk_during_checkpoint_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
     """The third save fails as on a full disk: one line naming the directory and the full disk,
     nothing of step 3 at any name, and step 2 is still what --resume takes."""
     from lrss_ds.engine.trainer import train
@@ -134,12 +136,13 @@ def test_read_only_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (refuse(path), real_mkdir(path, *a, **k))[1])
     monkeypatch.setattr(os, "open", lambda path, *a, **k: (refuse(path), real_open(path, *a, **k))[1])
     config = experiment(tmp_path, {}, f"train.output={read_only / 'run'}")
-    with pytest.raises(TrainingError, match=rf"^{read_only / 'run'}: cannot create the run directory: Permission denied$"):
+    where = read_only / "run"
+    with pytest.raises(TrainingError, match=rf"^{where}: cannot create the run directory: Permission denied$"):
         run_training(config)
 
     monkeypatch.setattr(os, "mkdir", real_mkdir)
     (read_only / "run").mkdir(parents=True)
-    with pytest.raises(TrainingError, match=rf"^{read_only / 'run'}: cannot write in the run directory: Permission denied$"):
+    with pytest.raises(TrainingError, match=rf"^{where}: cannot write in the run directory: Permission denied$"):
         run_training(config)
     assert (read_only / "run").is_dir()  # not created by this run: left alone
 
