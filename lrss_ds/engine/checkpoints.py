@@ -6,25 +6,40 @@ and ``best`` (the tag with the highest validation mIoU, same format as ``latest`
 holds ``rng_rank<r>.pt`` (every rank's python/numpy/torch RNG state: ranks differ, and DeepSpeed's
 ``client_state`` is written by rank 0 only) and ``lrss_meta.json`` (what prediction needs to
 rebuild the model and read inputs, see the contract).
+
+A tag is written as ``step_%07d.partial`` and renamed to its final name by rank 0 only after every
+rank's files are on disk and ``lrss_complete.json`` (every file's size, written last) is in it;
+``latest`` is updated after the rename. A save that fails (a full disk) removes its partial
+directory, so ``--resume`` sees only whole tags, and takes the newest one whose files match its
+marker (a file truncated or lost later is found that way).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from lrss_ds.engine.comm import barrier
 from lrss_ds.engine.metrics import jsonable
+from lrss_ds.errors import TrainingError
 
 TAG_PATTERN = re.compile(r"^step_(\d{7})$")
+PARTIAL_SUFFIX = ".partial"
+COMPLETE_MARKER = "lrss_complete.json"
+# A write that came up short with less than this left on the device means the device filled up:
+# the short write itself used up what space there was (torch's writer reports it only as
+# "[enforce fail at inline_container.cc] unexpected pos", without an errno).
+FULL_DISK_MARGIN = 64 << 20
 
 
 def tag_for(iteration: int) -> str:
@@ -104,16 +119,132 @@ def save(
 
     Returns:
         The tag directory.
+
+    Raises:
+        TrainingError: a file could not be written (full disk, no permission); the partial tag
+            is removed and ``latest`` still names the previous checkpoint.
     """
     tag = tag_for(iteration)
-    tag_dir = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    partial = root / (tag + PARTIAL_SUFFIX)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # what a save killed midway left
+    barrier()
+    with _save_failure_reported(root, tag, partial):
+        engine.save_checkpoint(str(root), tag=partial.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
     barrier()  # every rank's files are on disk before the tag is declared complete
     if rank == 0:
-        write_json(tag_dir / "lrss_meta.json", meta)
+        with _save_failure_reported(root, tag, partial):
+            write_json(partial / "lrss_meta.json", meta)
+            _commit(root, tag, partial)
     barrier()
-    return tag_dir
+    return root / tag
+
+
+def _commit(root: Path, tag: str, partial: Path) -> None:
+    """Write the completion marker into ``partial``, rename it to ``tag``, point ``latest`` at it."""
+    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+    write_json(partial / COMPLETE_MARKER, {"tag": tag, "files": files})
+    final = root / tag
+    if final.exists():  # an earlier save of this iteration (a resumed run passing it again)
+        shutil.rmtree(final)
+    partial.rename(final)
+    tmp = root / "latest.tmp"
+    tmp.write_text(tag)
+    tmp.replace(root / "latest")
+
+
+@contextlib.contextmanager
+def _save_failure_reported(root: Path, tag: str, partial: Path) -> Iterator[None]:
+    """Turn a failed write into one TrainingError line and remove the partial tag."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        free = _free_bytes(root)
+        shutil.rmtree(partial, ignore_errors=True)
+        previous, _ = find_resumable(root)
+        kept = f"{previous} stays the checkpoint --resume uses" if previous else "there is no earlier checkpoint"
+        raise TrainingError(root, f"cannot save checkpoint {tag}: {_write_failure(error, free)}; "
+                                  f"nothing of it was kept, {kept}") from error
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes free on the file system holding ``path`` (None when it cannot be asked)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _write_failure(error: BaseException, free: int | None) -> str:
+    """Why a checkpoint write failed, in words: a full disk is said as such."""
+    text = str(error).strip()
+    if isinstance(error, OSError) and error.errno is not None:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "the disk is full" + (f" ({free / (1 << 20):.0f} MiB free)" if free is not None else "")
+        return error.strerror or text
+    short_write = "unexpected pos" in text or "file write failed" in text or "iostream error" in text
+    if short_write and free is not None and free < FULL_DISK_MARGIN:
+        return f"the disk is full ({free / (1 << 20):.0f} MiB free)"
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    return f"write failed ({first_line})"
+
+
+def tags(root: Path) -> list[str]:
+    """The (renamed, so fully saved once) tags under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+def intact_problem(tag_dir: Path) -> str | None:
+    """What is wrong with a saved tag, or None when every file its marker lists is there whole."""
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+        files = dict(marker["files"])
+    except FileNotFoundError:
+        return f"has no {COMPLETE_MARKER} (its save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has an unreadable {COMPLETE_MARKER}"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if path.stat().st_size != size:
+            return f"has {name} cut to {path.stat().st_size} of {size} bytes"
+    return None
+
+
+def find_resumable(root: Path) -> tuple[str | None, list[str]]:
+    """The newest intact tag under ``root`` and what is wrong with each newer one.
+
+    Returns:
+        ``(tag or None, ["step_0000004 lacks mp_rank_00_model_states.pt", ...])``.
+    """
+    broken = []
+    for tag in reversed(tags(root)):
+        problem = intact_problem(root / tag)
+        if problem is None:
+            return tag, broken
+        broken.append(f"{tag} {problem}")
+    return None, broken
+
+
+def resume_differences(tag_dir: Path, meta: dict[str, Any]) -> list[str]:
+    """What differs between the run a tag was saved by and this one (model, classes, input dtype).
+
+    Args:
+        tag_dir: the checkpoint.
+        meta: this run's ``lrss_meta.json`` content (without the iteration).
+
+    Returns:
+        One ``"key: saved in the checkpoint, now"`` entry per difference (empty: it can resume).
+    """
+    saved = json.loads((tag_dir / "lrss_meta.json").read_text())
+    pairs = {f"model.{k}": (saved.get("model", {}).get(k), v) for k, v in meta["model"].items()}
+    pairs["dataset.classes"] = (saved.get("dataset", {}).get("classes"), meta["dataset"].get("classes"))
+    pairs["input dtype"] = (saved.get("input_dtype"), meta.get("input_dtype"))
+    return [f"{key} {old} in the checkpoint, {new} now" for key, (old, new) in pairs.items() if old != new]
 
 
 def latest_tag(root: Path) -> str | None:
@@ -122,18 +253,19 @@ def latest_tag(root: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load(engine: Any, root: Path, rank: int) -> dict[str, Any] | None:
-    """Restore the ``latest`` checkpoint under ``root`` into ``engine`` and this process's RNGs.
+def load(engine: Any, root: Path, rank: int, tag: str | None = None) -> dict[str, Any] | None:
+    """Restore checkpoint ``tag`` (default: ``latest``) under ``root`` into ``engine`` and the RNGs.
 
     Args:
         engine: the DeepSpeed engine (built exactly like the one that saved).
         root: ``OUT/checkpoints``.
         rank: this rank.
+        tag: the tag to load (e.g. from :func:`find_resumable`).
 
     Returns:
         The saved ``client_state``, or None when ``root`` has no checkpoint yet.
     """
-    tag = latest_tag(root)
+    tag = tag or latest_tag(root)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(root), tag=tag)
@@ -164,7 +296,7 @@ def mark_best(root: Path, tag: str, miou: float) -> None:
 
 
 def prune(root: Path, keep_last: int) -> list[str]:
-    """Delete tags other than the last ``keep_last``, ``latest`` and ``best`` (rank 0 only).
+    """Delete tags other than the last ``keep_last``, ``latest`` and ``best``, and partial tags (rank 0 only).
 
     Args:
         root: ``OUT/checkpoints``.
@@ -173,12 +305,14 @@ def prune(root: Path, keep_last: int) -> list[str]:
     Returns:
         The deleted tag names.
     """
-    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    keep = set(tags[-keep_last:]) if keep_last > 0 else set()
+    names = tags(root)
+    keep = set(names[-keep_last:]) if keep_last > 0 else set()
     keep |= {t for t in (latest_tag(root), read_best(root)[0]) if t}
     deleted = []
-    for tag in tags:
+    for tag in names:
         if tag not in keep:
             shutil.rmtree(root / tag, ignore_errors=True)
             deleted.append(tag)
+    for partial in root.glob("*" + PARTIAL_SUFFIX):  # a save killed midway; none is running now
+        shutil.rmtree(partial, ignore_errors=True)
     return deleted

@@ -19,11 +19,12 @@ current directory (they are the user's data and outputs).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import yaml
 
@@ -235,6 +236,17 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Where the YAML was read from; resolves ``deepspeed.config``. Not a YAML key.
     source: str = field(default="", metadata={"internal": True})
+    # Dotted key -> the ``key=value`` command-line item that set it. Not a YAML key.
+    overrides: dict[str, str] = field(default_factory=dict, metadata={"internal": True})
+
+    def where(self, key: str) -> str:
+        """Name where the value of dotted ``key`` came from, for an error message.
+
+        Returns:
+            ``"command line: train.lr=abc"`` when a command-line override set ``key`` (or a key
+            inside it or around it), else ``"<experiment YAML>: key"``.
+        """
+        return _locate(key, self.source or "experiment config", self.overrides)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -351,17 +363,17 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(item, "an override must look like dotted.key=value")
+            raise ConfigError(f"command line: {item}", "an override must look like dotted.key=value")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as error:
-            raise ConfigError(key, f"value {text!r} is not valid YAML ({error})") from None
+            raise ConfigError(f"command line: {item}", f"value {text!r} is not valid YAML ({error})") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(key, "overrides both a key and a key inside it")
+                raise ConfigError(f"command line: {item}", "overrides both a key and a key inside it")
             node = child
         node[parts[-1]] = value
     return nested
@@ -403,17 +415,38 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     if not isinstance(mapping, dict):
         raise ConfigError(path, "the experiment config must be a mapping of sections")
     mapping = merge(mapping, parse_overrides(overrides))
+    origins = override_origins(overrides)
     try:
         config = _build(ExperimentConfig, mapping, "")
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error.where}", error.problem) from None
+        raise ConfigError(_locate(error.where, str(path), origins), error.problem) from None
     config.source = str(path.resolve())
-    _check_values(config, path)
+    config.overrides = origins
+    _check_values(config, lambda key: _locate(key, str(path), origins))
     return config
 
 
-def _check_values(config: ExperimentConfig, path: Path) -> None:
-    """Refuse values of the right type that cannot work (non-positive counts and sizes)."""
+def override_origins(items: Sequence[str]) -> dict[str, str]:
+    """Map each overridden dotted key to its command-line item: ``{"optim.lr": "optim.lr=abc"}``."""
+    return {item.partition("=")[0].strip().lstrip("-"): item for item in items}
+
+
+def _locate(key: str, path: str, origins: dict[str, str]) -> str:
+    """``"command line: ITEM"`` if an override in ``origins`` set ``key`` or a key inside/around it,
+    else ``"PATH: key"`` (the YAML file the value was read from)."""
+    for given, item in origins.items():
+        if key == given or key.startswith((given + ".", given + "[")) or given.startswith(key + "."):
+            return f"command line: {item}"
+    return f"{path}: {key}"
+
+
+def _check_values(config: ExperimentConfig, where: Callable[[str], str]) -> None:
+    """Refuse values of the right type that cannot work (non-positive counts, sizes and rates).
+
+    Args:
+        config: the built config.
+        where: dotted key -> where it was set (the YAML file or the command-line item).
+    """
     positive = {
         "train.iterations": config.train.iterations,
         "train.keep_last": config.train.keep_last,
@@ -429,16 +462,30 @@ def _check_values(config: ExperimentConfig, path: Path) -> None:
         "data.workers": config.data.workers,
         "schedule.warmup_iters": config.schedule.warmup_iters,
     }
+    # Rates: a negative or NaN learning rate trains without a word (the optimizer takes it).
+    positive.update({
+        "optim.lr": config.optim.lr,
+        "optim.head_lr_mult": config.optim.head_lr_mult,
+        "schedule.gamma": config.schedule.gamma,
+        **{f"optim.group_lrs.{name}": lr for name, lr in config.optim.group_lrs.items()},
+    })
+    non_negative.update({
+        "schedule.warmup_lr": config.schedule.warmup_lr,
+        "schedule.min_lr": config.schedule.min_lr,
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.momentum": config.optim.momentum,
+    })
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{path}: {key}", f"must be positive, got {value}")
+        # `not value > 0` also catches NaN, which every comparison calls false.
+        if not value > 0 or not math.isfinite(value):
+            raise ConfigError(where(key), f"must be positive and finite, got {value}")
     for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{path}: {key}", f"must be zero or positive, got {value}")
+        if not value >= 0 or not math.isfinite(value):
+            raise ConfigError(where(key), f"must be zero or positive and finite, got {value}")
     if not config.data.store:
-        raise ConfigError(f"{path}: data.store", "is required (path of the tile store)")
+        raise ConfigError(where("data.store"), "is required (path of the tile store)")
     if sorted(config.schedule.milestones) != config.schedule.milestones:
-        raise ConfigError(f"{path}: schedule.milestones", "must be increasing")
+        raise ConfigError(where("schedule.milestones"), "must be increasing")
 
 
 def deepspeed_json_path(config: ExperimentConfig) -> Path:
@@ -452,7 +499,9 @@ def deepspeed_json_path(config: ExperimentConfig) -> Path:
 def to_dict(config: ExperimentConfig) -> dict[str, Any]:
     """Return the config as plain mappings (no internal fields), as written to ``config.yaml``."""
     data = dataclasses.asdict(config)
-    data.pop("source", None)
+    for item in dataclasses.fields(config):
+        if item.metadata.get("internal"):
+            data.pop(item.name, None)
     return data
 
 

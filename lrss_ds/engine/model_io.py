@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lrss_ds.errors import InputFileError, LrssError
+from lrss_ds.models.pretrained import torch_load_problem
 
 WEIGHTS_FORMAT = "lrss_ds.weights.v1"
 """The ``format`` value of an exported weights file (see :mod:`lrss_ds.engine.export`)."""
@@ -242,8 +243,7 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as error:  # noqa: BLE001 - pickle, zip and I/O errors all mean "corrupt"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputFileError(path, f"unreadable or corrupt checkpoint: {first_line}") from error
+        raise InputFileError(path, f"unreadable or corrupt checkpoint: {torch_load_problem(error)}") from error
 
 
 def _fp32(value: torch.Tensor) -> torch.Tensor:

@@ -855,11 +855,16 @@ def relative_error(predicted: float, measured: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+# Largest side a plan is made for: ten times a Sentinel-2 tile (10980 px). Beyond it the linear
+# fit is extrapolated by orders of magnitude and its numbers overflow the table's columns.
+MAX_SIDE = 100_000
+
+
 def parse_size(text: str, where: str = "--size") -> tuple[int, int]:
     """Parse ``"HxW"`` (or one number for a square) into ``(height, width)``.
 
     Raises:
-        ConfigError: when the text is not of that form or a side is not positive.
+        ConfigError: when the text is not of that form or a side is not in 1..``MAX_SIDE``.
     """
     parts = text.lower().replace("×", "x").split("x")
     if len(parts) == 1:
@@ -869,6 +874,8 @@ def parse_size(text: str, where: str = "--size") -> tuple[int, int]:
     height, width = (int(p) for p in parts)
     if height <= 0 or width <= 0:
         raise ConfigError(where, f"{text!r}: sides must be positive")
+    if max(height, width) > MAX_SIDE:
+        raise ConfigError(where, f"{text!r}: a side above {MAX_SIDE} px is not one training sample; cut the scene")
     return height, width
 
 

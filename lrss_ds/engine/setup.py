@@ -183,15 +183,13 @@ def load_deepspeed_json(config: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(path, f"cannot read the DeepSpeed config ({error.strerror})") from None
     except json.JSONDecodeError as error:
         raise ConfigError(path, f"not valid JSON: {error}") from None
+    from_file = ds_config
     ds_config = merge(ds_config, config.deepspeed.override)
     for key in _YAML_OWNED:
         if key in ds_config:
             raise ConfigError(f"{path}: {key}", f"set the {key} in the experiment YAML (optim/schedule), not the JSON")
-    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
-    ds_config.setdefault("gradient_accumulation_steps", 1)
-    # DeepSpeed derives train_batch_size from the other two; a stale copy would contradict a
-    # changed world size or accumulation, so it is not written in our JSONs.
-    ds_config.pop("train_batch_size", None)
+    _batch_defaults(ds_config)
+    check_deepspeed_accepts(ds_config, from_file, config, path)
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and ds_config.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16.enabled", "fp16 is refused by DeepSpeed's CPU accelerator; use bf16 or fp32")
@@ -208,6 +206,74 @@ def load_deepspeed_json(config: ExperimentConfig) -> dict[str, Any]:
             section["output_path"] = str(out / "monitor")
             section.setdefault("job_name", "train")
     return ds_config
+
+
+def _batch_defaults(ds_config: dict[str, Any]) -> None:
+    """Default micro-batch and accumulation to 1; drop ``train_batch_size``, which DeepSpeed derives."""
+    ds_config.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    # DeepSpeed derives train_batch_size from the other two; a stale copy would contradict a
+    # changed world size or accumulation, so it is not written in our JSONs.
+    ds_config.pop("train_batch_size", None)
+
+
+def _deepspeed_refusal(ds_config: dict[str, Any]) -> str | None:
+    """DeepSpeed's own reason for refusing ``ds_config`` as one line, or None when it parses it."""
+    import copy
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_config))
+    except Exception as error:  # noqa: BLE001 - pydantic, assertion and type errors alike
+        errors = getattr(error, "errors", None)
+        if callable(errors):  # pydantic: say the field and the rule, not the documentation link
+            first = errors()[0]
+            return f"{'.'.join(str(part) for part in first['loc'])}: {first['msg']}"
+        text = str(error).strip()
+        return text.splitlines()[0] if text else type(error).__name__
+    return None
+
+
+def _leaves(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` -> ``[("a.b", 1)]``."""
+    out: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def check_deepspeed_accepts(
+    ds_config: dict[str, Any], from_file: dict[str, Any], config: ExperimentConfig, path: Path
+) -> None:
+    """Let DeepSpeed parse the final config before any work, naming the key it refuses.
+
+    Args:
+        ds_config: the JSON merged with ``deepspeed.override``.
+        from_file: the JSON alone.
+        config: the experiment (where each override came from).
+        path: the JSON's path.
+
+    Raises:
+        ConfigError: ``<where the override was given>: deepspeed.override.<key>: DeepSpeed refuses
+            it: <DeepSpeed's reason>`` (or the JSON's path when the file alone is refused).
+    """
+    reason = _deepspeed_refusal(ds_config)
+    if reason is None:
+        return
+    for key, value in _leaves(config.deepspeed.override):
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        alone = merge(from_file, nested)
+        _batch_defaults(alone)
+        if _deepspeed_refusal(alone) is not None:
+            raise ConfigError(config.where(f"deepspeed.override.{key}"), f"DeepSpeed refuses it: {reason}")
+    where = config.where("deepspeed.override") if config.deepspeed.override else path
+    raise ConfigError(where, f"DeepSpeed refuses the config: {reason}")
 
 
 def optimizer_offloaded(ds_config: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -261,13 +262,10 @@ def train(run: Run, resume: bool) -> int:
     engine = run.engine
     data_position = 0
     if resume:
-        state = checkpoints.load(engine, run.out / "checkpoints", run.dist.rank)
+        state = resume_state(run)
         if state is not None:
             data_position = int(state["data_position"])
             run.history = list(state.get("history", []))
-            run.say(f"resumed from {checkpoints.latest_tag(run.out / 'checkpoints')} (iteration {engine.global_steps})")
-        else:
-            run.say("--resume: no checkpoint yet, starting from scratch")
     micro_batch = int(engine.train_micro_batch_size_per_gpu())
     sampler = ResumableSampler(
         len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
@@ -385,6 +383,39 @@ def train(run: Run, resume: bool) -> int:
     return exit_code
 
 
+def resume_state(run: Run) -> dict[str, Any] | None:
+    """Load the newest intact checkpoint of the run directory, saying which and what was skipped.
+
+    Returns:
+        Its ``client_state``, or None when the run has no checkpoint yet.
+
+    Raises:
+        TrainingError: every checkpoint is damaged, or the newest intact one was trained with
+            another model, class list or input dtype than this run's store gives.
+    """
+    root = run.out / "checkpoints"
+    tag, broken = checkpoints.find_resumable(root)
+    for note in broken:
+        run.say(f"--resume: skipping {note}")
+    if tag is None:
+        if broken:
+            raise TrainingError(
+                root, f"no intact checkpoint to resume ({'; '.join(broken)}); train into a new --output"
+            )
+        run.say("--resume: no checkpoint yet, starting from scratch")
+        return None
+    differences = checkpoints.resume_differences(root / tag, run.meta)
+    if differences:
+        raise TrainingError(
+            root / tag, f"cannot resume: {', '.join(differences)} (data.store {run.config.data.store}); resume with "
+            "the store and model it was trained with, or train into a new --output",
+        )
+    state = checkpoints.load(run.engine, root, run.dist.rank, tag=tag)
+    newest = " (the newest intact one)" if broken else ""
+    run.say(f"resumed from {tag}{newest} (iteration {run.engine.global_steps})")
+    return state
+
+
 def _monitor(engine: Any, events: list[tuple[str, float, int]]) -> None:
     """Send events to DeepSpeed's monitors (TensorBoard/CSV/W&B as the JSON enables them)."""
     monitor = getattr(engine, "monitor", None)
@@ -490,10 +521,13 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     val_scenes = store.scenes(config.data.val_split) if config.data.val_split else []
     bands = store.shape(train_scenes[0])[0]
     band_mean, band_std = store.band_stats()
+    options = store_owned_options(config, bands, len(spec.classes))
     model = build_model(
         config.model.name, num_classes=len(spec.classes), in_channels=bands,
-        band_mean=band_mean, band_std=band_std, **config.model.options,
+        band_mean=band_mean, band_std=band_std, **options,
     )
+    check_sample_sizes(config, model, [store.shape(s)[1:] for s in train_scenes],
+                       int(ds_config.get("train_micro_batch_size_per_gpu", 1)))
     if config.model.pretrained:
         load_pretrained(model, config.model.pretrained)
     loss_options = dict(config.loss.options)
@@ -529,6 +563,58 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     )
 
 
+def store_owned_options(config: ExperimentConfig, bands: int, num_classes: int) -> dict[str, Any]:
+    """``model.options`` without the keys the store decides (``in_channels``, ``num_classes``).
+
+    Raises:
+        ConfigError: the user gave one of them with a value other than the store's.
+    """
+    options = dict(config.model.options)
+    for key, value in (("in_channels", bands), ("num_classes", num_classes)):
+        if key in options:
+            given = options.pop(key)
+            if given != value:
+                raise ConfigError(
+                    config.where(f"model.options.{key}"),
+                    f"{given} collides with the store's {value} (data.store {config.data.store}); the store "
+                    "decides it, remove the key",
+                )
+    return options
+
+
+def check_sample_sizes(config: ExperimentConfig, model: Any, sizes: list[tuple[int, int]], micro_batch: int) -> None:
+    """Refuse training samples too small for the model before the first step.
+
+    A model pads its input to ``model.pad_multiple``, the stride of its coarsest feature map;
+    a micro-batch of one sample no larger than that leaves one value per channel there, which
+    BatchNorm cannot normalise in training.
+
+    Args:
+        config: the experiment (``data.mode``, ``data.patch_size``).
+        model: the built model.
+        sizes: ``(height, width)`` of each training scene.
+        micro_batch: samples per micro-batch.
+
+    Raises:
+        ConfigError: naming the smallest sample and the size needed.
+    """
+    if micro_batch > 1:
+        return
+    multiple = int(getattr(model, "pad_multiple", 1))
+    patch = config.data.patch_size if config.data.mode == "patch" else None
+    samples = [(min(h, patch), min(w, patch)) if patch else (h, w) for h, w in sizes]
+    too_small = [(h, w) for h, w in samples if h <= multiple and w <= multiple]
+    if too_small:
+        height, width = too_small[0]
+        key = "data.patch_size" if patch and patch <= multiple else "data.store"
+        raise ConfigError(
+            config.where(key),
+            f"a {height}x{width} training sample is too small for {config.model.name}: its coarsest feature map "
+            f"(1/{multiple}) would hold one value per channel, which BatchNorm cannot normalise; use samples "
+            f"larger than {multiple} px on a side",
+        )
+
+
 def check_output(out: Path, resume: bool) -> None:
     """Refuse to start a fresh run over a run directory that already has checkpoints.
 
@@ -537,8 +623,40 @@ def check_output(out: Path, resume: bool) -> None:
     """
     from lrss_ds.errors import OutputExistsError
 
-    if not resume and checkpoints.latest_tag(out / "checkpoints") is not None:
+    root = out / "checkpoints"
+    if not resume and (checkpoints.latest_tag(root) is not None or checkpoints.tags(root)):
         raise OutputExistsError(out, "already holds checkpoints; pass --resume to continue it or choose another --output")
+
+
+def make_run_dir(out: Path) -> bool:
+    """Create the run directory (or take the existing one) and check it can be written.
+
+    Returns:
+        True when this process created it (so it may remove it again after a failure).
+
+    Raises:
+        TrainingError: it cannot be created or written (read-only file system, no permission).
+    """
+    try:
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as error:
+        raise TrainingError(out, f"cannot create the run directory: {error.strerror or error}") from None
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(out, f"cannot write in the run directory: {error.strerror or error}") from None
+    return created
+
+
+def remove_if_nothing_kept(out: Path) -> None:
+    """Remove a run directory this run created when a failure left no checkpoint in it."""
+    if not checkpoints.tags(out / "checkpoints"):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run_training(config: ExperimentConfig, resume: bool = False) -> int:
@@ -553,9 +671,15 @@ def run_training(config: ExperimentConfig, resume: bool = False) -> int:
     """
     out = Path(config.train.output)
     check_output(out, resume)
-    run = build_run(config, out)
+    created = make_run_dir(out)
     try:
-        return train(run, resume)
-    finally:
-        if run.log is not None:
-            run.log.close()
+        run = build_run(config, out)
+        try:
+            return train(run, resume)
+        finally:
+            if run.log is not None:
+                run.log.close()
+    except BaseException:
+        if created:  # a failed first attempt leaves no empty run directory to puzzle over
+            remove_if_nothing_kept(out)
+        raise

@@ -57,6 +57,27 @@ class PretrainedReport:
         return "; ".join(parts)
 
 
+def torch_load_problem(error: BaseException) -> str:
+    """What ``torch.load`` refused, in our words, without torch's advice to load unsafely.
+
+    torch's refusal of a pickled Python object suggests re-running with ``weights_only=False``,
+    which would let the file run code; a weights file only needs tensors, so the remedy given is
+    to save those.
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds pickled Python objects{what}, which a weights file may not; save only tensors "
+                "(torch.save(model.state_dict(), path)) or use `lrss-ds export` on a checkpoint")
+    if "central directory" in text or "PytorchStreamReader" in text:
+        return "it is truncated or not a torch file (its zip archive cannot be read)"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(". ")[0]
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a weights file safely and unwrap it to a flat ``name -> tensor`` dict.
 
@@ -77,7 +98,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         # weights_only: a weights file must not be able to run code when it is read.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise InputFileError(path, f"cannot be read as a weights file with weights_only=True: {error}") from error
+        raise InputFileError(path, f"cannot be read as a weights file: {torch_load_problem(error)}") from error
     while isinstance(obj, dict):
         wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if wrapper is None:

@@ -100,15 +100,57 @@ def test_overrides_apply_validate_and_roundtrip(tmp_path: Path) -> None:
     assert config.train.iterations == 20 and config.optim.lr == pytest.approx(1e-4)
     assert config.model.options == {"backbone": "hrnet_w18", "k": 32}
     assert config.deepspeed.override == {"gradient_accumulation_steps": 2}
-    with pytest.raises(ConfigError, match="train.iterations: expected int"):
+    with pytest.raises(ConfigError, match="^command line: train.iterations=lots: expected int"):
         load_config(path, ["train.iterations=lots"])
-    with pytest.raises(ConfigError, match="train.itrations: unknown key"):
+    with pytest.raises(ConfigError, match="^command line: train.itrations=3: unknown key"):
         load_config(path, ["train.itrations=3"])
     # the saved resolved config loads back to the same values, from anywhere
     save_config(config, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert to_dict(again) == {**to_dict(config), "deepspeed": {**to_dict(config)["deepspeed"],
                                                              "config": str((tmp_path / "cpu.json").resolve())}}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("optim.lr", "-0.01"), ("optim.lr", "0"), ("optim.lr", ".nan"), ("optim.lr", ".inf"),
+     ("optim.group_lrs.local", "-1.0e-5"), ("schedule.warmup_lr", "-1.0e-4"), ("optim.head_lr_mult", "-10")],
+)
+def test_bad_rates_are_refused_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
+    """A negative, zero or NaN learning rate once trained without a word."""
+    section, _, name = key.partition(".")
+    leaf = name.split(".")
+    text = f"{leaf[-1]}: {value}"
+    for part in reversed(leaf[:-1]):
+        text = f"{part}: {{{text}}}"
+    path = write(tmp_path, f"data: {{store: s}}\n{section}: {{{text}}}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: {key}: must be .*positive and finite, got"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"^command line: {key}={value}: must be .*positive"):
+        load_config(write(tmp_path, "data: {store: s}"), [f"{key}={value}"])
+
+
+def test_command_line_errors_name_the_command_line(tmp_path: Path) -> None:
+    """An error in a command-line override names the item, not the YAML file it never was in."""
+    path = write(tmp_path, GOOD)
+    cases = {
+        "optim.lr=abc": "expected float",
+        "schedule.milestones=[1, x]": "expected int",
+        "data.synthetic.height=big": "expected int",
+        "train.keep_last=0": "must be positive",
+        "model=[x]": "expected a mapping",
+        "train.lr=[1,": "value '[1,' is not valid YAML",
+        "trainiterations": "an override must look like dotted.key=value",
+    }
+    for item, problem in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [item])
+        assert str(info.value).startswith(f"command line: {item}: {problem}"), str(info.value)
+        assert str(path) not in str(info.value)
+    config = load_config(path, ["model.options.k=32"])
+    assert config.where("model.options.k") == "command line: model.options.k=32"
+    assert config.where("model.options.backbone") == f"{path.resolve()}: model.options.backbone"
+    assert "overrides" not in to_dict(config) and "source" not in to_dict(config)
 
 
 def test_shipped_experiments_load() -> None:

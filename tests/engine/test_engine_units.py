@@ -170,9 +170,11 @@ class StandInEngine(nn.Module):
     def fp16_enabled(self) -> bool:
         return False
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool = True) -> None:
         (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / "latest").write_text(tag)
+        torch.save({"module": self.module.state_dict(), **client_state}, Path(root) / tag / "mp_rank_00_model_states.pt")
+        if save_latest:
+            (Path(root) / "latest").write_text(tag)
 
 
 class TinySegmenter(nn.Module):
@@ -278,3 +280,14 @@ def test_run_failing_with_live_workers_exits(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "failed mid-epoch" in done.stderr
+
+
+@pytest.mark.parametrize("size", ["999999999x999999999", "100001x64", "0x64"])
+def test_plan_refuses_sizes_it_cannot_plan(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 999999999-px side once ran the probes and printed columns pushed apart by its numbers."""
+    from lrss_ds.cli import main
+
+    assert main(["plan", "--model", "ehsnet", "--size", size, "--cache", "/nonexistent/never-used"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"lrss-ds plan: error: --size: '{size}': ") and captured.err.count("\n") == 1
