@@ -78,6 +78,18 @@ def device_bytes_needed(simulated_peak_bytes: float) -> float:
     return simulated_peak_bytes * (1.0 + DEVICE_FRAGMENTATION_FRACTION) + DEVICE_FIXED_MARGIN_BYTES
 
 
+def allocator_budget(card_bytes: float) -> float:
+    """The largest simulated device peak a card of ``card_bytes`` holds (inverse of :func:`device_bytes_needed`).
+
+    Args:
+        card_bytes: the card's memory.
+
+    Returns:
+        bytes (0 when the fixed margin alone does not fit).
+    """
+    return max(0.0, (card_bytes - DEVICE_FIXED_MARGIN_BYTES) / (1.0 + DEVICE_FRAGMENTATION_FRACTION))
+
+
 def margin_text() -> str:
     """The assumed margin in words, for reports and the planner's output."""
     return (
@@ -366,3 +378,25 @@ def active_simulator() -> DeviceMemorySimulator | None:
         if isinstance(mode, DeviceMemorySimulator):
             return mode
     return None
+
+
+def simulating(simulator: DeviceMemorySimulator | None) -> contextlib.AbstractContextManager:
+    """``simulator`` itself as a context, or a no-op context when there is none.
+
+    Args:
+        simulator: the simulator, or ``None`` when the run does not simulate.
+
+    Returns:
+        a context manager.
+    """
+    return contextlib.nullcontext() if simulator is None else simulator
+
+
+def simulated_summary(simulator: DeviceMemorySimulator | None) -> dict[str, float]:
+    """Peak simulated device and host bytes (GiB) for logs and ``metrics.json``; empty without a simulator."""
+    if simulator is None:
+        return {}
+    return {
+        "simulated_device_peak_gib": simulator.peak_device_bytes / GIB,
+        "simulated_host_peak_gib": simulator.peak_host_bytes / GIB,
+    }

@@ -172,3 +172,23 @@ def test_simulated_peak_agrees_with_the_steps_rss_growth_without_offload() -> No
     assert res["rss_growth_bytes"] > 200 * 2**20  # the step dominates the fixed costs
     ratio = res["simulated_peak_bytes"] / res["rss_growth_bytes"]
     assert abs(ratio - 1) <= 0.10, res
+
+
+def test_trainer_reports_the_simulated_peak_on_request(tmp_path: Path) -> None:
+    import json
+
+    from lrss_ds.engine.trainer import train
+    from tests.engine.test_engine_units import stand_in_run
+
+    peaks = {}
+    for requested in (False, True):
+        run = stand_in_run(tmp_path / str(requested), nan_calls=set(), iterations=2, max_nonfinite=0)
+        run.config.train.simulate_device_memory = requested
+        assert train(run, resume=False) == 0
+        peaks[requested] = json.loads((tmp_path / str(requested) / "metrics.json").read_text())["memory"]
+    assert "simulated_device_peak_gib" not in peaks[False]
+    peak = peaks[True]["simulated_device_peak_gib"] * 2**30
+    # at least the 1x1 conv's parameters and gradients (2 x 9 floats), the float input (2 x 8 x 8)
+    # and the logits (3 x 8 x 8); far below a MiB for these 8 x 8 scenes
+    assert (2 * 9 + 2 * 64 + 3 * 64) * FLOAT <= peak < 2**20
+    assert peaks[True]["simulated_host_peak_gib"] == 0
