@@ -34,6 +34,9 @@ def test_fullscene_step_per_precision_merged(tmp_path: Path) -> None:
         assert run["loss_finite"] and run["peak_rss_gib"] > 0.1 and run["step_seconds"] > 0
         assert run["batchnorm_stats_dtype"] == "torch.float32"
         assert run["meets_target"] is None  # targets are for the whole scene only
+        # ZeRO-Offload keeps the fp32 partition, its gradient and Adam's two states on the host
+        assert run["simulated_host_peak_gib"] == pytest.approx(16 * run["parameters"] / 2**30, abs=1e-3)
+        assert 0 < run["simulated_device_peak_gib"] < run["peak_rss_gib"]
     for key in ("model", "height", "width", "bands", "memory_mode", "peak_rss_gib", "step_seconds", "device",
                 "torch", "deepspeed", "date"):
         assert key in result, key

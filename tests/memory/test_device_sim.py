@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from lrss_ds.memory import SavedTensorHooks, SavedTensorLedger
-from lrss_ds.memory.device_sim import DeviceMemorySimulator, active_simulator, device_bytes_needed
+from lrss_ds.memory.device_sim import (
+    DEVICE_FIXED_MARGIN_BYTES,
+    DEVICE_FRAGMENTATION_FRACTION,
+    DeviceMemorySimulator,
+    active_simulator,
+    allocator_budget,
+    device_bytes_needed,
+)
 
 FLOAT = 4
 
@@ -72,9 +79,19 @@ def test_host_context_and_existing_tensors() -> None:
     assert (sim.host_bytes, sim.device_bytes) == (0, 550 * FLOAT + 4)
 
 
-def test_margin_is_applied_on_top_of_the_peak() -> None:
-    assert device_bytes_needed(0) > 0
-    assert device_bytes_needed(10 * 2**30) > device_bytes_needed(0) + 10 * 2**30
+def test_cards_hold_the_peak_plus_the_margin() -> None:
+    from lrss_ds.engine.plan import Prediction, card_fits
+
+    gib = 2**30
+    assert device_bytes_needed(0) == DEVICE_FIXED_MARGIN_BYTES
+    assert allocator_budget(device_bytes_needed(10 * gib)) == pytest.approx(10 * gib)
+    assert allocator_budget(DEVICE_FIXED_MARGIN_BYTES / 2) == 0
+    # 20 GiB simulated needs 20 * (1 + fraction) + fixed > 24 GiB: a 24 GB card does not hold it
+    peak = 20 * gib
+    prediction = Prediction("none", peak, 0.0, 1.0, 1.0, True, -1, "ds_configs/cpu.json", "none")
+    cards = card_fits([prediction])["none"]
+    assert cards["needed_bytes"] == peak * (1 + DEVICE_FRAGMENTATION_FRACTION) + DEVICE_FIXED_MARGIN_BYTES
+    assert (cards["24"], cards["40"], cards["80"]) == (False, True, True)
 
 
 def _forward(offload: bool) -> tuple[dict[str, int], SavedTensorLedger, DeviceMemorySimulator, nn.Module]:
