@@ -14,7 +14,9 @@ classifies it by where the configured run would keep it on a GPU node:
 * **device** — everything else: parameters and gradients, ZeRO's flat buffers and partitions
   when not offloaded, activations, saved tensors not offloaded, the copies the offload hooks
   bring back for backward, the loss's temporaries, and tensors that existed before the
-  simulation and an operation uses (the input batch, BatchNorm buffers).
+  simulation and an operation uses (the input batch, BatchNorm buffers). On the CPU
+  accelerator ``batch.to(engine.device)`` returns the loader's tensor itself: it is counted
+  once, on the device (the copy a GPU run makes); the loader's pinned host buffer is not counted.
 
 Its peak of device bytes (:attr:`DeviceMemorySimulator.peak_device_bytes`) is the **simulated
 device peak**, the counterpart of ``torch.cuda.max_memory_allocated``. It counts exactly the
