@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         notes=[f"Worst absolute memory error (device* and RSS) over held-out points: "
                f"{'n/a' if worst is None else f'{worst:.1f}%'}; target <= 10%.",
                "Step-time errors are reported but not part of the target (timings are contended here).",
-               "Device* on CPU is the simulated device peak (lrss_ds.memory.device_sim), not a measured allocator peak."],
+               "Device* on CPU is the simulated device peak (lrss_ds.memory.device_sim), not a measured "
+               "allocator peak."],
         data={"worst_memory_error_pct": worst, "fit_points": [dataclasses.asdict(m) for m in fit_points],
               "plan": plan},
     )
