@@ -80,6 +80,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     from lrss_ds.data.catalog import get_dataset
     from lrss_ds.engine.setup import accelerator_summary, init_distributed
     from lrss_ds.memory import SavedTensorLedger, apply_memory_mode, get_memory_mode, prepare_model
+    from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
     from lrss_ds.models import build_model
     from lrss_ds.models.losses import build_loss
 
@@ -109,18 +110,22 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     ledger = SavedTensorLedger()
+    # The first step runs under the device simulation. Its cost is per operation, not per pixel
+    # (a few seconds at any size); with --steps 2 the reported (last) step is timed without it.
+    simulator = DeviceMemorySimulator(engine) if args.simulate_device else None
     steps = []
-    for _ in range(args.steps):
+    for index in range(args.steps):
         t0 = time.perf_counter()
-        with apply_memory_mode(engine.module, mode, ledger) as memory:
-            with memory.autocast():
-                outputs = engine(image)
-                loss = loss_fn(outputs, label)
-            t1 = time.perf_counter()
-            engine.backward(loss)
-        t2 = time.perf_counter()
-        engine.step()
-        t3 = time.perf_counter()
+        with simulating(simulator if index == 0 else None):
+            with apply_memory_mode(engine.module, mode, ledger) as memory:
+                with memory.autocast():
+                    outputs = engine(image)
+                    loss = loss_fn(outputs, label)
+                t1 = time.perf_counter()
+                engine.backward(loss)
+            t2 = time.perf_counter()
+            engine.step()
+            t3 = time.perf_counter()
         del outputs
         steps.append(
             {
@@ -154,6 +159,10 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         "dw_method": dw_method,
         "peak_rss_gib": round(peak_rss_gib, 3),
         **device_peaks,
+        # what a GPU run of this step would allocate on the card (lrss_ds.memory.device_sim): the
+        # counterpart of max_memory_allocated, without CUDA context, fragmentation and workspaces
+        "simulated_device_peak_gib": None if simulator is None else round(simulator.peak_device_bytes / GIB, 3),
+        "simulated_host_peak_gib": None if simulator is None else round(simulator.peak_host_bytes / GIB, 3),
         "rss_before_step_gib": round(rss_before, 3),
         "step_seconds": steps[-1]["step_seconds"],
         "steps": steps,
@@ -201,7 +210,7 @@ def _run_child(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         sys.executable, str(Path(__file__).resolve()), "--child", "--preset", args.preset or PRESETS[precision],
         "--size", f"{args.height}x{args.width}", "--bands", str(args.bands), "--steps", str(args.steps),
         "--dw-method", args.dw_method,
-    ]
+    ] + ([] if args.simulate_device else ["--no-simulate-device"])
     from lrss_ds.engine.demo import launcher_env
 
     env = launcher_env()  # the CPU accelerator only where this node has no GPU
@@ -248,14 +257,15 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "each precision in a fresh process.",
         "Reproduce: `python benchmarks/fullscene_train.py` (sizes: `--size HxW`).",
         "",
-        "| dtype | memory preset | peak RSS GiB | target GiB | step s | fwd+loss s | bwd s | opt. step s | "
-        "saved-tensor peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype | memory preset | peak RSS GiB | simulated device peak GiB | target GiB | step s | fwd+loss s | "
+        "bwd s | opt. step s | saved-tensor peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         s = r["steps"][-1]
         lines.append(
-            f"| {r['dtype']} | `{r['memory_mode']}` | {r['peak_rss_gib']:.2f} | {r['target_peak_rss_gib']:.0f} | "
+            f"| {r['dtype']} | `{r['memory_mode']}` | {r['peak_rss_gib']:.2f} | "
+            f"{_simulated_cell(r.get('simulated_device_peak_gib'))} | {r['target_peak_rss_gib']:.0f} | "
             f"{s['step_seconds']:.1f} | {s['forward_loss_seconds']:.1f} | {s['backward_seconds']:.1f} | "
             f"{s['optimizer_step_seconds']:.1f} | {s['ledger_peak_device_gib']:.2f} |"
         )
@@ -272,6 +282,10 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         + "); times are wall-clock of one step and would be shorter on an idle machine. "
         "Peak RSS is `ru_maxrss` of the training process (model, DeepSpeed, optimizer state, data, "
         "activations), which other jobs do not change.",
+        "- Simulated device peak: the live tensor storages a GPU run of the same step (same JSON and memory "
+        "preset; ZeRO-Offload's fp32 partitions and Adam states on the host) keeps on the card, followed over "
+        "the first step by `lrss_ds.memory.device_sim`; the counterpart of `torch.cuda.max_memory_allocated`, "
+        "without the CUDA context, allocator fragmentation and cuDNN workspaces.",
         "- Memory levers (`lrss_ds.memory` presets, each run's own fields): "
         + "; ".join(
             f"{r['dtype']}: checkpointing `{r['memory_mode_fields']['checkpointing']}`, loss in bands of "
@@ -291,6 +305,11 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "- DeepSpeedCPUAdam is JIT-built on first use (about 140 s from a clean cache); that is outside the step time.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _simulated_cell(gib: float | None) -> str:
+    """The simulated device peak as a table cell, labelled; runs without it say so."""
+    return "not simulated" if gib is None else f"{gib:.2f} (simulated)"
 
 
 def _read_merge(args: argparse.Namespace) -> dict[str, Any]:
@@ -328,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--need-gib", type=float, default=None, help="memory to wait for (default: the target)")
     parser.add_argument("--max-wait", type=float, default=3600.0, help="seconds to wait for free memory")
     parser.add_argument("--default-allocator", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
+    parser.add_argument("--no-simulate-device", dest="simulate_device", action="store_false",
+                        help="skip the simulated device peak (lrss_ds.memory.device_sim) of the first step")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", type=Path, default=None,
                         help="keep this earlier result file's runs of the precisions not run now")

@@ -2,7 +2,7 @@
 
 The planner fits ``a * pixels + b`` per memory mode to training steps measured at the fit sides;
 this script measures two larger sides not used for the fit (each in a fresh process) and reports
-the relative error of the predicted device figure (CPU: saved-activation peak), peak RSS and
+the relative error of the predicted device figure (CPU: the simulated device peak), peak RSS and
 step time, plus the recommendation ``lrss-ds plan`` gives for a whole FBP scene.
 
     python benchmarks/plan_accuracy.py --out benchmarks/results [--quick]
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = int(args.cap * GIB)
     conditions = (f"{args.model}, {args.bands} bands; fit on sides {fit_sides}, checked at {check_sides} "
                   f"(not in the fit); every measurement a fresh process (2 training steps, time = the second). "
-                  "Device* on CPU = the ledger's saved-activation peak. " + args.conditions)
+                  "Device* on CPU = the simulated device peak (lrss_ds.memory.device_sim). " + args.conditions)
     header = machine_header(conditions, {"cap_gib": args.cap, "model": args.model})
     # A cache shared by the fit, the check and the final `make_plan`, so nothing is measured twice.
     cache = args.cache or Path(tempfile.mkdtemp(prefix="lrss_plan_"))
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         notes=[f"Worst absolute memory error (device* and RSS) over held-out points: "
                f"{'n/a' if worst is None else f'{worst:.1f}%'}; target <= 10%.",
                "Step-time errors are reported but not part of the target (timings are contended here).",
-               "Device* on CPU is the saved-activation peak counted by the memory ledger, not an allocator peak."],
+               "Device* on CPU is the simulated device peak (lrss_ds.memory.device_sim), not a measured "
+               "allocator peak."],
         data={"worst_memory_error_pct": worst, "fit_points": [dataclasses.asdict(m) for m in fit_points],
               "plan": plan},
     )

@@ -210,6 +210,9 @@ class TrainConfig:
         max_nonfinite: non-finite losses in a row tolerated before ``TrainingError``.
         log_every: write a log line every this many iterations.
         output: run directory (``--output`` overrides it).
+        simulate_device_memory: follow every training step with
+            ``lrss_ds.memory.device_sim.DeviceMemorySimulator`` and write its simulated device
+            peak to ``metrics.json`` (slows the steps; for sizing a GPU from a CPU run).
     """
 
     seed: int = 0
@@ -220,6 +223,7 @@ class TrainConfig:
     max_nonfinite: int = 5
     log_every: int = 1
     output: str = "runs/default"
+    simulate_device_memory: bool = False
 
 
 @dataclass

@@ -17,9 +17,11 @@ Three parts, top to bottom:
 
 What "device memory" means: on an accelerator, the allocator's peak
 (``torch.cuda.max_memory_allocated``). On a CPU there is no device, so the planner's "device"
-column is the peak of saved-activation bytes counted by the memory ledger (what checkpointing
-and offload exist to shrink) and "host" is the process's peak RSS, which is what actually has to
-fit in RAM there.
+column is the simulated device peak of :mod:`lrss_ds.memory.device_sim` (the live storages a GPU
+run would keep on the card, measured in the probe's first step) and "host" is the process's peak
+RSS, which is what actually has to fit in RAM there. A card fits a mode when the predicted device
+peak plus the margin of :func:`lrss_ds.memory.device_sim.device_bytes_needed` (CUDA context,
+allocator reserve, cuDNN workspaces) fits it.
 """
 
 from __future__ import annotations
@@ -390,7 +392,9 @@ def probe_training_step(
     Returns:
         JSON-able dict: ``saved_activation_peak_bytes`` (ledger, on device),
         ``offloaded_peak_bytes`` (ledger), ``device_peak_bytes`` (accelerator allocator, None on
-        CPU), ``model_state_bytes`` (parameters + gradients + optimizer state), ``step_s``
+        CPU), ``simulated_device_peak_bytes`` / ``simulated_host_peak_bytes`` (the
+        ``DeviceMemorySimulator`` over the first step, which the step times leave out: it slows
+        the step), ``model_state_bytes`` (parameters + gradients + optimizer state), ``step_s``
         (list), ``step_min_s``, ``loss`` (last), ``rss_after_setup_bytes``, ``pixels``.
 
     Raises:
@@ -401,6 +405,7 @@ def probe_training_step(
     from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, MemoryConfig, ModelConfig, TrainConfig
     from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json, resolve_memory_mode
     from lrss_ds.memory import SavedTensorLedger, apply_memory_mode
+    from lrss_ds.memory.device_sim import DeviceMemorySimulator
     from lrss_ds.models import build_model
     from lrss_ds.models.losses import build_loss
 
@@ -446,15 +451,18 @@ def probe_training_step(
             for c in range(0, width, patch_size)
         ]
     cpu_times: list[float] = []
-    for _ in range(steps):
+    simulator = DeviceMemorySimulator(engine)
+    for index in range(steps):
         start, start_cpu = time.perf_counter(), _cpu_seconds()
         for r, c, h, w in windows:
-            with apply_memory_mode(engine.module, memory_mode, ledger) as memory:
-                with memory.autocast():
-                    outputs = engine(image[:, :, r : r + h, c : c + w])
-                    loss_value = loss_fn(outputs, target[:, r : r + h, c : c + w])
-                engine.backward(loss_value)
-            engine.step()
+            simulating = simulator if index == 0 else contextlib.nullcontext()
+            with simulating:
+                with apply_memory_mode(engine.module, memory_mode, ledger) as memory:
+                    with memory.autocast():
+                        outputs = engine(image[:, :, r : r + h, c : c + w])
+                        loss_value = loss_fn(outputs, target[:, r : r + h, c : c + w])
+                    engine.backward(loss_value)
+                engine.step()
             # apply_memory_mode restarts the ledger's peaks every step: keep the maximum.
             saved_device_peak = max(saved_device_peak, ledger.peak_device_bytes)
             saved_offloaded_peak = max(saved_offloaded_peak, ledger.peak_offloaded_bytes)
@@ -474,6 +482,8 @@ def probe_training_step(
         "offloaded_peak_bytes": int(saved_offloaded_peak),
         "saved_total_peak_bytes": int(saved_total_peak),
         "device_peak_bytes": int(torch.cuda.max_memory_allocated(device)) if on_cuda else None,
+        "simulated_device_peak_bytes": simulator.peak_device_bytes,
+        "simulated_host_peak_bytes": simulator.peak_host_bytes,
         "model_state_bytes": _model_state_bytes(engine),
         "parameters": sum(p.numel() for p in net.parameters()),
         "step_s": times,
@@ -531,7 +541,7 @@ class Measurement:
         mode: ``PLAN_MODES`` name.
         side: square side in pixels.
         status: ``IsolatedRun.status`` (only ``"ok"`` rows are fitted).
-        device_bytes: accelerator allocator peak; on CPU the ledger's saved-activation peak.
+        device_bytes: accelerator allocator peak; on CPU the simulated device peak.
         host_bytes: the process's peak RSS (kernel ``ru_maxrss``).
         step_s: fastest step after the first, wall-clock seconds.
         step_cpu_s: CPU seconds (all threads) of the cheapest step after the first.
@@ -686,7 +696,7 @@ def measure(
     found = Measurement(mode=mode, side=side, status=run.status, probe=dict(run.result))
     if run.fits:
         device = run.result.get("device_peak_bytes")
-        found.device_bytes = float(device if device is not None else run.result["saved_activation_peak_bytes"])
+        found.device_bytes = float(device if device is not None else run.result["simulated_device_peak_bytes"])
         found.host_bytes = float(run.peak_rss_bytes)
         found.step_s = float(run.result["step_min_s"])
         found.step_cpu_s = float(run.result["step_cpu_min_s"])
@@ -773,7 +783,7 @@ class Prediction:
 
     Attributes:
         mode: ``PLAN_MODES`` name.
-        device_bytes: predicted device peak (on CPU: saved-activation peak).
+        device_bytes: predicted device peak (on CPU: the simulated device peak).
         host_bytes: predicted peak RSS.
         step_s: predicted step wall-clock time (on the measuring machine, as loaded as it was).
         step_cpu_s: predicted CPU seconds of a step (all threads): the cost used to rank modes,
@@ -835,6 +845,29 @@ def predict(
         ))
     order = list(PLAN_MODES)
     return sorted(out, key=lambda p: order.index(p.mode))
+
+
+# Card sizes the plan reports (GiB: a "24 GB" card holds 24 GiB, e.g. 24564 MiB usable on an RTX 4090).
+CARDS_GIB: tuple[int, ...] = (24, 40, 80)
+
+
+def card_fits(predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
+    """For each mode, the card memory its predicted device peak needs and which cards hold it.
+
+    Args:
+        predictions: ``predict`` output.
+
+    Returns:
+        ``{mode: {"needed_bytes": float, "24": bool, "40": bool, "80": bool}}``; the margin is
+        :func:`lrss_ds.memory.device_sim.device_bytes_needed`'s.
+    """
+    from lrss_ds.memory.device_sim import device_bytes_needed
+
+    out: dict[str, dict[str, Any]] = {}
+    for p in predictions:
+        needed = device_bytes_needed(p.device_bytes)
+        out[p.mode] = {"needed_bytes": needed, **{str(card): needed <= card * GIB for card in CARDS_GIB}}
+    return out
 
 
 def recommend(predictions: Sequence[Prediction]) -> Prediction | None:
@@ -928,8 +961,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model name (see `lrss-ds models`)")
     parser.add_argument("--size", required=True, help="training sample size HxW, e.g. 6800x7200")
     parser.add_argument("--device-mem", default=None,
-                        help="device memory budget, e.g. 24G (on a CPU-only machine this budget is "
-                             "checked against the saved-activation peak)")
+                        help="device memory of the card, e.g. 24G: the predicted device peak (on a CPU-only "
+                             "machine the simulated one) plus the margin for the CUDA context, allocator "
+                             "reserve and workspaces must fit it")
     parser.add_argument("--host-mem", default=None, help="host memory budget (peak RSS), e.g. 64G")
     parser.add_argument("--bands", type=int, default=4, help="input bands (default 4, as FBP: NIR, R, G, B)")
     parser.add_argument("--classes", type=int, default=6, help="classes (default 6)")
@@ -969,7 +1003,8 @@ def make_plan(
         model: model name.
         height: asked height.
         width: asked width.
-        device_mem: device budget in bytes, ``None`` = unlimited.
+        device_mem: the card's memory in bytes (the margin of ``device_sim`` is taken off
+            before the fitted peaks are compared), ``None`` = unlimited.
         host_mem: host budget in bytes, ``None`` = unlimited.
         modes: ``PLAN_MODES`` names to consider.
         fit_sides: square sides measured for the fit.
@@ -984,7 +1019,8 @@ def make_plan(
 
     Returns:
         JSON-able dict: ``measurements``, ``fits``, ``predictions``, ``recommendation`` (mode
-        name or ``None``), ``ds_config`` (the recommended JSON's content), ``device_meaning``.
+        name or ``None``), ``ds_config`` (the recommended JSON's content), ``device_meaning``,
+        ``device_margin`` and ``cards`` (which of 24, 40 and 80 GiB cards hold each mode).
 
     Raises:
         ConfigError: for an unknown model or mode (before anything is measured).
@@ -1024,8 +1060,13 @@ def make_plan(
         say(f"probe {index}/{len(todo)}: {found.status} in {seconds[-1]:.0f} s"
             + (f"; {_duration(sum(seconds) / len(seconds) * left)} left" if left else ""))
         measurements.append(found)
+    from lrss_ds.memory.device_sim import allocator_budget, margin_text
+
     fits = fit_modes(measurements)
-    predictions = predict(fits, height, width, device_mem, host_mem)
+    # --device-mem is a card's memory: the fitted peak must fit it with the CUDA context,
+    # allocator reserve and workspaces on top (device_sim's margin)
+    allocator_mem = None if device_mem is None else int(allocator_budget(device_mem))
+    predictions = predict(fits, height, width, allocator_mem, host_mem)
     best = recommend(predictions)
     on_accelerator = any(m.probe.get("device_peak_bytes") is not None for m in measurements)
     ds_config = None
@@ -1039,8 +1080,11 @@ def make_plan(
         "size": [height, width],
         "device_mem_bytes": device_mem,
         "host_mem_bytes": host_mem,
-        "device_meaning": "accelerator allocator peak" if on_accelerator
-        else "saved-activation peak counted by the memory ledger (CPU: there is no device)",
+        "device_meaning": "accelerator allocator peak (max_memory_allocated)" if on_accelerator
+        else "SIMULATED device peak (lrss_ds.memory.device_sim; CPU: there is no device)",
+        "device_margin": margin_text(),
+        "device_allocator_budget_bytes": allocator_mem,
+        "cards": card_fits(predictions),
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "fits": {mode: {k: dataclasses.asdict(f) for k, f in per.items()} for mode, per in fits.items()},
         "predictions": [dataclasses.asdict(p) for p in predictions],
@@ -1080,6 +1124,11 @@ def run(args: argparse.Namespace) -> int:
         max_side = "any" if p["max_side"] < 0 else str(p["max_side"])
         print(f"{p['mode']:<16}{_gib(p['device_bytes']):>12}{_gib(p['host_bytes']):>10}"
               f"{p['step_s']:>9.1f}{p['step_cpu_s']:>11.1f}{'yes' if p['fits'] else 'no':>6}{max_side:>10}")
+    print(f"cards (device only; {plan['device_margin']}):")
+    print(f"{'mode':<16}{'needs GiB':>10}" + "".join(f"{f'{card} GB':>8}" for card in CARDS_GIB))
+    for mode, card in plan["cards"].items():
+        print(f"{mode:<16}{_gib(card['needed_bytes']):>10}"
+              + "".join(f"{'fits' if card[str(c)] else 'no':>8}" for c in CARDS_GIB))
     failed = [m for m in plan["measurements"] if m["status"] != "ok"]
     for m in failed:
         print(f"note: {m['mode']} at {m['side']}px did not measure ({m['status']}); not fitted")

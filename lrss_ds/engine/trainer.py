@@ -80,6 +80,7 @@ class Run:
     ignore_index: int
     log: Any = None
     stop_requested: bool = False
+    device_sim: Any = None  # a DeviceMemorySimulator with train.simulate_device_memory
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def say(self, line: str, console: bool = True) -> None:
@@ -258,8 +259,12 @@ def train(run: Run, resume: bool) -> int:
     """
     from tqdm import tqdm
 
+    from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
+
     cfg = run.config.train
     engine = run.engine
+    if cfg.simulate_device_memory and run.device_sim is None:
+        run.device_sim = DeviceMemorySimulator(engine)
     data_position = 0
     if resume:
         state = resume_state(run)
@@ -308,7 +313,7 @@ def train(run: Run, resume: bool) -> int:
             steps_before = engine.global_steps
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the schedule moves after it)
             skipped_before = engine.skipped_steps
-            with peaks.phase("train"):
+            with peaks.phase("train"), simulating(run.device_sim):
                 loss = train_step(run, batch)
             if loss is None:
                 nonfinite_in_row += 1
@@ -456,6 +461,8 @@ def _write_metrics(
     digests: list[str] | None, peaks: PhasePeaks,
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
+    from lrss_ds.memory.device_sim import simulated_summary
+
     best_tag, best_miou = checkpoints.read_best(run.out / "checkpoints")
     losses = [h["loss"] for h in run.history]
     data = {
@@ -472,7 +479,8 @@ def _write_metrics(
         "nonfinite_skipped": nonfinite,
         # iterations whose optimizer step the fp16 loss scaler skipped (DeepSpeed's own counter)
         "skipped_steps": run.engine.skipped_steps,
-        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary()},
+        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary(),
+                   **simulated_summary(run.device_sim)},
         "memory_mode": run.memory_mode.to_dict(),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,

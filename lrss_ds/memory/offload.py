@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from lrss_ds.memory.device_sim import active_simulator
 from lrss_ds.memory.ledger import SavedTensorLedger
 
 
@@ -50,7 +51,9 @@ class SavedTensorHooks:
     and brings it back with a non-blocking copy when backward unpacks it; both copies are on
     the current stream, so they are ordered with the kernels that produce and consume them. A
     tensor already in host memory (always the case on the CPU accelerator) is not copied, but
-    is counted as offloaded so the ledger shows what an accelerator run would move.
+    is counted as offloaded so the ledger shows what an accelerator run would move; under a
+    :class:`lrss_ds.memory.device_sim.DeviceMemorySimulator` it is copied (counted as host) and
+    copied back when unpacked (counted as device), as an accelerator run does.
 
     Args:
         ledger: where to count bytes; ``None`` = do not count.
@@ -67,14 +70,18 @@ class SavedTensorHooks:
         if base.is_leaf and base.requires_grad:  # a parameter or a view of one (weight.t())
             return tensor
         offload = self.offload and not _in_backward()
-        if not offload or tensor.device.type == "cpu":
+        simulator = active_simulator() if offload and tensor.device.type == "cpu" else None
+        if simulator is None and (not offload or tensor.device.type == "cpu"):
             token = None
             if self.ledger is not None:
                 ptr, nbytes = _storage_bytes(tensor)
                 token = self.ledger.hold((str(tensor.device), ptr), nbytes, offloaded=offload)
             return _Held(tensor, None, self.ledger, token)
-        host = torch.empty_like(tensor, device="cpu", pin_memory=True)  # keeps channels_last strides
-        host.copy_(tensor, non_blocking=True)
+        if simulator is not None:  # simulating an accelerator on the CPU: its host copy, counted as host
+            host = simulator.copy_to_host(tensor)
+        else:
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)  # keeps channels_last strides
+            host.copy_(tensor, non_blocking=True)
         token = None
         if self.ledger is not None:
             ptr, nbytes = _storage_bytes(host)
@@ -88,6 +95,8 @@ class SavedTensorHooks:
             return held
         if held.device is None:
             return held.tensor
+        if held.tensor.device == held.device:  # a simulated host copy: the accelerator's copy back
+            return held.tensor.clone()
         return held.tensor.to(held.device, non_blocking=True)
 
     @contextlib.contextmanager

@@ -194,9 +194,10 @@ def test_memory_time_note_names_the_accelerator_that_ran() -> None:
 
     cpu = {"name": "cpu", "device": "cpu", "backend": "gloo", "device_model": None}
     gpu = {"name": "cuda", "device": "cuda:0", "backend": "nccl", "device_model": "NVIDIA A100-SXM4-80GB"}
-    assert "n/a (CPU)" in memory_time._device_note(cpu) and "backend gloo" in memory_time._device_note(cpu)
+    cpu_note = memory_time._device_note(cpu)
+    assert "simulated" in cpu_note and "measured" not in cpu_note and "backend gloo" in cpu_note
     note = memory_time._device_note(gpu)
-    assert "cuda:0" in note and "nccl" in note and "A100" in note and "n/a" not in note
+    assert "cuda:0" in note and "nccl" in note and "A100" in note and "measured" in note and "simulated" not in note
 
 
 @pytest.mark.parametrize("gpu", [True, False])

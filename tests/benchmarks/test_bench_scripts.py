@@ -75,6 +75,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
             assert key in row, key
         assert row["status"] == "ok", row
         assert row["device_peak_mib"] is None  # CPU: no device allocator
+        assert row["device_peak"].endswith("simulated (CPU, lrss_ds.memory.device_sim)")  # labelled, never bare
         _measured(row, ["miou", "saved_activation_mib", "host_peak_gib", "train_s", "test_s"])
         assert row["miou_source"]
     ehs = {r["memory_mode"]: r for r in rows if r["method"] == "EHSNet"}
