@@ -230,6 +230,9 @@ class MemoryAccelerator(RngAccelerator):
     def max_memory_reserved(self, device_index: int | None = None) -> int:
         return self.reserved
 
+    def communication_backend_name(self) -> str:
+        return "nccl"  # what the training log's accelerator line reads before a group is open
+
 
 GIB = 1 << 30
 

@@ -181,7 +181,8 @@ class SlowScenes(Dataset):  # a whole-scene read that takes long
         time.sleep(60)
         return {"image": torch.zeros(1), "label": torch.zeros(1), "scene": "s", "window": (0, 0, 1, 1)}
 
-loader = make_train_loader(SlowScenes(), ResumableSampler(4, 0, 1, 0), 1, workers=1, prefetch=2)
+loader = make_train_loader(SlowScenes(), ResumableSampler(4, 0, 1, 0), 1, workers=1, prefetch=2,
+                           device=torch.device("cpu"))
 with worker_batches(loader) as batches:
     next(batches)
 """
