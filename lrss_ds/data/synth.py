@@ -428,7 +428,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, seed: int = 0,
-               overwrite: bool = False, compress: str = "deflate", log=print) -> list[str]:
+               overwrite: bool = False, compress: str = "deflate", log=print, water_scale: float = 1.0) -> list[str]:
     """Write ``scenes`` synthetic scenes to ``out/images/<id>.tif`` and ``out/labels/<id>.tif``.
 
     Args:
@@ -440,6 +440,7 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
         overwrite: replace existing scene files instead of refusing.
         compress: GeoTIFF compression (``deflate``, ``zstd``, ``lzw`` or ``none``).
         log: where progress lines go.
+        water_scale: ``make_layout``'s factor on river width and lake radii.
 
     Returns:
         The scene ids written.
@@ -464,7 +465,7 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
     height, width = size
     for index, scene in enumerate(ids):
         start = time.perf_counter()
-        layout = make_layout(seed, index, height, width)
+        layout = make_layout(seed, index, height, width, water_scale)
         write_scene(images / f"{scene}.tif", labels / f"{scene}.tif", layout, index, bands, compress)
         log(f"synth: {scene} {bands}x{height}x{width} in {time.perf_counter() - start:.2f} s")
     return ids

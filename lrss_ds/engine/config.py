@@ -27,6 +27,7 @@ from typing import Any, Sequence, Union
 
 import yaml
 
+from lrss_ds.data.augment import AUGMENTATIONS
 from lrss_ds.errors import ConfigError
 
 
@@ -57,6 +58,8 @@ class SynthConfig:
         width: scene width in pixels.
         bands: number of image bands (the ``synthetic`` dataset has 4: NIR, R, G, B).
         seed: generator seed (the same seed gives the same scenes).
+        water_scale: factor on the river width and lake radii (``lrss_ds.data.synth.make_layout``;
+            1 draws the default scenes).
     """
 
     train_scenes: int = 4
@@ -65,6 +68,7 @@ class SynthConfig:
     width: int = 512
     bands: int = 4
     seed: int = 0
+    water_scale: float = 1.0
 
 
 @dataclass
@@ -209,6 +213,14 @@ class TrainConfig:
         max_nonfinite: non-finite losses in a row tolerated before ``TrainingError``.
         log_every: write a log line every this many iterations.
         output: run directory (``--output`` overrides it).
+        augment: ``none``, or ``d4``: each training sample flipped/turned by one of the 8
+            right-angle transforms (``lrss_ds.data.augment``; never at evaluation).
+        recalibrate_bn: recompute BatchNorm running statistics with the final weights over this
+            many training samples before the final evaluation and checkpoint (0: off;
+            ``lrss_ds.engine.batchnorm_recalibration``).
+        budget_cpu_s: stop once the training process has used this many CPU seconds (None: no
+            budget); ``iterations`` stays the cap and the schedule's axis (``lrss_ds.engine.budget``).
+        budget_wall_s: the same in wall-clock seconds.
     """
 
     seed: int = 0
@@ -219,6 +231,10 @@ class TrainConfig:
     max_nonfinite: int = 5
     log_every: int = 1
     output: str = "runs/default"
+    augment: str = "none"
+    recalibrate_bn: int = 0
+    budget_cpu_s: float | None = None
+    budget_wall_s: float | None = None
 
 
 @dataclass
@@ -242,6 +258,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.type": ("sgd", "adam", "adamw"),
     "schedule.policy": ("step", "poly", "constant"),
     "memory.checkpointing": ("none", "stage", "block", "fine"),
+    "train.augment": AUGMENTATIONS,
 }
 
 
@@ -439,6 +456,17 @@ def _check_values(config: ExperimentConfig, path: Path) -> None:
         raise ConfigError(f"{path}: data.store", "is required (path of the tile store)")
     if sorted(config.schedule.milestones) != config.schedule.milestones:
         raise ConfigError(f"{path}: schedule.milestones", "must be increasing")
+    _check_train_features(config, path)
+
+
+def _check_train_features(config: ExperimentConfig, path: Path) -> None:
+    """Refuse a negative ``train.recalibrate_bn`` and a budget that is not a positive number."""
+    if config.train.recalibrate_bn < 0:
+        raise ConfigError(f"{path}: train.recalibrate_bn", f"must be zero (off) or positive, got {config.train.recalibrate_bn}")
+    for key in ("budget_cpu_s", "budget_wall_s"):
+        value = getattr(config.train, key)
+        if value is not None and not (0 < value < float("inf")):
+            raise ConfigError(f"{path}: train.{key}", f"must be a positive number of seconds or null, got {value}")
 
 
 def deepspeed_json_path(config: ExperimentConfig) -> Path:

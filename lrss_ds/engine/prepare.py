@@ -47,6 +47,7 @@ def prepare_synthetic_store(data: DataConfig, log: Callable[[str], None] = print
         folder = raw / split
         ids = [f"synth_{seed:d}_{i:04d}" for i in range(count)]
         if not all((folder / "labels" / f"{scene}.tif").is_file() for scene in ids):
-            synthesize(folder, count, size, bands=synth.bands, seed=seed, overwrite=True, log=log)
+            synthesize(folder, count, size, bands=synth.bands, seed=seed, overwrite=True, log=log,
+                       water_scale=synth.water_scale)
         ingest(store, str(folder / "images"), str(folder / "labels"), "synthetic", split=split, log=log)
     return store

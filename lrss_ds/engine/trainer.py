@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from lrss_ds.engine import checkpoints
+from lrss_ds.engine.batchnorm_recalibration import recalibrate_run
+from lrss_ds.engine.budget import TrainingBudget
 from lrss_ds.engine.config import ExperimentConfig, save_config
-from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
+from lrss_ds.engine.loop_data import make_eval_loader, make_train_loader, train_order, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
@@ -59,6 +61,7 @@ class Run:
         meta: the static part of ``lrss_meta.json`` (model config, dataset, band statistics).
         class_names / num_classes / ignore_index: from the dataset spec.
         log: rank 0's log file handle (None on other ranks).
+        budget: when the loop stops (set by :func:`train`).
     """
 
     config: ExperimentConfig
@@ -77,6 +80,7 @@ class Run:
     log: Any = None
     stop_requested: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: TrainingBudget | None = None
 
     def say(self, line: str, console: bool = True) -> None:
         """Write ``line`` to ``log.txt`` (and the console) on rank 0."""
@@ -197,7 +201,8 @@ def save_checkpoint(run: Run, iteration: int, data_position: int, metrics: dict[
         The tag.
     """
     root = run.out / "checkpoints"
-    client_state = {"iteration": iteration, "data_position": data_position, "history": run.history}
+    client_state = {"iteration": iteration, "data_position": data_position, "history": run.history,
+                    "budget_spent": run.budget.spent() if run.budget else None}
     meta = {**run.meta, "iteration": iteration, "metrics": metrics or {}}
     checkpoints.save(run.engine, root, iteration, client_state, meta, run.dist.rank)
     tag = checkpoints.tag_for(iteration)
@@ -262,18 +267,18 @@ def train(run: Run, resume: bool) -> int:
     cfg = run.config.train
     engine = run.engine
     data_position = 0
+    spent = None
     if resume:
         state = checkpoints.load(engine, run.out / "checkpoints", run.dist.rank)
         if state is not None:
             data_position = int(state["data_position"])
             run.history = list(state.get("history", []))
+            spent = state.get("budget_spent")
             run.say(f"resumed from {checkpoints.latest_tag(run.out / 'checkpoints')} (iteration {engine.global_steps})")
         else:
             run.say("--resume: no checkpoint yet, starting from scratch")
     micro_batch = int(engine.train_micro_batch_size_per_gpu())
-    sampler = ResumableSampler(
-        len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
-    )
+    sampler = train_order(len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, data_position, cfg.augment)
     loader = make_train_loader(run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch)
     previous_handler = _install_sigterm(run)
     bar = tqdm(
@@ -289,14 +294,17 @@ def train(run: Run, resume: bool) -> int:
     losses_this_iteration: list[float] = []
     last_eval: dict[str, Any] | None = None
     exit_code = 0
+    run.budget = budget = TrainingBudget.from_config(cfg, spent)
     run.say(
-        f"training {run.meta['model']['name']} for {cfg.iterations} iterations on {run.dist.world_size} rank(s), "
+        f"training {run.meta['model']['name']} for {budget.describe()} on {run.dist.world_size} rank(s), "
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
         f"memory mode {run.memory_mode}"
     )
     batches = _batches(loader)
+    budget.start()
+    stopped_by = budget.stop_reason(engine.global_steps)
     try:
-        while engine.global_steps < cfg.iterations:
+        while stopped_by is None:
             if any_rank(run.stop_requested):
                 tag = save_checkpoint(run, engine.global_steps, data_position, None)
                 run.say(f"SIGTERM: saved {tag} at iteration {engine.global_steps}; rerun with --resume to continue")
@@ -345,7 +353,12 @@ def train(run: Run, resume: bool) -> int:
                 )
             _monitor(engine, [("Train/loss", mean_loss, iteration), ("Train/data_wait_s", data_wait, iteration)])
             metrics = None
-            last = iteration == cfg.iterations
+            stopped_by = budget.stop_reason(iteration)
+            last = stopped_by is not None
+            if last:
+                run.say(f"stopped by {stopped_by} at iteration {iteration} ({budget.describe()})")
+                if cfg.recalibrate_bn:
+                    run.say(f"recalibrated BatchNorm statistics over {recalibrate_run(run)} batch(es) on rank 0")
             if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
                 metrics = last_eval = evaluate(run)
                 run.history[-1]["val_miou"] = metrics["miou"]
@@ -431,6 +444,7 @@ def _write_metrics(
         "nonfinite_skipped": nonfinite,
         "memory": {**memory_now(), **ledger_summary(run.ledger)},
         "memory_mode": run.memory_mode.to_dict(),
+        **(run.budget.summary() if run.budget else {}),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,
     }
