@@ -210,3 +210,23 @@ def test_feature_values_load(tmp_path: Path) -> None:
     assert (config.train.augment, config.train.recalibrate_bn, config.train.budget_cpu_s) == ("d4", 8, 90.0)
     assert config.train.budget_wall_s is None and config.data.synthetic.water_scale == 2.5
     assert os.path.basename(config.source) == "exp.yaml"
+
+
+def test_the_main_job_trains_with_the_features_on_widened_water() -> None:
+    main_job = load_config(Path(__file__).resolve().parents[2] / "ds_configs" / "ehsnet_synthetic.yaml")
+    assert main_job.train.augment == "d4" and main_job.train.recalibrate_bn > 0
+    assert main_job.data.synthetic is not None and main_job.data.synthetic.water_scale > 1
+
+
+def test_the_synthetic_store_is_drawn_with_its_water_scale(tmp_path: Path) -> None:
+    import numpy as np
+
+    from lrss_ds.data import TileStore
+    from lrss_ds.data.synth import make_layout, render_scene
+    from lrss_ds.engine.config import DataConfig, SynthConfig
+    from lrss_ds.engine.prepare import prepare_synthetic_store
+
+    synth = SynthConfig(train_scenes=1, val_scenes=0, height=96, width=96, seed=2, water_scale=2.5)
+    store = prepare_synthetic_store(DataConfig(store=str(tmp_path / "s"), synthetic=synth), log=lambda _: None)
+    _, label = TileStore.open(store).read("synth_2_0000")
+    assert np.array_equal(label, render_scene(make_layout(2, 0, 96, 96, 2.5))[1])
