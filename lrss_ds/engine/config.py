@@ -461,8 +461,9 @@ def _check_values(config: ExperimentConfig, path: Path) -> None:
 
 def _check_train_features(config: ExperimentConfig, path: Path) -> None:
     """Refuse a negative ``train.recalibrate_bn`` and a budget that is not a positive number."""
-    if config.train.recalibrate_bn < 0:
-        raise ConfigError(f"{path}: train.recalibrate_bn", f"must be zero (off) or positive, got {config.train.recalibrate_bn}")
+    count = config.train.recalibrate_bn
+    if count < 0:
+        raise ConfigError(f"{path}: train.recalibrate_bn", f"must be zero (off) or positive, got {count}")
     for key in ("budget_cpu_s", "budget_wall_s"):
         value = getattr(config.train, key)
         if value is not None and not (0 < value < float("inf")):

@@ -160,7 +160,7 @@ def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.8 * first, losses
     assert "eval @ 16: mIoU" in result.stdout
-    assert result.stdout.index("recalibrated BatchNorm statistics over 8 batch(es)") < result.stdout.index("eval @ 16")
+    assert result.stdout.index("recalibrated BatchNorm statistics over 24 batch(es)") < result.stdout.index("eval @ 16")
     assert metrics["stopped_by"] == "iterations"
     for name in ("config.yaml", "ds_config.json", "log.txt", "checkpoints/latest", "checkpoints/step_0000016/lrss_meta.json"):
         assert (out / name).exists(), name
