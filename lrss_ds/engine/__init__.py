@@ -1,7 +1,8 @@
 """DeepSpeed training, evaluation, prediction: the engine layer (see ``trainer.train_step`` first).
 
 Training: ``config`` (experiment YAML) -> ``setup`` (distributed, DeepSpeed JSON, optimizer,
-LR schedule) -> ``trainer`` (the loop) with ``loop_data`` (sample order, DataLoader) and
-``checkpoints`` (layout, resume, retention); entry points ``lrss_ds.train`` (deepspeed
+LR schedule) -> ``trainer`` (the loop) with ``loop_data`` (sample order, DataLoader),
+``checkpoints`` (layout, resume, retention), ``budget`` (when the loop stops: iterations, CPU or
+wall seconds) and ``batchnorm_recalibration`` (BatchNorm statistics of the final weights); entry points ``lrss_ds.train`` (deepspeed
 launcher), ``train_cli`` (``lrss-ds train``) and ``demo`` (``lrss-ds demo``, the main job).
 """
