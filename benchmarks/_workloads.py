@@ -103,17 +103,16 @@ def synthetic_scenes(count: int, size: int, bands: int, seed: int,
 
 
 def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random one of the 8 flips/right-angle rotations of ``image (C, H, W)`` and ``label (H, W)``.
+    """A random one of the 8 flips/right-angle turns (``lrss_ds.data.augment.dihedral``), drawn from ``rng``.
 
     They keep what tells river from lake (extent and shape), so they add views of the same
     task; every method gets them, so the patch model's many crop positions are not its only
     source of variety.
     """
-    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-    image, label = np.rot90(image, turns, axes=(1, 2)), np.rot90(label, turns)
-    if flip:
-        image, label = image[:, :, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+    from lrss_ds.data.augment import dihedral
+
+    turns, mirror = int(rng.integers(4)), bool(rng.integers(2))
+    return dihedral(image, label, turns + 4 * mirror)
 
 
 def sample(scenes: list[tuple[np.ndarray, np.ndarray]], patch: int | None,
@@ -141,19 +140,15 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
                           pixels: int, rng: np.random.Generator, batch: int = 1) -> int:
     """Recompute every BatchNorm's running statistics with the final weights ("precise BN").
 
-    Why: with batch 1 and AdamW at 1e-3 the weights move fast, and BatchNorm's exponential
-    running averages (momentum 0.1, ~10 steps) lag behind them: after a short training the
-    running variances of EHSNet's deeper layers were 1.5-2.6x below the statistics of the final
-    weights, and in eval mode its lake IoU collapsed (8 % vs 75 % with these statistics, 256 px
-    scenes, 200 steps). The running averages are reset and replaced by the plain mean of the
-    per-sample statistics over ``pixels`` pixels of training samples drawn as in training
-    (forward only, no gradient), the same rule for every method. At the default workload
-    (512 px, 64 scenes, 480 CPU-s) it matters less: patch HRNet mIoU 63.8 with, 56.6 without;
-    EHSNet river+lake 81.8 with, 87.1 without (memory_time_target_training.json); it is kept,
-    the choice kinder to the patch baseline.
+    The trainer's own recalibration (``lrss_ds.engine.batchnorm_recalibration``, which says why
+    and what it measured) over ``pixels`` pixels of training samples drawn as in training, the
+    same rule for every method. At the default workload (512 px, 64 scenes, 480 CPU-s) it
+    matters less than after a short run: patch HRNet mIoU 63.8 with, 56.6 without; EHSNet
+    river+lake 81.8 with, 87.1 without (memory_time_target_training.json); it is kept, the
+    choice kinder to the patch baseline.
 
     Args:
-        net: the model (train mode is set and restored here); samples go to its parameters' device.
+        net: the model (its modes are restored afterwards); samples go to its parameters' device.
         scenes: training scenes.
         patch: patch side for patch-trained models, ``None`` for whole scenes.
         pixels: how many input pixels to forward (whole scenes or patches of them).
@@ -165,26 +160,16 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
     """
     import torch
 
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms or pixels <= 0:
-        return 0  # nothing to recompute: the running averages stay
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average of the per-sample statistics
-    was_training = net.training
-    net.train()
-    device = model_device(net)
-    count, seen = 0, 0
-    with torch.no_grad():
+    from lrss_ds.engine.batchnorm_recalibration import recalibrate_batchnorm as recalibrate
+
+    def batches() -> Any:
+        seen = 0
         while seen < pixels:
             image, label = sample(scenes, patch, rng, batch)
-            net(torch.from_numpy(image).to(device))
-            count, seen = count + 1, seen + label.size
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    net.train(was_training)
-    return count
+            seen += label.size
+            yield torch.from_numpy(image)
+
+    return recalibrate(net, batches()) if pixels > 0 else 0
 
 
 def model_device(net: Any) -> Any:
@@ -291,7 +276,7 @@ def short_train(
     trainer's (``lrss_ds.engine.setup``: AdamW at ``lr``, ``ds_configs/cpu.json``, memory mode
     ``none``), the same for every method. After training, BatchNorm statistics are recomputed
     with the final weights over ``bn_scenes`` scenes' worth of training pixels
-    (``recalibrate_batchnorm``; its CPU time is reported apart, ``bn_cpu_s``, and is a few
+    (``recalibrate_batchnorm``, the trainer's ``train.recalibrate_bn`` mechanism; its CPU time is reported apart, ``bn_cpu_s``, and is a few
     percent of the budget). Many training scenes matter for the holistic methods: each step
     sees one whole scene, and with 4 scenes they memorised them (HRNet-FCN holistic, 256 px:
     river/lake IoU 94/88 on its training scenes, 41/0 on unseen ones).

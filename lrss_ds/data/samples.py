@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lrss_ds.data.augment import dihedral, shape_preserving
 from lrss_ds.data.store import TileStore
 from lrss_ds.errors import ConfigError
 
@@ -34,7 +35,10 @@ class SceneSamples(Dataset):
 
     Items are dicts: ``image`` Tensor (C, H, W) in the store's native dtype (uint8 stays uint8;
     normalisation is the model's job), ``label`` uint8 Tensor (H, W), ``scene`` str, ``window``
-    ``(row, col, height, width)``.
+    ``(row, col, height, width)``, ``transform`` the augmentation applied (0: none). An item is
+    asked for by its index, or by ``(index, transform)`` to get it flipped/turned by
+    ``lrss_ds.data.augment.dihedral`` (image and label alike; a non-square sample keeps its shape,
+    see that module); the training sample order asks that way when ``train.augment`` is ``d4``.
 
     Raises:
         ConfigError: bad mode or sizes.
@@ -100,15 +104,20 @@ class SceneSamples(Dataset):
             self._pid = os.getpid()
         return self._store
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, transform = key if isinstance(key, tuple) else (key, 0)
         scene_no, window = self.window(index)
         scene = self.scenes[scene_no]
         image, label = self._open().read(scene, window)
+        if transform:
+            transform = shape_preserving(transform, window[2], window[3])
+            image, label = dihedral(image, label, transform)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "label": torch.from_numpy(np.ascontiguousarray(label)),
             "scene": scene,
             "window": window,
+            "transform": transform,
         }
 
     def __getstate__(self) -> dict[str, Any]:

@@ -436,9 +436,16 @@ def scene_ids(seed: int, scenes: int) -> list[str]:
     return [f"synth_{seed:d}_{i:04d}" for i in range(scenes)]
 
 
-def manifest(scenes: int, size: tuple[int, int], bands: int, seed: int, compress: str = "deflate") -> dict:
+def manifest(scenes: int, size: tuple[int, int], bands: int, seed: int, compress: str = "deflate",
+             water_scale: float = 1.0) -> dict:
     """Return the parameters ``synthesize`` records in ``synth.json`` for these arguments."""
-    return {"scenes": scenes, "height": size[0], "width": size[1], "bands": bands, "seed": seed, "compress": compress}
+    return {"scenes": scenes, "height": size[0], "width": size[1], "bands": bands, "seed": seed, "compress": compress,
+            "water_scale": float(water_scale)}
+
+
+def made_water_scale(recorded: dict) -> float:
+    """The ``water_scale`` a recorded ``synth.json`` was made with (records without one: 1.0)."""
+    return float(recorded.get("water_scale", 1.0))
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -451,7 +458,7 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, seed: int = 0,
-               overwrite: bool = False, compress: str = "deflate", log=print) -> list[str]:
+               overwrite: bool = False, compress: str = "deflate", log=print, water_scale: float = 1.0) -> list[str]:
     """Write ``scenes`` synthetic scenes to ``out/images/<id>.tif`` and ``out/labels/<id>.tif``.
 
     The arguments are recorded in ``out/synth.json`` once every file is written.
@@ -465,6 +472,7 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
         overwrite: replace existing scene files instead of refusing.
         compress: GeoTIFF compression (``deflate``, ``zstd``, ``lzw`` or ``none``).
         log: where progress lines go.
+        water_scale: ``make_layout``'s factor on river width and lake radii.
 
     Returns:
         The scene ids written.
@@ -489,11 +497,11 @@ def synthesize(out: Path, scenes: int, size: tuple[int, int], bands: int = 4, se
     height, width = size
     for index, scene in enumerate(ids):
         start = time.perf_counter()
-        layout = make_layout(seed, index, height, width)
+        layout = make_layout(seed, index, height, width, water_scale)
         write_scene(images / f"{scene}.tif", labels / f"{scene}.tif", layout, index, bands, compress)
         log(f"synth: {scene} {bands}x{height}x{width} in {time.perf_counter() - start:.2f} s")
     partial = out / (MANIFEST + ".partial")
-    partial.write_text(json.dumps(manifest(scenes, size, bands, seed, compress)))
+    partial.write_text(json.dumps(manifest(scenes, size, bands, seed, compress, water_scale)))
     partial.replace(out / MANIFEST)
     return ids
 

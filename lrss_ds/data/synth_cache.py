@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from lrss_ds.data.catalog import get_dataset
-from lrss_ds.data.synth import manifest, read_manifest, scene_ids, synthesize
+from lrss_ds.data.synth import made_water_scale, manifest, read_manifest, scene_ids, synthesize
 from lrss_ds.errors import ConfigError, StoreError
 
 
@@ -30,7 +30,7 @@ def check_synthetic_bands(bands: int, where: str) -> None:
 
 
 def ensure_scene_files(folder: Path, count: int, size: tuple[int, int], bands: int, seed: int,
-                       log: Callable[[str], None] = print) -> None:
+                       log: Callable[[str], None] = print, water_scale: float = 1.0) -> None:
     """Make ``folder`` hold exactly the ``count`` synthetic scenes of these parameters.
 
     Nothing is written when ``folder/synth.json`` records the same parameters and every file is
@@ -38,11 +38,13 @@ def ensure_scene_files(folder: Path, count: int, size: tuple[int, int], bands: i
 
     Args:
         folder: gets ``images/``, ``labels/`` and ``synth.json``.
-        count, size, bands, seed: as for ``synthesize``.
+        count, size, bands, seed, water_scale: as for ``synthesize``.
         log: where the "regenerating" line and the generator's lines go.
     """
-    wanted = manifest(count, size, bands, seed)
+    wanted = manifest(count, size, bands, seed, water_scale=water_scale)
     recorded = read_manifest(folder)
+    if recorded is not None:
+        recorded = {**recorded, "water_scale": made_water_scale(recorded)}
     ids = scene_ids(seed, count)
     present = all((folder / kind / f"{scene}.tif").is_file() for scene in ids for kind in ("images", "labels"))
     if recorded == wanted and present:
@@ -53,11 +55,11 @@ def ensure_scene_files(folder: Path, count: int, size: tuple[int, int], bands: i
     for kind in ("images", "labels"):
         for stale in (folder / kind).glob("synth_*.tif") if (folder / kind).is_dir() else ():
             stale.unlink()
-    synthesize(folder, count, size, bands=bands, seed=seed, overwrite=True, log=log)
+    synthesize(folder, count, size, bands=bands, seed=seed, overwrite=True, log=log, water_scale=water_scale)
 
 
 def check_store_scenes(store_path: Path, raw: Path, split: str, count: int, size: tuple[int, int], bands: int,
-                       seed: int, where: str, count_key: str) -> None:
+                       seed: int, where: str, count_key: str, water_scale: float = 1.0) -> None:
     """Refuse an existing store whose ``split`` holds other synthetic scenes than these parameters make.
 
     Missing scenes are fine (the ingest adds them); other ids or other sizes are not.
@@ -69,6 +71,9 @@ def check_store_scenes(store_path: Path, raw: Path, split: str, count: int, size
         count, size, bands, seed: the parameters asked for.
         where: the config section named in errors (``data.synthetic``).
         count_key: the key of ``count`` in that section (``train_scenes`` or ``val_scenes``).
+        water_scale: the water widening asked for. What the store's scenes were made with is
+            read from ``raw/split/synth.json`` (a folder of files without a record was made
+            with 1.0); with no raw folder left it cannot be known and is not checked.
 
     Raises:
         ConfigError: naming the parameter that differs, the store and what to do.
@@ -89,6 +94,11 @@ def check_store_scenes(store_path: Path, raw: Path, split: str, count: int, size
             raise ConfigError(f"{where}.{keys[0]}", f"the store {store_path} holds {split} scene {scene} of "
                               f"{'x'.join(map(str, shape))}, the config asks for {'x'.join(map(str, wanted))} "
                               f"({', '.join(keys)} changed); {advice}")
+    recorded = read_manifest(raw / split)
+    made = made_water_scale(recorded) if recorded is not None else (1.0 if (raw / split).is_dir() else None)
+    if scenes and made is not None and made != float(water_scale):
+        raise ConfigError(f"{where}.water_scale", f"the store {store_path} holds {split} scenes made with water_scale "
+                          f"{made:g}, the config asks for {float(water_scale):g} (recorded in {raw / split}); {advice}")
     extra = sorted(set(scenes) - set(scene_ids(seed, count)))
     if extra:
         key = "seed" if any(not scene.startswith(f"synth_{seed:d}_") for scene in extra) else count_key

@@ -2,7 +2,8 @@
 
 Training: ``config`` (experiment YAML) -> ``setup`` (distributed, DeepSpeed JSON, optimizer,
 LR schedule) -> ``trainer`` (the loop) with ``loop_data`` (sample order, DataLoader),
-``checkpoints`` (layout, resume, retention), ``comm`` (collectives on the backend's device) and
-``device_peaks`` (device memory per phase); entry points ``lrss_ds.train`` (deepspeed
+``checkpoints`` (layout, resume, retention), ``comm`` (collectives on the backend's device),
+``device_peaks`` (device memory per phase), ``budget`` (when the loop stops: iterations, CPU or
+wall seconds) and ``batchnorm_recalibration`` (BatchNorm statistics of the final weights); entry points ``lrss_ds.train`` (deepspeed
 launcher), ``train_cli`` (``lrss-ds train``) and ``demo`` (``lrss-ds demo``, the main job).
 """

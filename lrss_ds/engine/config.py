@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence, Union
 
 import yaml
 
+from lrss_ds.data.augment import AUGMENTATIONS
 from lrss_ds.errors import ConfigError
 
 
@@ -58,6 +59,8 @@ class SynthConfig:
         width: scene width in pixels.
         bands: number of image bands (the ``synthetic`` dataset has 4: NIR, R, G, B).
         seed: generator seed (the same seed gives the same scenes).
+        water_scale: factor on the river width and lake radii (``lrss_ds.data.synth.make_layout``;
+            1 draws the default scenes).
     """
 
     train_scenes: int = 4
@@ -66,6 +69,7 @@ class SynthConfig:
     width: int = 512
     bands: int = 4
     seed: int = 0
+    water_scale: float = 1.0
 
 
 @dataclass
@@ -213,6 +217,14 @@ class TrainConfig:
         simulate_device_memory: follow every training step with
             ``lrss_ds.memory.device_sim.DeviceMemorySimulator`` and write its simulated device
             peak to ``metrics.json`` (slows the steps; for sizing a GPU from a CPU run).
+        augment: ``none``, or ``d4``: each training sample flipped/turned by one of the 8
+            right-angle transforms (``lrss_ds.data.augment``; never at evaluation).
+        recalibrate_bn: recompute BatchNorm running statistics with the final weights over this
+            many training samples before the final evaluation and checkpoint (0: off;
+            ``lrss_ds.engine.batchnorm_recalibration``).
+        budget_cpu_s: stop once the training process has used this many CPU seconds (None: no
+            budget); ``iterations`` stays the cap and the schedule's axis (``lrss_ds.engine.budget``).
+        budget_wall_s: the same in wall-clock seconds.
     """
 
     seed: int = 0
@@ -224,6 +236,10 @@ class TrainConfig:
     log_every: int = 1
     output: str = "runs/default"
     simulate_device_memory: bool = False
+    augment: str = "none"
+    recalibrate_bn: int = 0
+    budget_cpu_s: float | None = None
+    budget_wall_s: float | None = None
 
 
 @dataclass
@@ -258,6 +274,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.type": ("sgd", "adam", "adamw"),
     "schedule.policy": ("step", "poly", "constant"),
     "memory.checkpointing": ("none", "stage", "block", "fine"),
+    "train.augment": AUGMENTATIONS,
 }
 
 
@@ -490,6 +507,18 @@ def _check_values(config: ExperimentConfig, where: Callable[[str], str]) -> None
         raise ConfigError(where("data.store"), "is required (path of the tile store)")
     if sorted(config.schedule.milestones) != config.schedule.milestones:
         raise ConfigError(where("schedule.milestones"), "must be increasing")
+    _check_train_features(config, where)
+
+
+def _check_train_features(config: ExperimentConfig, where: Callable[[str], str]) -> None:
+    """Refuse a negative ``train.recalibrate_bn`` and a budget that is not a positive number."""
+    count = config.train.recalibrate_bn
+    if count < 0:
+        raise ConfigError(where("train.recalibrate_bn"), f"must be zero (off) or positive, got {count}")
+    for key in ("budget_cpu_s", "budget_wall_s"):
+        value = getattr(config.train, key)
+        if value is not None and not (0 < value < float("inf")):
+            raise ConfigError(where(f"train.{key}"), f"must be a positive number of seconds or null, got {value}")
 
 
 def deepspeed_json_path(config: ExperimentConfig) -> Path:

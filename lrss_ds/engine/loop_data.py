@@ -57,16 +57,55 @@ class ResumableSampler(Sampler[int]):
         order = (order * (total // len(order) + 1))[:total]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def positions(self) -> Iterator[tuple[int, int]]:
+        """``(position, index)`` pairs of this rank's stream, from ``start`` on."""
         position = self.start
         while True:
             epoch, offset = divmod(position, self.per_rank)
             for index in self.epoch_order(epoch)[offset:]:
-                yield index
-            position = (epoch + 1) * self.per_rank
+                yield position, index
+                position += 1
+
+    def __iter__(self) -> Iterator[int]:
+        for _, index in self.positions():
+            yield index
 
     def __len__(self) -> int:  # an epoch's worth; the stream itself never ends
         return self.per_rank
+
+
+class AugmentedOrder(Sampler[tuple[int, int]]):
+    """A :class:`ResumableSampler`'s order with each item's flip/turn: yields ``(index, transform)``.
+
+    The transform is ``lrss_ds.data.augment.transform_number(seed, rank, position)``, so a run
+    resumed at a saved position draws the same transforms as the uninterrupted one; the dataset
+    (``SceneSamples``) applies it to the image and the label.
+    """
+
+    def __init__(self, order: ResumableSampler) -> None:
+        self.order = order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        from lrss_ds.data.augment import transform_number
+
+        for position, index in self.order.positions():
+            yield index, transform_number(self.order.seed, self.order.rank, position)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def train_order(
+    num_samples: int, rank: int, world_size: int, seed: int, start: int, augment: str
+) -> ResumableSampler | AugmentedOrder:
+    """This rank's training sample order, with flips/turns when ``augment`` is ``d4``.
+
+    Args:
+        num_samples / rank / world_size / seed / start: as :class:`ResumableSampler`'s.
+        augment: ``train.augment`` (``none`` or ``d4``).
+    """
+    order = ResumableSampler(num_samples, rank, world_size, seed, start=start)
+    return AugmentedOrder(order) if augment == "d4" else order
 
 
 def _worker_init(worker_id: int, parent: int | None = None) -> None:
@@ -141,7 +180,7 @@ def pin_for(device: torch.device) -> bool:
 
 
 def make_train_loader(
-    dataset: Dataset, sampler: ResumableSampler, batch_size: int, workers: int, prefetch: int, device: torch.device
+    dataset: Dataset, sampler: Sampler, batch_size: int, workers: int, prefetch: int, device: torch.device
 ) -> DataLoader:
     """DataLoader over ``dataset`` in ``sampler``'s order, read ahead by ``workers`` processes.
 
@@ -151,7 +190,7 @@ def make_train_loader(
 
     Args:
         dataset: ``SceneSamples`` of the training split.
-        sampler: this rank's order.
+        sampler: this rank's order (:func:`train_order`).
         batch_size: micro-batch size (1 scene in holistic mode).
         workers: worker processes (0: read in this process).
         prefetch: batches each worker reads ahead.

@@ -50,9 +50,10 @@ def prepare_synthetic_store(data: DataConfig, log: Callable[[str], None] = print
     # A store made from other data.synthetic values is refused before anything is written,
     # naming the value; stale GeoTIFFs under raw/ are made again.
     for split, count, seed, key in jobs:
-        check_store_scenes(store, raw, split, count, size, synth.bands, seed, "data.synthetic", key)
+        check_store_scenes(store, raw, split, count, size, synth.bands, seed, "data.synthetic", key,
+                           water_scale=synth.water_scale)
     for split, count, seed, _ in jobs:
         folder = raw / split
-        ensure_scene_files(folder, count, size, synth.bands, seed, log=log)
+        ensure_scene_files(folder, count, size, synth.bands, seed, log=log, water_scale=synth.water_scale)
         ingest(store, str(folder / "images"), str(folder / "labels"), "synthetic", split=split, log=log)
     return store

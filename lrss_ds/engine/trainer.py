@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 from lrss_ds.engine import checkpoints
+from lrss_ds.engine.batchnorm_recalibration import recalibrate_run
+from lrss_ds.engine.budget import TrainingBudget
 from lrss_ds.engine.comm import all_gather_bytes, any_rank
 from lrss_ds.engine.config import ExperimentConfig, save_config
 from lrss_ds.engine.device_peaks import PhasePeaks
-from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader, worker_batches
+from lrss_ds.engine.loop_data import make_eval_loader, make_train_loader, train_order, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
@@ -63,6 +65,7 @@ class Run:
         meta: the static part of ``lrss_meta.json`` (model config, dataset, band statistics).
         class_names / num_classes / ignore_index: from the dataset spec.
         log: rank 0's log file handle (None on other ranks).
+        budget: when the loop stops (set by :func:`train`).
     """
 
     config: ExperimentConfig
@@ -82,6 +85,7 @@ class Run:
     stop_requested: bool = False
     device_sim: Any = None  # a DeviceMemorySimulator with train.simulate_device_memory
     history: list[dict[str, Any]] = field(default_factory=list)
+    budget: TrainingBudget | None = None
 
     def say(self, line: str, console: bool = True) -> None:
         """Write ``line`` to ``log.txt`` (and the console) on rank 0."""
@@ -191,7 +195,8 @@ def save_checkpoint(run: Run, iteration: int, data_position: int, metrics: dict[
         The tag.
     """
     root = run.out / "checkpoints"
-    client_state = {"iteration": iteration, "data_position": data_position, "history": run.history}
+    client_state = {"iteration": iteration, "data_position": data_position, "history": run.history,
+                    "budget_spent": run.budget.spent() if run.budget else None}
     meta = {**run.meta, "iteration": iteration, "metrics": metrics or {}}
     checkpoints.save(run.engine, root, iteration, client_state, meta, run.dist.rank)
     tag = checkpoints.tag_for(iteration)
@@ -266,15 +271,15 @@ def train(run: Run, resume: bool) -> int:
     if cfg.simulate_device_memory and run.device_sim is None:
         run.device_sim = DeviceMemorySimulator(engine)
     data_position = 0
+    spent = None
     if resume:
         state = resume_state(run)
         if state is not None:
             data_position = int(state["data_position"])
             run.history = list(state.get("history", []))
+            spent = state.get("budget_spent")
     micro_batch = int(engine.train_micro_batch_size_per_gpu())
-    sampler = ResumableSampler(
-        len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, start=data_position
-    )
+    sampler = train_order(len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, data_position, cfg.augment)
     loader = make_train_loader(
         run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch, engine.device
     )
@@ -294,14 +299,17 @@ def train(run: Run, resume: bool) -> int:
     peaks = PhasePeaks()
     exit_code = 0
     run.say(describe_accelerator())
+    run.budget = budget = TrainingBudget.from_config(cfg, spent)
     run.say(
-        f"training {run.meta['model']['name']} for {cfg.iterations} iterations on {run.dist.world_size} rank(s), "
+        f"training {run.meta['model']['name']} for {budget.describe()} on {run.dist.world_size} rank(s), "
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
         f"memory mode {run.memory_mode}"
     )
     batches = _batches(loader)
+    budget.start()
+    stopped_by = budget.stop_reason(engine.global_steps)
     try:
-        while engine.global_steps < cfg.iterations:
+        while stopped_by is None:
             if any_rank(run.stop_requested):
                 tag = save_checkpoint(run, engine.global_steps, data_position, None)
                 run.say(f"SIGTERM: saved {tag} at iteration {engine.global_steps}; rerun with --resume to continue")
@@ -361,7 +369,12 @@ def train(run: Run, resume: bool) -> int:
                 )
             _monitor(engine, [("Train/loss", mean_loss, iteration), ("Train/data_wait_s", data_wait, iteration)])
             metrics = None
-            last = iteration == cfg.iterations
+            stopped_by = budget.stop_reason(iteration)
+            last = stopped_by is not None
+            if last:
+                run.say(f"stopped by {stopped_by} at iteration {iteration} ({budget.describe()})")
+                if cfg.recalibrate_bn:
+                    run.say(f"recalibrated BatchNorm statistics over {recalibrate_run(run)} batch(es) on rank 0")
             if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
                 with peaks.phase("eval"):
                     metrics = last_eval = evaluate(run)
@@ -482,6 +495,7 @@ def _write_metrics(
         "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary(),
                    **simulated_summary(run.device_sim)},
         "memory_mode": run.memory_mode.to_dict(),
+        **(run.budget.summary() if run.budget else {}),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,
     }

@@ -67,3 +67,25 @@ def test_stale_synthetic_files_are_made_again(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=r"data.synthetic.bands: is 3, but the synthetic dataset has 4 bands"):
         _prepare(tmp_path / "other", bands=3)
+
+
+def test_changed_water_scale_on_an_existing_store_is_named(tmp_path) -> None:
+    """The widened water changes every pixel but no shape: the store's scenes are refused by name,
+    and without a store the raw files are made again at the new scale."""
+    store = tmp_path / "store"
+    _prepare(store)
+    with pytest.raises(ConfigError) as info:
+        _prepare(store, water_scale=2.5)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"data.synthetic.water_scale: the store {store} holds train scenes "
+                                                "made with water_scale 1, the config asks for 2.5")
+    # Raw files recorded before water_scale was part of the record count as 1.0.
+    record = raw_dir(store) / "train" / "synth.json"
+    record.write_text(record.read_text().replace(', "water_scale": 1.0', ""))
+    with pytest.raises(ConfigError, match="made with water_scale 1, the config asks for 2.5"):
+        _prepare(store, water_scale=2.5)
+    shutil.rmtree(store)
+    lines: list[str] = []
+    _prepare(store, lines, water_scale=2.5)
+    assert any("water_scale 1.0 -> 2.5" in line and "regenerating" in line for line in lines)
+    _prepare(store, water_scale=2.5)  # the same parameters again: accepted, nothing regenerated

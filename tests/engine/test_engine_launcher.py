@@ -146,8 +146,9 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_yaml: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
-    """The main job's experiment (EHSNet, ZeRO-2 + CPU offload, DeepSpeedCPUAdam, checkpointing)
-    run by `lrss-ds train` on small scenes: the loss falls and the run directory is complete."""
+    """The main job's experiment (EHSNet, ZeRO-2 + CPU offload, DeepSpeedCPUAdam, checkpointing,
+    flips/turns, BatchNorm recalibration) run by `lrss-ds train` on small scenes: the loss falls,
+    the statistics are recalibrated before the final evaluation, the run directory is complete."""
     out = tmp_path / "main_job"
     command = [sys.executable, "-m", "lrss_ds.cli", "train", "--config", str(MAIN_JOB), "--output", str(out),
                f"data.store={store}", "data.synthetic=null", "train.iterations=16", "train.eval_every=0",
@@ -159,6 +160,8 @@ def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.8 * first, losses
     assert "eval @ 16: mIoU" in result.stdout
+    assert result.stdout.index("recalibrated BatchNorm statistics over 24 batch(es)") < result.stdout.index("eval @ 16")
+    assert metrics["stopped_by"] == "iterations"
     for name in ("config.yaml", "ds_config.json", "log.txt", "checkpoints/latest", "checkpoints/step_0000016/lrss_meta.json"):
         assert (out / name).exists(), name
     assert (out / "monitor" / "train" / "Train_loss.csv").is_file()
