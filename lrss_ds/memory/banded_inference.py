@@ -174,7 +174,7 @@ def _head_banding(model: HRNetFCN, band_rows: int) -> Callable[..., Tensor]:
 
 
 @contextlib.contextmanager
-def banded_eval(model: nn.Module, band_rows: int = BAND_ROWS, stem_band_rows: int = STEM_BAND_ROWS) -> Iterator[None]:
+def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: int | None = None) -> Iterator[None]:
     """Run ``model``'s eval forward with its high-resolution layers in row bands (see the module docstring).
 
     Inside the context a :class:`SegmentationModel` returns its train-mode dict (logits at the
@@ -183,8 +183,9 @@ def banded_eval(model: nn.Module, band_rows: int = BAND_ROWS, stem_band_rows: in
 
     Args:
         model: an eval-mode model.
-        band_rows: output rows per band of ``layer1`` and of the HRNet-FCN head.
-        stem_band_rows: half-resolution rows per band of the stems.
+        band_rows: output rows per band of ``layer1`` and of the HRNet-FCN head (None:
+            :data:`BAND_ROWS`).
+        stem_band_rows: half-resolution rows per band of the stems (None: :data:`STEM_BAND_ROWS`).
 
     Raises:
         RuntimeError: ``model`` is in train mode (BatchNorm would use batch statistics,
@@ -192,6 +193,8 @@ def banded_eval(model: nn.Module, band_rows: int = BAND_ROWS, stem_band_rows: in
     """
     if model.training:
         raise RuntimeError("banded_eval needs an eval-mode model; call model.eval() first")
+    band_rows = BAND_ROWS if band_rows is None else band_rows
+    stem_band_rows = STEM_BAND_ROWS if stem_band_rows is None else stem_band_rows
     restore: list[Callable[[], None]] = []
     try:
         for module in model.modules():
