@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import contextlib
+import functools
 import glob
 import json
 import math
@@ -12,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -24,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lrss_ds.engine.model_io import load_model
+from lrss_ds.engine.scene_batch import PredictionLog, Ranks, pending, timed
 from lrss_ds.errors import InputFileError, LrssError, OutputExistsError, StoreError
 from lrss_ds.memory.banded_inference import banded_eval, row_logits
 
@@ -192,6 +194,7 @@ class Predictor:
         window: ``(height, width)`` of the sliding windows; None = holistic.
         overlap: overlap between neighbouring windows in pixels (``0 <= overlap < min(window)``).
         device: where the model runs.
+        row_progress: called with the number of rows of each strip yielded (a progress bar).
         bf16: run the model under bfloat16 autocast, channels-last (less memory and time on
             accelerators and bf16-capable CPUs, whose bf16 3x3 convolutions are fastest
             channels-last; blending and probabilities stay float32).
@@ -204,6 +207,7 @@ class Predictor:
     overlap: int = 0
     device: str | torch.device = "cpu"
     bf16: bool = False
+    row_progress: Callable[[int], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.bf16:
@@ -228,10 +232,11 @@ class Predictor:
             ``(row_off, classes (h, W) uint8, probs (K, h, W) float32 or None)``; consecutive
             strips cover the scene's rows exactly once, in order.
         """
-        if self.window is None:
-            yield from self._holistic(source, probabilities)
-        else:
-            yield from self._sliding(source, probabilities)
+        strips = self._holistic(source, probabilities) if self.window is None else self._sliding(source, probabilities)
+        for row, classes, probs in strips:
+            yield row, classes, probs
+            if self.row_progress is not None:
+                self.row_progress(classes.shape[0])
 
     def _input(self, image: np.ndarray) -> torch.Tensor:
         """``image (C, h, w)`` -> ``(1, C, h, w)`` on the device, channels-last under ``bf16``."""
@@ -390,6 +395,7 @@ def predictor_for(
         window: override: square window size (0 forces holistic).
         overlap: override: window overlap in pixels (default: the config's, else window / 4).
         device: where the model runs.
+        row_progress: called with the number of rows of each strip yielded (a progress bar).
         bf16: bfloat16 autocast.
 
     Returns:
@@ -639,7 +645,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compress", choices=("deflate", "zstd"), default="deflate", help="GeoTIFF compression (default deflate)"
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast, channels-last")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip scenes whose outputs exist and are finished (a rerun of a batch)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -657,19 +666,35 @@ def run(args: argparse.Namespace) -> int:
     )
     several = bool(args.input) and not Path(args.input).is_file()  # a directory or a glob
     probabilities = Path(args.probabilities) if args.probabilities else None
-    outputs = plan_outputs(sources, Path(args.output), probabilities, args.overwrite, directories=several)
-    device = resolve_device(args.device)
+    ranks = Ranks.join()
+    outputs = plan_outputs(
+        sources, Path(args.output), probabilities, args.overwrite or args.resume, directories=several
+    )
+    device = ranks.device(resolve_device(args.device))
     model, meta = load_model(args.checkpoint, device=device)
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device, bf16=args.bf16)
-    progress = tqdm(list(zip(sources, outputs)), desc="predict", unit="scene", disable=None)
+    common = {"model": meta["model"], "checkpoint": str(Path(args.checkpoint).resolve()), "rank": ranks.rank}
+    log = PredictionLog(outputs[0][0].parent, common, say=tqdm.write)
+    jobs = pending(ranks.share(list(zip(sources, outputs))), predictor.num_classes, args.resume, args.overwrite,
+                   on_skip=log.skip)
+    ranks.barrier()  # every rank has checked the outputs before any rank writes one
+    progress = tqdm(jobs, desc=f"predict (rank {ranks.rank})" if ranks.world_size > 1 else "predict", unit="scene",
+                    disable=None)
     for source, (output, probabilities) in progress:
         progress.set_postfix_str(source.name)
-        write_prediction(
-            source, predictor, meta, output, probabilities, overviews=args.overviews, compress=args.compress
-        )
-        tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else ""))
+        with tqdm(total=source.height, desc=source.name, unit="row", leave=False, disable=None) as rows:
+            predictor.row_progress = rows.update
+            seconds, peak = timed(functools.partial(
+                write_prediction, source, predictor, meta, output, probabilities,
+                overviews=args.overviews, compress=args.compress,
+            ))
+        log.add(source, output, probabilities, seconds, peak)
+        tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else "") + f" in {seconds:.1f} s")
+    ranks.barrier()
+    if ranks.rank == 0:
+        tqdm.write(f"summary in {log.merge()}")
     return 0
 
 
