@@ -27,7 +27,7 @@ from tqdm import tqdm
 from lrss_ds.engine.model_io import load_model
 from lrss_ds.engine.scene_batch import PredictionLog, Ranks, pending, timed
 from lrss_ds.errors import InputFileError, LrssError, OutputExistsError, StoreError
-from lrss_ds.memory.banded_inference import banded_eval, row_logits
+from lrss_ds.memory.banded_inference import PIXEL_BAND_ROWS, banded_eval, row_logits
 
 BLOCK = 512
 """Tile size of the written GeoTIFFs, and the row height in which results are streamed out."""
@@ -280,12 +280,12 @@ class Predictor:
     def _holistic(
         self, source: RasterSource, probabilities: bool
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """One forward over the whole scene; upsampling, softmax and argmax run BLOCK rows at a time.
+        """One forward over the whole scene; upsampling, softmax and argmax run in bands of rows.
 
         The forward runs under :func:`~lrss_ds.memory.banded_inference.banded_eval`: the
         high-resolution layers work in row bands and the logits stay at the network's
-        resolution, so only one BLOCK of full-resolution logits (``K x BLOCK x W``) exists at
-        a time. Models that are not a ``SegmentationModel`` return full-resolution logits,
+        resolution, so only ``PIXEL_BAND_ROWS`` rows of full-resolution logits (and the
+        upsampling's temporaries) exist at a time; the writer gathers the strips into tiles. Models that are not a ``SegmentationModel`` return full-resolution logits,
         which are then sliced.
         """
         image = source.read(0, 0, source.height, source.width)
@@ -298,8 +298,8 @@ class Predictor:
                 raise RuntimeError(f"model returned {logits.num_classes} classes at {logits.input_size} "
                                    f"for input {tuple(x.shape)}")
         del x
-        for row in range(0, source.height, BLOCK):
-            stop = min(row + BLOCK, source.height)
+        for row in range(0, source.height, PIXEL_BAND_ROWS):
+            stop = min(row + PIXEL_BAND_ROWS, source.height)
             with torch.inference_mode():
                 rows = logits.rows(row, stop)[0]
             classes, probs = self._finish(rows, image[:, row:stop], source, probabilities, are_probs=False)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,15 +38,26 @@ from torch import Tensor, nn
 from lrss_ds.memory.banded_stem import BandedStem
 from lrss_ds.memory.large_conv import memory_format_of
 from lrss_ds.models.base import SegmentationModel, run_directly
+from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.hrnet import HRNet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
+from lrss_ds.models.large_kernel import DepthwiseConv2d
+from lrss_ds.models.lrd import LRDModule
 from lrss_ds.models.losses import upsample_rows
 
 STEM_BAND_ROWS = 32
 """Half-resolution rows per band of the banded stem (its fastest band size, see BandedStem)."""
 
-BAND_ROWS = 64
-"""Output rows per band of ``layer1`` and of HRNet-FCN's head (at stride 4 or 8 of the input)."""
+BAND_ROWS = 128
+"""Output rows per band of ``layer1``, the LRD and the heads (at stride 4 or 8 of the input).
+
+Each band recomputes its halo: EHSNet's LRD reads 15 rows on each side, so 128-row bands
+compute (128 + 30) / 128 = 1.23x the LRD's rows, 64-row bands 1.47x."""
+
+PIXEL_BAND_ROWS = 32
+"""Full-resolution rows per band of upsampled logits: the upsampling makes about five
+``K x rows x W`` float32 temporaries (24 classes x 32 rows x 7300 px: 22 MB each), while 512
+rows made 1.8 GB of them."""
 
 
 def receptive_radius(module: nn.Module) -> int:
@@ -58,7 +69,8 @@ def receptive_radius(module: nn.Module) -> int:
     halo is still exact, only slower).
 
     Args:
-        module: a stack of conv/BN/activation layers (possibly with shortcuts).
+        module: a stack of conv (``nn.Conv2d``, ``DepthwiseConv2d``)/BN/activation layers,
+            possibly with shortcuts or parallel branches.
 
     Returns:
         the halo in input rows.
@@ -68,6 +80,8 @@ def receptive_radius(module: nn.Module) -> int:
         if isinstance(layer, nn.Conv2d):
             radius += layer.dilation[0] * (layer.kernel_size[0] - 1) // 2 * jump
             jump *= layer.stride[0]
+        elif isinstance(layer, DepthwiseConv2d):  # stride 1, "same" padding
+            radius += (layer.kernel_size - 1) // 2 * jump
     return radius
 
 
@@ -95,23 +109,44 @@ def run_in_row_bands(fn: Callable[[Tensor], Tensor], x: Tensor, stride: int, hal
     Returns:
         ``fn(x)``, ``(B, C', ceil(H / stride), W')``, in ``fn``'s memory format.
     """
-    height = x.shape[-2]
+    return rows_in_bands(lambda lo, hi: fn(x[..., lo:hi, :]), x.shape[-2], stride, halo, band_rows)
+
+
+def rows_in_bands(compute: Callable[[int, int], Tensor], height: int, stride: int, halo: int,
+                  band_rows: int) -> Tensor:
+    """:func:`run_in_row_bands` for a computation given as ``compute(lo, hi)`` on input rows ``[lo, hi)``.
+
+    Args:
+        compute: the banded computation on input rows ``[lo, hi)`` of a ``height``-row map.
+        height: input rows.
+        stride, halo, band_rows: as for :func:`run_in_row_bands`.
+
+    Returns:
+        the output of all ``height`` rows.
+    """
     out_rows = -(-height // stride)
     if out_rows <= band_rows:
-        return fn(x)
+        return compute(0, height)
     out: Tensor | None = None
     for first in range(0, out_rows, band_rows):
         last = min(first + band_rows, out_rows)
         lo = max(0, first * stride - halo)
         lo -= lo % stride
         hi = min(height, last * stride + halo)
-        band = fn(x[..., lo:hi, :])
+        band = compute(lo, hi)
         if out is None:
             out = _like_rows(band, out_rows)
         offset = lo // stride
         out[..., first:last, :] = band[..., first - offset : last - offset, :]
     assert out is not None
     return out
+
+
+def _branch_rows(features: Sequence[Tensor], lo: int, hi: int) -> list[Tensor]:
+    """Rows ``[lo, hi)`` of the first branch's size of every branch (the others upsampled bilinearly,
+    ``align_corners=False``, as ``concat_branches``), each computed from the rows it reads."""
+    size = tuple(features[0].shape[-2:])
+    return [features[0][..., lo:hi, :]] + [upsample_rows(f, size, size, lo, hi) for f in features[1:]]
 
 
 def concat_head_in_bands(head: nn.Module, features: list[Tensor], band_rows: int) -> Tensor:
@@ -133,9 +168,7 @@ def concat_head_in_bands(head: nn.Module, features: list[Tensor], band_rows: int
     out: Tensor | None = None
     for first in range(0, size[0], band_rows):
         last = min(first + band_rows, size[0])
-        parts = [features[0][..., first:last, :]]
-        parts += [upsample_rows(f, size, size, first, last) for f in features[1:]]
-        band = head(torch.cat(parts, dim=1))
+        band = head(torch.cat(_branch_rows(features, first, last), dim=1))
         if out is None:
             out = _like_rows(band, size[0])
         out[..., first:last, :] = band
@@ -162,6 +195,41 @@ def _layer1_banding(backbone: HRNet, band_rows: int) -> Callable[..., Tensor]:
 
     def banded(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         return run_in_row_bands(fn, x, stride, halo, band_rows)
+
+    return banded
+
+
+def _per_band(head: nn.Module, band_rows: int) -> Callable[..., Tensor]:
+    """Run a local head segment (``fn(x)``, stride 1) in row bands with its receptive halo."""
+    halo = receptive_radius(head)
+
+    def banded(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return run_in_row_bands(fn, x, 1, halo, band_rows)
+
+    return banded
+
+
+def _lrd_banding(lrd: LRDModule, band_rows: int) -> Callable[..., Tensor]:
+    """A forward for EHSNet's LRD module that merges the branches and runs the module band by band.
+
+    EHSNet calls the LRD with ``merge`` = upsample + concatenate the HRNet branches
+    (``concat_branches``); each band builds those rows of the merged map itself.
+    """
+    original = lrd.forward
+    # reduce and increase are 1x1 and the unit's branches run side by side, each a single
+    # "same" convolution: the widest kernel sets the reach (receptive_radius would add them up)
+    halo = max(receptive_radius(branch) for branch in lrd.modules()
+               if isinstance(branch, (nn.Conv2d, DepthwiseConv2d)))
+
+    def banded(*features: Tensor, merge: Callable[..., Tensor] | None = None) -> Tensor:
+        if merge is None:
+            return rows_in_bands(lambda lo, hi: original(features[0][..., lo:hi, :]), features[0].shape[-2], 1,
+                                 halo, band_rows)
+
+        def on_rows(lo: int, hi: int) -> Tensor:
+            return original(*_branch_rows(features, lo, hi), merge=lambda *maps: torch.cat(maps, dim=1))
+
+        return rows_in_bands(on_rows, features[0].shape[-2], 1, halo, band_rows)
 
     return banded
 
@@ -205,12 +273,18 @@ def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: 
                 banded = {module.segment_prefix + "layer1": _layer1_banding(module, band_rows)}
             elif isinstance(module, HRNetFCN):
                 banded = {module.segment_prefix + "head": _head_banding(module, band_rows)}
+            elif isinstance(module, EHSNet):
+                banded = {module.segment_prefix + name: _per_band(getattr(module, name), band_rows)
+                          for name in ("aux_head", "head")}
             else:
                 banded = {}
             if banded:
                 previous = getattr(module, "_segment_runner", run_directly)
                 restore.append(lambda m=module, r=previous: setattr(m, "_segment_runner", r))
                 module._segment_runner = _BandingRunner(previous, banded)
+            if isinstance(module, LRDModule):
+                restore.append(lambda m=module: delattr(m, "forward"))
+                module.forward = _lrd_banding(module, band_rows)  # type: ignore[method-assign]
             if isinstance(module, SegmentationModel):
                 restore.append(lambda m=module, d=module.defer_upsampling: setattr(m, "defer_upsampling", d))
                 module.defer_upsampling = True
@@ -263,5 +337,5 @@ def row_logits(outputs: Tensor | dict[str, Any]) -> RowLogits:
     return RowLogits(outputs.float(), size, size)
 
 
-__all__ = ["BAND_ROWS", "RowLogits", "banded_eval", "concat_head_in_bands", "receptive_radius", "row_logits",
+__all__ = ["BAND_ROWS", "PIXEL_BAND_ROWS", "RowLogits", "banded_eval", "concat_head_in_bands", "receptive_radius", "row_logits",
            "run_in_row_bands"]
