@@ -17,13 +17,15 @@ Within :func:`banded_eval`:
   output rows, each reading its input rows with a halo of the blocks' receptive field;
 * HRNet-FCN's head (branches upsampled and concatenated, then a 1x1 conv-BN-ReLU-1x1 at
   stride 4) runs band by band, so neither the concatenation nor the hidden map exists whole;
+* EHSNet's LRD module (branches upsampled and concatenated, 1x1, the large-kernel unit, 1x1)
+  runs band by band with a halo of its widest kernel, and its two heads in row bands;
 * a :class:`~lrss_ds.models.base.SegmentationModel` returns its logits at the output stride
   (``defer_upsampling``), and :class:`RowLogits` upsamples them to pixels a band of rows at a
   time with the losses' :func:`~lrss_ds.models.losses.upsample_rows`, which mirrors
   ``F.interpolate``'s bilinear kernel. The ``K x H x W`` logits never exist.
 
-Layers with a scene-wide view (HRNet's later stages, EHSNet's LRD and ECR, GLNet/GLSNet's
-global branches) run whole at their own, lower, resolution.
+Layers with a scene-wide view (HRNet's later stages, EHSNet's ECR, GLNet/GLSNet's global
+branches) run whole at their own, lower, resolution; so do GLNet/GLSNet's ResNet layers.
 """
 
 from __future__ import annotations
