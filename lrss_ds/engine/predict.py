@@ -675,7 +675,8 @@ def run(args: argparse.Namespace) -> int:
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
     predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device, bf16=args.bf16)
-    common = {"model": meta["model"], "checkpoint": str(Path(args.checkpoint).resolve()), "rank": ranks.rank}
+    common = {"model": meta["model"], "checkpoint": str(Path(args.checkpoint).resolve()), "rank": ranks.rank,
+              "threads": torch.get_num_threads()}
     log = PredictionLog(outputs[0][0].parent, common, say=tqdm.write)
     jobs = pending(ranks.share(list(zip(sources, outputs))), predictor.num_classes, args.resume, args.overwrite,
                    on_skip=log.skip)

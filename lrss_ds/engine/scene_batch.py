@@ -169,7 +169,7 @@ class PredictionLog:
 
     Args:
         directory: where the maps go (``predictions.json`` is written there).
-        common: fields of every record (``model``, ``checkpoint``, ``rank``).
+        common: fields of every record (``model``, ``checkpoint``, ``rank``, ``threads``).
         say: where messages go (a progress bar's ``write``).
     """
 

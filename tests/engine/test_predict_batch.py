@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_two_ranks_under_the_deepspeed_launcher_write_every_map_once(tmp_path: P
     command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--log_level", "warning",
                "--module", "lrss_ds.cli", "predict", "--checkpoint", str(weights), "--input", str(tmp_path / "in"),
                "--output", str(out)]
-    done = subprocess.run(command, env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    env = {k: v for k, v in launcher_env().items() if k != "OMP_NUM_THREADS"}  # ranks split the cores themselves
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted([s.name for s in scenes] + ["predictions.json"])
     records = _summary(out)
@@ -68,6 +70,7 @@ def test_two_ranks_under_the_deepspeed_launcher_write_every_map_once(tmp_path: P
     for record in records:
         assert record["size"] == [64, 72] and record["seconds"] > 0 and record["peak_rss_gib"] > 0
         assert record["model"]["name"] == "hrnet_fcn" and record["checkpoint"] == str(weights)
+        assert record["threads"] == max(1, (os.cpu_count() or 1) // 2)
 
 
 @pytest.mark.slow
