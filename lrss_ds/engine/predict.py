@@ -285,8 +285,9 @@ class Predictor:
         The forward runs under :func:`~lrss_ds.memory.banded_inference.banded_eval`: the
         high-resolution layers work in row bands and the logits stay at the network's
         resolution, so only ``PIXEL_BAND_ROWS`` rows of full-resolution logits (and the
-        upsampling's temporaries) exist at a time; the writer gathers the strips into tiles. Models that are not a ``SegmentationModel`` return full-resolution logits,
-        which are then sliced.
+        upsampling's temporaries) exist at a time; the writer gathers the strips into tiles.
+        Models that are not a ``SegmentationModel`` return full-resolution logits, which are
+        then sliced.
         """
         image = source.read(0, 0, source.height, source.width)
         x = self._input(image)
@@ -395,7 +396,6 @@ def predictor_for(
         window: override: square window size (0 forces holistic).
         overlap: override: window overlap in pixels (default: the config's, else window / 4).
         device: where the model runs.
-        row_progress: called with the number of rows of each strip yielded (a progress bar).
         bf16: bfloat16 autocast.
 
     Returns:
