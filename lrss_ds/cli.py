@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--local_rank="):
+        # the deepspeed launcher's first argument (`--module lrss_ds.cli predict ...`); the
+        # rank also reaches the process as LOCAL_RANK
+        argv = argv[1:]
     top = argparse.ArgumentParser(prog="lrss-ds", description=__doc__)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():

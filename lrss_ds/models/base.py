@@ -219,6 +219,9 @@ class SegmentationModel(Segmented):
     name: ClassVar[str] = "base"
     output_stride: int = 4
     pad_multiple: int = 32
+    # Set while predicting by lrss_ds.memory.banded_inference: the eval forward then returns the
+    # train-mode dict (logits at the output stride) and the caller upsamples them in row bands.
+    defer_upsampling: bool = False
 
     def __init__(
         self,
@@ -280,9 +283,10 @@ class SegmentationModel(Segmented):
             padded: ``(Hp, Wp)``.
 
         Returns:
-            eval: ``(B, K, H, W)`` logits; train: the dict of the forward contract.
+            eval: ``(B, K, H, W)`` logits; train (or eval with ``defer_upsampling``): the dict
+            of the forward contract.
         """
-        if self.training:
+        if self.training or self.defer_upsampling:
             return {"logits": logits, "aux": list(aux), "input_size": input_size, "padded_size": padded}
         return upsample_logits(logits, padded, input_size)
 

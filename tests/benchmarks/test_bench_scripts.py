@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 SCRIPTS = {"memory_time": "memory_time", "scaling": "scaling", "max_size": "max_size", "plan_accuracy": "plan",
-           "bf16_convergence": "bf16_convergence"}
+           "bf16_convergence": "bf16_convergence", "inference": "inference"}
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,19 @@ def test_bf16_convergence_quick(quick_reports: dict) -> None:
     summary = report["summary"]
     assert summary["miou_gap"] == pytest.approx(summary["miou_bf16"] - summary["miou_fp32"])
     assert isinstance(summary["converges_like_fp32"], bool)
+
+
+def test_inference_quick(quick_reports: dict) -> None:
+    report, _ = _report(quick_reports, "inference")
+    rows = report["rows"]
+    assert [(r["model"], r["precision"]) for r in rows] == [
+        ("ehsnet", "fp32"), ("ehsnet", "fp32"), ("ehsnet", "bf16"), ("hrnet_fcn", "fp32"), ("hrnet_fcn", "fp32")
+    ]
+    assert rows[0]["classes"] == 24 and rows[0]["options"]["lrd_k"] == 256 and rows[1]["classes"] == 6
+    assert rows[-1]["options"]["mode"] == "patch"
+    for row in rows:
+        assert row["status"] == "ok", row
+        _measured(row, ["peak_rss_gib", "seconds", "gflops", "conv_gflops_per_s", "floor_s", "ratio"])
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_s"])
+    assert 0.0 <= rows[2]["agreement"] <= 1.0
+    assert report["header"]["scene"] == [203, 229] and "conditions" in report["header"]

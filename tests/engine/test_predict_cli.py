@@ -266,11 +266,11 @@ def test_several_inputs_go_to_a_directory(runs: dict[str, Path], tmp_path: Path)
         )
         == 0
     )
-    assert sorted(p.name for p in out.iterdir()) == ["tile0.tif", "tile1.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "tile0.tif", "tile1.tif"]
     # A glob (or directory) means a directory of outputs even when it matches one file.
     argv = ["predict", "--checkpoint", str(runs["patch"]), "--input", str(tmp_path / "in" / "*0.tif")]
     assert main(argv + ["--output", str(tmp_path / "one"), "--probabilities", str(tmp_path / "one_p")]) == 0
-    assert [p.name for p in (tmp_path / "one").iterdir()] == ["tile0.tif"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["predictions.json", "tile0.tif"]
     assert [p.name for p in (tmp_path / "one_p").iterdir()] == ["tile0.tif"]
 
 

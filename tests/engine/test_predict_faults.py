@@ -102,7 +102,7 @@ def test_batch_writing_into_its_own_input_directory_is_refused(
     # A different output directory is fine.
     out = tmp_path / "out"
     assert main(["predict", "--checkpoint", str(weights), "--input", str(scenes), "--output", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif", "predictions.json"]
 
 
 # ------------------------------------------------------------------------------ leftovers
@@ -180,7 +180,7 @@ def test_leftovers_of_dead_writers_are_removed_and_readers_skip_them(
         argv = ["predict", "--checkpoint", str(weights), "--input", str(source), "--output", str(out_dir / "x.tif")]
         assert main(argv) == 0
         assert f"removed {stale[0]}" in capsys.readouterr().err
-        assert sorted(out_dir.iterdir()) == [live, out_dir / "x.tif"]
+        assert sorted(out_dir.iterdir()) == [live, out_dir / "predictions.json", out_dir / "x.tif"]
         # Readers of a directory or a glob skip temporaries: evaluate scores x.tif alone.
         labels = tmp_path / "labels"
         labels.mkdir()

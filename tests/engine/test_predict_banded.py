@@ -1,0 +1,90 @@
+"""Holistic prediction in row bands: the same classes and probabilities as one unbanded forward,
+nodata masked as before, and no full-resolution logits (or stem maps) held whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lrss_ds.engine.predict as predict
+import lrss_ds.memory.banded_inference as banded_inference
+from lrss_ds.engine.predict import Predictor, open_geotiff
+from lrss_ds.models import MODEL_BUILDERS
+from tests.engine.test_predict_helpers import write_geotiff
+from tests.memory.test_banded_inference import BANDS, eval_model
+
+NODATA = 0
+
+
+def _scene(tmp_path: Path, height: int, width: int) -> Path:
+    """An odd-sized uint8 scene whose top-left corner block is nodata in every band."""
+    image = np.random.default_rng(3).integers(1, 255, size=(BANDS, height, width)).astype("uint8")
+    image[:, :9, :13] = NODATA
+    image[1, 5, 5] = 7  # one band valid: not nodata
+    return write_geotiff(tmp_path / "scene.tif", image, nodata=NODATA)
+
+
+def _strips(predictor: Predictor, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(predictor.strips(open_geotiff(path), probabilities=True))
+    return np.concatenate([c for _, c, _ in rows], axis=0), np.concatenate([p for _, _, p in rows], axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_BUILDERS))
+def test_banded_holistic_prediction_equals_one_unbanded_forward(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # small blocks and bands so that a small scene crosses many band boundaries
+    monkeypatch.setattr(predict, "BLOCK", 40)
+    monkeypatch.setattr(banded_inference, "BAND_ROWS", 8)
+    monkeypatch.setattr(banded_inference, "STEM_BAND_ROWS", 8)
+    model = eval_model(name)
+    path = _scene(tmp_path, 157, 131)
+    classes, probs = _strips(Predictor(model=model, num_classes=5, ignore_index=255), path)
+
+    image = open_geotiff(path).read(0, 0, 157, 131)
+    with torch.inference_mode():
+        ref_probs = torch.softmax(model(torch.from_numpy(image)[None])[0], dim=0).numpy()
+    ref_classes = ref_probs.argmax(axis=0).astype("uint8")
+    nodata = (image == NODATA).all(axis=0)
+    assert nodata.sum() == 9 * 13 - 1
+    ref_classes[nodata] = 255
+    ref_probs[:, nodata] = np.nan
+
+    assert (classes == ref_classes).mean() >= 0.9999
+    assert (classes[nodata] == 255).all() and not (classes[~nodata] == 255).any()
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-4, rtol=0)  # NaN where nodata, in both
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_holistic_prediction_never_holds_full_resolution_logits_or_stem_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 classes (the paper's): whole logits would be 24 values per pixel, the stem's first
+    map 16; banded, nothing larger than the padded input's 4 bands-equivalent is made."""
+    monkeypatch.setattr(predict, "BLOCK", 32)
+    model = eval_model("ehsnet", classes=24)
+    height, width = 256, 128
+    path = _scene(tmp_path, height, width)
+    predictor = Predictor(model=model, num_classes=24, ignore_index=255)
+    with _LargestTensor() as mode:
+        for _ in predictor.strips(open_geotiff(path), probabilities=True):
+            pass
+    assert mode.largest <= 5 * height * width, f"{mode.largest / (height * width):.1f} values per pixel"
