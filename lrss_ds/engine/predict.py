@@ -559,6 +559,10 @@ def write_prediction(
         probabilities: optional path for K float16 bands of class probabilities.
         overviews: build overviews.
         compress: ``"deflate"`` or ``"zstd"``.
+
+    Raises:
+        OutputError: an output cannot be written (full disk, refusing directory, GDAL's reason),
+            naming it; nothing is left at its final name or under a temporary one.
     """
     dataset = meta.get("dataset") or {}
     k = predictor.num_classes
@@ -631,7 +635,10 @@ def write_prediction(
         for part, final, _, _ in finals:
             os.replace(temporary_name(final, "tmp"), final)
     except (OSError, CPLE_BaseError) as error:  # RasterioIOError is an OSError
-        raise _write_failure(outputs, error) from None
+        failure = _write_failure(outputs, error)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         for path in temporaries:
             with contextlib.suppress(OSError):  # a failing clean-up must not hide the cause
@@ -651,18 +658,23 @@ def _temporary(final: Path, kind: str, registry: list[Path]) -> Path:
     return path
 
 
-def _write_failure(outputs: list[Path], error: BaseException) -> OutputError:
+def _write_failure(outputs: list[Path], error: BaseException) -> OutputError | None:
     """Say in one line why writing ``outputs`` failed: the operating system's reason where there is one.
 
     GDAL reports a refused block write as "Write failed. See previous exception for details.",
     and libtiff prints the reason ("No space left on device") straight to stderr, out of
     Python's reach. Appending to the temporary GDAL was writing repeats the refusal as an
     ``OSError`` whose errno names it; when that append succeeds, GDAL's own message is the cause.
+
+    Returns:
+        the error to raise, or None for an ``OSError`` about another file (not a write of ours).
     """
     if isinstance(error, OSError) and error.errno is not None:
-        written = Path(error.filename).name if error.filename else None
-        culprit = next((f for f in outputs if written in {temporary_name(f, k).name for k in ("part", "tmp")}), None)
-        return OutputError.from_os_error(culprit or outputs[0], error)
+        names = {str(error.filename), str(getattr(error, "filename2", None))}
+        for final in outputs:
+            if names & {str(final), *(str(temporary_name(final, kind)) for kind in ("part", "tmp"))}:
+                return OutputError.from_os_error(final, error)
+        return None
     for final in outputs:
         for kind in ("part", "tmp"):
             refusal = _append_refusal(temporary_name(final, kind))
