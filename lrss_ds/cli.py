@@ -45,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"lrss-ds {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    # `train` takes `key=value` overrides before and after its options, as `python -m
+    # lrss_ds.train` does; plain parse_args stops collecting the positionals at the first option
+    parse = parser.parse_intermixed_args if name == "train" else parser.parse_args
+    args = parse(argv[1:])
     try:
         return int(module.run(args) or 0)
     except LrssError as error:

@@ -6,6 +6,31 @@ import errno
 from pathlib import Path
 
 
+SEE_PREVIOUS = "See previous exception"
+"""How rasterio words a failed GDAL read or write whose real cause is the chained exception."""
+
+
+def underlying_cause(error: BaseException) -> str:
+    """The first line of the first message in ``error``'s chain that states a cause.
+
+    Why: rasterio reports a failed block read or write as ``"Read failed. See previous exception
+    for details."`` and chains GDAL's own message (a ``CPLE_*`` exception) as its cause; only that
+    one says what is wrong, and the user cannot see the "previous exception".
+
+    Args:
+        error: the exception raised, with its ``__cause__``/``__context__`` chain.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        lines = str(link).strip().splitlines()
+        if lines and SEE_PREVIOUS.lower() not in lines[0].lower():
+            return lines[0]
+        link = link.__cause__ or link.__context__
+    return f"{type(error).__name__} without a message from GDAL"
+
+
 class LrssError(Exception):
     """Base class: a problem with the user's input, reported as ``"<where>: <problem>"``.
 

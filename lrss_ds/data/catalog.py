@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,10 @@ class DatasetSpec:
     splits: dict[str, list[str]] = field(default_factory=dict)
     default_split: str = "train"
     description: str = ""
+    source: InitVar[str | None] = None  # what errors name: the YAML file the values came from
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __post_init__(self, source: str | None) -> None:
+        self.validate(source)
 
     @property
     def num_classes(self) -> int:
@@ -166,8 +167,7 @@ class DatasetSpec:
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             kwargs[key] = _convert(key, value, where)
-        spec = cls(**{k: v for k, v in kwargs.items()})
-        return spec
+        return cls(**kwargs, source=where)
 
 
 def _is_int(value: Any) -> bool:
@@ -374,5 +374,8 @@ def get_dataset(name_or_yaml_path: str | Path) -> DatasetSpec:
     except OSError as error:
         raise ConfigError(path, f"cannot read dataset YAML: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(path, f"invalid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(path, f"invalid YAML{at}: {problem}") from None
     return DatasetSpec.from_dict(values, where=str(path))

@@ -39,7 +39,7 @@ from lrss_ds.data.store import (
     disk_errors,
     scene_attributes,
 )
-from lrss_ds.errors import ConfigError, InputFileError, StoreError
+from lrss_ds.errors import ConfigError, InputFileError, StoreError, underlying_cause
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp", ".gif"}
 MAX_LISTED_VALUES = 12
@@ -134,7 +134,7 @@ def _open_raster(path: Path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # we say it ourselves, once
             return rasterio.open(path)
     except (RasterioError, OSError) as error:
-        raise InputFileError(path, f"unreadable or corrupt raster: {error}") from None
+        raise InputFileError(path, f"unreadable or corrupt raster: {underlying_cause(error)}") from None
 
 
 def _is_georeferenced(src) -> bool:
@@ -225,7 +225,7 @@ def _read(src, path: Path, window, indexes) -> np.ndarray:
     try:
         return src.read(indexes, window=window)
     except (RasterioError, OSError) as error:
-        raise InputFileError(path, f"unreadable or corrupt raster data: {error}") from None
+        raise InputFileError(path, f"unreadable or corrupt raster data: {underlying_cause(error)}") from None
 
 
 def ingest_scene(

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import rasterio
 import torch
+from rasterio._err import CPLE_BaseError  # GDAL's own errors; rasterio.errors does not re-export them
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.shutil import copy as gdal_copy
 from rasterio.windows import Window
@@ -29,7 +30,7 @@ from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.model_io import load_model
 from lrss_ds.engine.scene_batch import PredictionLog, Ranks, pending, timed
 from lrss_ds.engine.temporaries import is_temporary, remove_stale_temporaries, temporary_name
-from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
+from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError, underlying_cause
 from lrss_ds.memory.banded_inference import PIXEL_BAND_ROWS, banded_eval, row_logits
 
 BLOCK = 512
@@ -558,10 +559,15 @@ def write_prediction(
         probabilities: optional path for K float16 bands of class probabilities.
         overviews: build overviews.
         compress: ``"deflate"`` or ``"zstd"``.
+
+    Raises:
+        OutputError: an output cannot be written (full disk, refusing directory, GDAL's reason),
+            naming it; nothing is left at its final name or under a temporary one.
     """
     dataset = meta.get("dataset") or {}
     k = predictor.num_classes
     temporaries: list[Path] = []
+    outputs = [output] + ([probabilities] if probabilities else [])
     try:
         class_part = _temporary(output, "part", temporaries)
         prob_part = _temporary(probabilities, "part", temporaries) if probabilities else None
@@ -628,6 +634,11 @@ def write_prediction(
                 )
         for part, final, _, _ in finals:
             os.replace(temporary_name(final, "tmp"), final)
+    except (OSError, CPLE_BaseError) as error:  # RasterioIOError is an OSError
+        failure = _write_failure(outputs, error)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         for path in temporaries:
             with contextlib.suppress(OSError):  # a failing clean-up must not hide the cause
@@ -635,11 +646,56 @@ def write_prediction(
 
 
 def _temporary(final: Path, kind: str, registry: list[Path]) -> Path:
-    """A temporary name for ``final``, recorded in ``registry`` for cleanup."""
+    """A temporary name for ``final``, created empty now and recorded in ``registry`` for cleanup.
+
+    Why create it: a directory that refuses files is then found before the model runs, and
+    with the operating system's reason (GDAL only says the file could not be created).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     path = temporary_name(final, kind)
     registry.append(path)
+    open(path, "wb").close()  # builtin open: GDAL overwrites it; Path.open bypasses test doubles
     return path
+
+
+def _write_failure(outputs: list[Path], error: BaseException) -> OutputError | None:
+    """Say in one line why writing ``outputs`` failed: the operating system's reason where there is one.
+
+    GDAL reports a refused block write as "Write failed. See previous exception for details.",
+    and libtiff prints the reason ("No space left on device") straight to stderr, out of
+    Python's reach. Appending to the temporary GDAL was writing repeats the refusal as an
+    ``OSError`` whose errno names it; when that append succeeds, GDAL's own message is the cause.
+
+    Returns:
+        the error to raise, or None for an ``OSError`` about another file (not a write of ours).
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        names = {str(error.filename), str(getattr(error, "filename2", None))}
+        for final in outputs:
+            if names & {str(final), *(str(temporary_name(final, kind)) for kind in ("part", "tmp"))}:
+                return OutputError.from_os_error(final, error)
+        return None
+    for final in outputs:
+        for kind in ("part", "tmp"):
+            refusal = _append_refusal(temporary_name(final, kind))
+            if refusal is not None:
+                return OutputError.from_os_error(final, refusal)
+    return OutputError(outputs[0], f"cannot write: {underlying_cause(error)}; an earlier file at this name, if any, "
+                                   "is unchanged")
+
+
+def _append_refusal(path: Path) -> OSError | None:
+    """The ``OSError`` appending a block to an existing ``path`` raises, or None (also when it is absent)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, "ab") as handle:
+            handle.write(bytes(4096))  # one file-system block: a full disk cannot take it
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        return error
+    return None
 
 
 @contextlib.contextmanager
