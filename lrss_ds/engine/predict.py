@@ -106,14 +106,14 @@ def open_geotiff(path: str | Path) -> RasterSource:
             crs, transform = ds.crs, ds.transform
             info = dict(count=ds.count, height=ds.height, width=ds.width, dtype=ds.dtypes[0], nodata=ds.nodata)
     except RasterioIOError as error:
-        raise InputFileError(path, f"not a readable raster: {str(error).splitlines()[0]}") from error
+        raise InputFileError(path, f"not a readable raster: {underlying_cause(error)}") from error
 
     def read(row: int, col: int, height: int, width: int) -> np.ndarray:
         try:
             with _quiet_georef(), rasterio.open(path) as ds:
                 return ds.read(window=Window(col, row, width, height))
         except RasterioIOError as error:
-            raise InputFileError(path, f"read failed: {str(error).splitlines()[0]}") from error
+            raise InputFileError(path, f"read failed: {underlying_cause(error)}") from error
 
     return RasterSource(
         name=path.stem, where=str(path), crs=crs, transform=transform, _reader=read, path=path, **info

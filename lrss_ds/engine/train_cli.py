@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides after the options, value read as YAML: train.iterations=20 model.options.lrd_k=32",
+        help="config overrides, before or after the options, value read as YAML: train.iterations=20 model.options.lrd_k=32",
     )
 
 
