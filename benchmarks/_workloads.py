@@ -162,12 +162,14 @@ def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]],
 
     from lrss_ds.engine.batchnorm_recalibration import recalibrate_batchnorm as recalibrate
 
+    device = model_device(net)
+
     def batches() -> Any:
         seen = 0
         while seen < pixels:
             image, label = sample(scenes, patch, rng, batch)
             seen += label.size
-            yield torch.from_numpy(image)
+            yield torch.from_numpy(image).to(device)
 
     return recalibrate(net, batches()) if pixels > 0 else 0
 

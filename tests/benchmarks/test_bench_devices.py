@@ -246,7 +246,7 @@ def test_fullscene_leaves_the_accelerator_to_the_node(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(fullscene_train.subprocess, "run", run)
     args = argparse.Namespace(need_gib=0.0, max_wait=0.0, preset="none", height=128, width=128, bands=4, steps=1,
-                              dw_method="auto", default_allocator=True)
+                              dw_method="auto", default_allocator=True, simulate_device=True)
     with pytest.raises(SystemExit):
         fullscene_train._run_child(args, "fp32")
     assert "DS_ACCELERATOR" not in envs[0]
