@@ -27,7 +27,9 @@ def _fake_runner(calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
         said.append(capsys.readouterr().err)  # what was printed before this probe started
         calls.append(params)
         pixels = params["height"] * params["width"]
+        # what a probe on a CPU returns: no device allocator, the simulated device peak instead
         result = {"device_peak_bytes": None, "saved_activation_peak_bytes": 100 * pixels,
+                  "simulated_device_peak_bytes": 150 * pixels, "simulated_host_peak_bytes": 10**7,
                   "step_min_s": pixels / 1e4, "step_cpu_min_s": pixels / 1e4}
         return plan.IsolatedRun(status="ok", result=result, peak_rss_bytes=10**8 + 300 * pixels, wall_s=10.0)
 
