@@ -250,9 +250,7 @@ def collective_rank() -> None:
     from lrss_ds.engine.setup import init_distributed
 
     accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    info = init_distributed()
+    info = init_distributed()  # binds this rank's device first (setup.bind_local_device)
     device = accelerator.current_device_name()
     total = torch.full((1024,), float(info.rank + 1), device=device)
     total = comm.all_reduce(total)

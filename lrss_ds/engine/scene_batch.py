@@ -75,9 +75,9 @@ class Ranks:
     def barrier(self) -> None:
         """Wait for every rank (no-op for one rank)."""
         if self.world_size > 1:
-            import torch.distributed as dist
+            from lrss_ds.engine import comm
 
-            dist.barrier()
+            comm.barrier()
 
 
 def unfinished_reason(path: Path, height: int, width: int, bands: int) -> str | None:

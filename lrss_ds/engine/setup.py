@@ -75,6 +75,7 @@ def init_distributed() -> DistInfo:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
         )
     if not dist.is_initialized():
+        bind_local_device()
         deepspeed.init_distributed(verbose=False)
         release_shared_memory_name()
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -88,6 +89,21 @@ def init_distributed() -> DistInfo:
         world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
+
+
+def bind_local_device() -> None:
+    """Make this rank's accelerator device (``LOCAL_RANK``) current; nothing on the CPU.
+
+    NCCL runs a collective on the current device: unbound, every rank of a node sits on device 0
+    until ``deepspeed.initialize`` moves it, and jobs that never build an engine (batch
+    prediction, the doctor's collective) never move. Asked of the accelerator now, so a
+    ``DS_ACCELERATOR`` inherited from elsewhere cannot decide it.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and "LOCAL_RANK" in os.environ:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def accelerator_summary() -> dict[str, Any]:

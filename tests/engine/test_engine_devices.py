@@ -440,3 +440,44 @@ def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path
     assert all(abs(h["loss"]) < 1e6 for h in metrics["history"])  # finite
     digests = metrics["parameter_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+class BindingAccelerator(StandInAccelerator):
+    """A stand-in GPU accelerator that records which device index was made current."""
+
+    def __init__(self) -> None:
+        super().__init__("cuda")
+        self.bound: list[int] = []
+
+    def set_device(self, index: int) -> None:
+        self.bound.append(index)
+
+
+def test_each_rank_binds_its_local_device_before_the_process_group_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL runs collectives on the current device: rank 3 of a node binds device 3 before the group
+    exists, also in jobs that never build an engine (batch prediction)."""
+    import deepspeed
+    import deepspeed.accelerator
+
+    from lrss_ds.engine import setup
+
+    accelerator = BindingAccelerator()
+    order: list[str] = []
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(order))
+    monkeypatch.setattr(deepspeed, "init_distributed",
+                        lambda **kwargs: order.append(f"group opened, bound {accelerator.bound}"))
+    monkeypatch.setattr(setup, "release_shared_memory_name", lambda: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 7)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    for key, value in {"RANK": "7", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "LOCAL_SIZE": "4",
+                       "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    info = setup.init_distributed()
+    assert order == ["group opened, bound [3]"] and info.local_rank == 3
+
+    cpu = BindingAccelerator()
+    cpu.device = "cpu"
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: cpu)
+    setup.bind_local_device()
+    assert cpu.bound == []  # the CPU accelerator has no device to choose
