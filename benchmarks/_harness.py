@@ -26,14 +26,11 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from lrss_ds.engine.plan import (  # noqa: E402
-    GIB,
-    MIB,
-    IsolatedRun,
-    parse_bytes,
-    parse_size,
-    run_isolated,
-)
+from lrss_ds.engine.isolated import IsolatedRun, run_isolated  # noqa: E402
+from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
+
+GIB = 1024**3
+MIB = 1024**2
 
 __all__ = [
     "GIB",

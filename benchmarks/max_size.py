@@ -28,7 +28,7 @@ from _harness import (  # noqa: E402
     write_report,
 )
 
-from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
+from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_MODES = ["none", "ckpt_stage"]
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         def probe(side: int, mode: str = mode) -> Any:
             run = run_config(
-                "lrss_ds.engine.plan:probe_training_step",
+                "lrss_ds.engine.probe:probe_training_step",
                 {"model": args.model, "height": side, "width": side, "mode": mode, "steps": args.steps,
                  "bands": args.bands},
                 cap_gib=cap,

@@ -50,7 +50,7 @@ from _harness import (  # noqa: E402
 )
 from _workloads import METHODS, options_for  # noqa: E402
 
-from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
+from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
 
 EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_EHSNET_MODES = ["none", "ckpt_stage"]
@@ -121,13 +121,12 @@ def train_probe(label: str, mode: str, size: tuple[int, int], patch: int, cap: f
                 steps: int) -> dict[str, Any]:
     """Training memory/time of one method+mode at ``size`` (fresh process)."""
     spec = METHODS[label]
-    run = run_config(
-        "lrss_ds.engine.plan:probe_training_step",
-        {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
-         "model_options": options_for(spec, patch), "loss": spec.loss,
-         "patch_size": patch if spec.sampling == "patch" else None},
-        cap_gib=cap,
-    )
+    params = {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
+              "model_options": options_for(spec, patch), "loss": spec.loss}
+    if spec.sampling == "patch":  # one optimizer step per tile: the training time per image
+        run = run_config("_patch_probe:patch_training_step", {**params, "patch_size": patch}, cap_gib=cap)
+    else:
+        run = run_config("lrss_ds.engine.probe:probe_training_step", params, cap_gib=cap)
     row: dict[str, Any] = {"status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
                            "process_cpu_s": run.cpu_s, "device_peak_mib": None}
     if run.fits:

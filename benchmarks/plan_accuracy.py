@@ -24,20 +24,15 @@ from _harness import (  # noqa: E402
     MIB,
     Column,
     machine_header,
+    parse_bytes,
+    parse_size,
     Report,
     set_child_threads,
     write_report,
 )
 
-from lrss_ds.engine.plan import (  # noqa: E402
-    PLAN_MODES,
-    fit_modes,
-    make_plan,
-    measure,
-    parse_bytes,
-    parse_size,
-    relative_error,
-)
+from lrss_ds.engine.plan import fit_modes, make_plan, measure, relative_error  # noqa: E402
+from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_MODES = ["none", "ckpt_stage"]

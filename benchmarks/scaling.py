@@ -28,7 +28,8 @@ from _harness import (  # noqa: E402
     write_report,
 )
 
-from lrss_ds.engine.plan import PLAN_MODES, fit_linear, measure  # noqa: E402
+from lrss_ds.engine.plan import fit_linear, measure  # noqa: E402
+from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
 
 FULL_SIDES = [256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
 QUICK_SIDES = [128, 192]

@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCH))
 import _harness  # noqa: E402
 import _workloads  # noqa: E402
 
-from lrss_ds.engine import plan  # noqa: E402
+from lrss_ds.engine import isolated  # noqa: E402
 
 META = torch.device("meta")
 
@@ -83,6 +83,12 @@ class _RecordingEngine:
     def step(self) -> None:
         pass
 
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
 
 def _recording_evaluate(seen: list[torch.device]) -> Any:
     def evaluate(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -96,12 +102,12 @@ def test_cuda_probe_sees_any_nvidia_device_index(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for name in ("nvidiactl", "nvidia-uvm", "nvidia-modeset"):  # the driver's nodes, present without a GPU
         (tmp_path / name).touch()
-    assert not plan._has_cuda_cheap(tmp_path)
+    assert not isolated.has_cuda_cheap(tmp_path)
     (tmp_path / "nvidia3").touch()  # a job that was given the node's fourth GPU only
-    assert plan._has_cuda_cheap(tmp_path)
-    assert not plan._has_cuda_cheap(tmp_path / "missing")
+    assert isolated.has_cuda_cheap(tmp_path)
+    assert not isolated.has_cuda_cheap(tmp_path / "missing")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # CUDA's own spelling of "no device"
-    assert not plan._has_cuda_cheap(tmp_path / "missing")
+    assert not isolated.has_cuda_cheap(tmp_path / "missing")
 
 
 def test_batchnorm_recalibration_forwards_on_the_models_device() -> None:
@@ -139,6 +145,9 @@ def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch
     evaluated: list[torch.device] = []
 
     def initialize_engine(net: nn.Module, config: Any, ds_config: Any) -> _RecordingEngine:
+        from lrss_ds.memory import prepare_model
+
+        prepare_model(net, setup.resolve_memory_mode(config), ds_config)  # as the real one does
         engines.append(_RecordingEngine(net))
         return engines[-1]
 
