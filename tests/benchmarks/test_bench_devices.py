@@ -161,9 +161,15 @@ def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: _DeviceRecorder())
     monkeypatch.setattr(losses, "build_loss", lambda *args, **kwargs: loss_fn)
     monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
+    import lrss_ds.engine.trainer as trainer
+
+    trainer_steps: list[Any] = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda parts, batch: trainer_steps.append(batch) or real_step(parts, batch))
     result = _workloads.short_train("EHSNet", budget_cpu_s=1e9, scene_size=16, patch=8, train_scenes=2,
                                     val_scenes=1, max_steps=3, bn_scenes=1.0)
     assert result["steps"] == 3 and result["bn_samples"] == 1
+    assert len(trainer_steps) == 3  # the trainer's own step, not a copy of it
     assert engines[0].module.input_devices == [META] * 3 + [META]  # 3 steps, 1 recalibration batch
     assert loss_devices == [(META, META)] * 3
     assert evaluated == [META]
