@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,3 +53,21 @@ def test_bisection_finds_the_largest_fitting_side(limit: int) -> None:
     if best is not None and failing is not None:
         assert 0 < failing - best <= 64
     assert len(runs) <= 12
+
+
+def test_benchmark_options_check_modes_and_set_child_threads(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+
+    def parse(*argv: str):
+        parser = _harness.benchmark_parser("demo", quick="tiny", cap=(3.0, "cap GiB"), model=True, modes=True)
+        return _harness.parse_benchmark_args(parser, ["--out", "x", *argv], (["none"], ["none", "ckpt_stage"]))
+
+    args = parse("--quick", "--threads", "1")
+    assert args.modes == ["none"] and args.cap == 3.0 and args.model == "ehsnet" and args.out == Path("x")
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert parse().modes == ["none", "ckpt_stage"]
+    assert parse("--modes", "fullres_bf16,ckpt_stage").modes == ["fullres_bf16", "ckpt_stage"]
+    with pytest.raises(SystemExit):
+        parse("--modes", "none,turbo")
+    assert "--modes: unknown memory mode 'turbo'" in capsys.readouterr().err
