@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: fresh capped processes, the machine header, and the report writers.
+"""Shared benchmark plumbing: the common options, fresh capped processes, the machine header, the report writers.
 
 Every benchmark configuration runs in its own fresh Python process (``run_config``), so one
 configuration's heap, allocator caches and imported kernels never colour the next one's peak.
@@ -8,6 +8,7 @@ JSON for programs, each under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import io
@@ -26,19 +27,19 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from lrss_ds.engine.plan import (  # noqa: E402
-    GIB,
-    MIB,
-    IsolatedRun,
-    parse_bytes,
-    parse_size,
-    run_isolated,
-)
+from lrss_ds.engine.isolated import IsolatedRun, run_isolated  # noqa: E402
+from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
+from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
+
+GIB = 1024**3
+MIB = 1024**2
 
 __all__ = [
     "GIB",
     "MIB",
     "IsolatedRun",
+    "benchmark_parser",
+    "parse_benchmark_args",
     "Column",
     "Report",
     "run_config",
@@ -83,6 +84,79 @@ def run_config(
     return run_isolated(
         target, params, cap_bytes=cap, timeout_s=timeout_s, env=child_env, sys_path=[BENCH_DIR]
     )
+
+
+def benchmark_parser(
+    description: str,
+    *,
+    out: Path | None = None,
+    quick: str | None = None,
+    cap: tuple[float | None, str] | None = None,
+    model: bool = False,
+    modes: bool = False,
+    conditions: bool = True,
+) -> argparse.ArgumentParser:
+    """A parser with the options benchmarks share, each added where the benchmark uses it.
+
+    ``--out`` and ``--threads`` (intra-op threads of every child process) are always there; read
+    the arguments with :func:`parse_benchmark_args`, which validates ``--modes`` and applies
+    ``--threads``.
+
+    Args:
+        description: the parser's description (the script's first docstring line).
+        out: the default output folder; ``None`` makes ``--out`` required.
+        quick: help of ``--quick`` (tiny sizes for the test suite); ``None``: no ``--quick``.
+        cap: ``(default GiB, help)`` of ``--cap``, the RSS cap per configuration; ``None``: no ``--cap``.
+        model: add ``--model`` (default ``ehsnet``).
+        modes: add ``--modes``, comma-separated ``PLAN_MODES`` names.
+        conditions: add ``--conditions``, text added to the report's conditions line.
+
+    Returns:
+        The parser; the script adds its own options.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=out is None, default=out, help="output folder")
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    if model:
+        parser.add_argument("--model", default="ehsnet")
+    if modes:
+        parser.add_argument("--modes", default=None, help=f"comma-separated memory modes of {', '.join(PLAN_MODES)}")
+    if cap is not None:
+        parser.add_argument("--cap", type=float, default=cap[0], help=cap[1])
+    if conditions:
+        parser.add_argument("--conditions", default="", help="text added to the conditions line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
+    return parser
+
+
+def parse_benchmark_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    default_modes: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> argparse.Namespace:
+    """Parse ``argv``; turn ``--modes`` into a checked list; make every child use ``--threads`` threads.
+
+    Args:
+        parser: from :func:`benchmark_parser`.
+        argv: the arguments (``None``: ``sys.argv[1:]``).
+        default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given.
+
+    Returns:
+        The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_MODES`` names.
+        An unknown mode ends the program with the parser's one-line error.
+    """
+    args = parser.parse_args(argv)
+    if hasattr(args, "modes"):
+        quick_modes, full_modes = default_modes or (list(PLAN_MODES), list(PLAN_MODES))
+        default = quick_modes if getattr(args, "quick", False) else full_modes
+        args.modes = [m for m in args.modes.split(",") if m] if args.modes else list(default)
+        for mode in args.modes:
+            if mode not in PLAN_MODES:
+                parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    set_child_threads(args.threads)
+    return args
 
 
 def set_child_threads(threads: int | None) -> None:

@@ -274,9 +274,9 @@ def short_train(
     (holistic methods) or ``patch_batch`` random ``patch`` crops (patch methods: a mini-batch,
     as patch baselines are trained; one 64 px patch per step leaves HRNet's stride-32 branch
     2x2 positions for BatchNorm and its river/lake IoU near 0 after 90 CPU-s), randomly
-    flipped or turned by right angles (``augment``). The optimizer and DeepSpeed engine are the
-    trainer's (``lrss_ds.engine.setup``: AdamW at ``lr``, ``ds_configs/cpu.json``, memory mode
-    ``none``), the same for every method. After training, BatchNorm statistics are recomputed
+    flipped or turned by right angles (``augment``). The engine and the step are the trainer's
+    (``lrss_ds.engine.setup.build_step_parts``: AdamW at ``lr``, ``ds_configs/cpu.json``, memory
+    mode ``none``; ``lrss_ds.engine.trainer.train_step``), the same for every method. After training, BatchNorm statistics are recomputed
     with the final weights over ``bn_scenes`` scenes' worth of training pixels
     (``recalibrate_batchnorm``, the trainer's ``train.recalibrate_bn`` mechanism; its CPU time is reported apart, ``bn_cpu_s``, and is a few
     percent of the budget). Many training scenes matter for the holistic methods: each step
@@ -308,10 +308,17 @@ def short_train(
     """
     import torch
 
-    from lrss_ds.engine.config import DeepSpeedConfigRef, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
-    from lrss_ds.engine.setup import init_distributed, initialize_engine, load_deepspeed_json
+    from lrss_ds.engine.config import (
+        DeepSpeedConfigRef,
+        ExperimentConfig,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+    from lrss_ds.engine.setup import build_step_parts, init_distributed, load_deepspeed_json
+    from lrss_ds.engine.trainer import train_step
     from lrss_ds.models import build_model
-    from lrss_ds.models.losses import build_loss
 
     spec = METHODS[method]
     torch.manual_seed(seed)
@@ -326,30 +333,27 @@ def short_train(
     config = ExperimentConfig(
         model=ModelConfig(name=spec.model, options=options),
         optim=OptimConfig(type="adamw", lr=lr, weight_decay=1e-4),
+        loss=LossConfig(name=spec.loss),
         deepspeed=DeepSpeedConfigRef(config=str(repo / "ds_configs" / "cpu.json"),
                                      override={"csv_monitor": {"enabled": False}}),  # writes no files
         train=TrainConfig(output=tempfile.gettempdir()),
     )
     net = build_model(spec.model, num_classes, bands, band_mean=mean, band_std=std, **options)
-    loss_fn = build_loss(spec.loss, num_classes, 255)
-    engine = initialize_engine(net, config, load_deepspeed_json(config))
-    engine.train()
+    parts = build_step_parts(net, config, load_deepspeed_json(config), num_classes, 255)
+    parts.engine.train()
     start_cpu, start_wall = cpu_seconds(), time.perf_counter()
     steps, pixels, losses = 0, 0, []
     sample_patch = patch if spec.sampling == "patch" else None
     while cpu_seconds() - start_cpu < budget_cpu_s and steps < max_steps:
         batch = patch_batch if sample_patch is not None else 1
         image, label = sample(train, sample_patch, rng, batch)
-        x = torch.from_numpy(image).to(engine.device)
-        y = torch.from_numpy(label).to(engine.device)
-        loss = loss_fn(engine(x), y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+        loss = train_step(parts, {"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
+        if loss is not None:  # a non-finite loss: the step dropped the micro-batch
+            losses.append(loss)
         steps += 1
-        pixels += int(y.numel())
+        pixels += int(label.size)
     train_cpu, train_wall = cpu_seconds() - start_cpu, time.perf_counter() - start_wall
-    net = engine.module
+    net = parts.engine.module
     bn_start = cpu_seconds()
     bn_samples = recalibrate_batchnorm(net, train, sample_patch, int(bn_scenes * scene_size * scene_size), rng,
                                        patch_batch if sample_patch is not None else 1)

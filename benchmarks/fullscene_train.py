@@ -3,8 +3,11 @@
 Each precision runs in a fresh Python process (so one run's heap never colours the next), as
 a single DeepSpeed rank on the node's accelerator (the CPU one only where no GPU is present;
 the record names it): ZeRO-2 with the optimizer offloaded to the host
-(``DeepSpeedCPUAdam``), the model prepared with a memory preset of ``lrss_ds.memory``. The scene
-is synthetic (uint8 bands, blocky labels) at the size of a whole FBP scene, 4 x 6908 x 7300.
+(``DeepSpeedCPUAdam``), the model prepared with a memory preset of ``lrss_ds.memory``. The step
+is the trainer's (``lrss_ds.engine.trainer.train_step``) on an engine built by the trainer's
+set-up (``lrss_ds.engine.setup.build_step_parts``); its phases are timed around it
+(``phase_clock``). The scene is synthetic (uint8 bands, blocky labels) at the size of a whole FBP
+scene, 4 x 6908 x 7300.
 
 Usage::
 
@@ -19,15 +22,18 @@ at the top level plus ``runs``: every record) and a Markdown note beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/fullscene_train.py` from anywhere
@@ -57,16 +63,62 @@ def _synthetic_scene(bands: int, height: int, width: int, classes: int, seed: in
     return image, label
 
 
-def _ds_config() -> dict[str, Any]:
-    """``ds_configs/cpu.json`` (ZeRO-2, optimizer offloaded to CPU, fp32) without monitors."""
-    config = json.loads((REPO_ROOT / "ds_configs" / "cpu.json").read_text())
-    for monitor in ("csv_monitor", "tensorboard", "wandb"):
-        config.pop(monitor, None)
-    return config
+@contextlib.contextmanager
+def phase_clock(engine: Any) -> Iterator[dict[str, float]]:
+    """Time the phases of the trainer's step run inside the block, without copying the step.
+
+    ``engine.backward`` and ``engine.step`` are wrapped for the block to stamp when each starts;
+    the yielded dict then holds ``start``, ``backward``, ``step`` and ``end`` (perf_counter seconds).
+    """
+    marks: dict[str, float] = {}
+    backward, step = engine.backward, engine.step
+
+    def timed_backward(*args: Any, **kwargs: Any) -> Any:
+        marks["backward"] = time.perf_counter()
+        return backward(*args, **kwargs)
+
+    def timed_step(*args: Any, **kwargs: Any) -> Any:
+        marks["step"] = time.perf_counter()
+        return step(*args, **kwargs)
+
+    engine.backward, engine.step = timed_backward, timed_step
+    marks["start"] = time.perf_counter()
+    try:
+        yield marks
+    finally:
+        marks["end"] = time.perf_counter()
+        del engine.backward, engine.step  # the engine's own methods again
+
+
+def _experiment(args: argparse.Namespace) -> Any:
+    """The experiment the step trains: EHSNet, the memory preset, ``ds_configs/cpu.json`` without monitors.
+
+    ``cpu.json`` is ZeRO-2 with the optimizer offloaded to the host; the trainer's AdamW
+    becomes ``DeepSpeedCPUAdam`` there (``lrss_ds.engine.setup.build_optimizer``).
+    """
+    from lrss_ds.engine.config import (
+        DeepSpeedConfigRef,
+        ExperimentConfig,
+        LossConfig,
+        MemoryConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+
+    return ExperimentConfig(
+        model=ModelConfig(name="ehsnet", options={"dw_method": args.dw_method}),
+        memory=MemoryConfig(preset=args.preset),
+        loss=LossConfig(name="ehsnet"),
+        optim=OptimConfig(type="adamw", lr=1e-4),
+        deepspeed=DeepSpeedConfigRef(config=str(REPO_ROOT / "ds_configs" / "cpu.json"),
+                                     override={"csv_monitor": {"enabled": False}, "tensorboard": {"enabled": False}}),
+        train=TrainConfig(output=tempfile.gettempdir()),
+    )
 
 
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
-    """Build EHSNet and DeepSpeed, then time ``args.steps`` whole-scene training steps.
+    """Build EHSNet and its engine with the trainer's set-up, then time ``args.steps`` trainer steps.
 
     Returns:
         the record: sizes, mode, accelerator, peak RSS (``ru_maxrss``), the accelerator's peak
@@ -75,20 +127,17 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     from lrss_ds.data.catalog import get_dataset
-    from lrss_ds.engine.setup import accelerator_summary, init_distributed
-    from lrss_ds.memory import SavedTensorLedger, apply_memory_mode, get_memory_mode, prepare_model
+    from lrss_ds.engine.setup import accelerator_summary, build_step_parts, init_distributed, load_deepspeed_json
+    from lrss_ds.engine.trainer import train_step
     from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
     from lrss_ds.models import build_model
-    from lrss_ds.models.losses import build_loss
 
     started = time.perf_counter()
     init_distributed()  # one rank on a free loopback port, the accelerator's backend
     spec = get_dataset("fbp")
     classes = len(spec.classes)
-    mode = get_memory_mode(args.preset)
     torch.manual_seed(0)
     dw_method = args.dw_method
     model = build_model(
@@ -96,46 +145,35 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         band_std=[50.0] * args.bands, dw_method=dw_method,
     )
     model.train()
-    ds_config = _ds_config()
-    prepare_model(model, mode, ds_config)
+    config = _experiment(args)
+    ds_config = load_deepspeed_json(config)
     t_build = time.perf_counter()
-    optimizer = DeepSpeedCPUAdam(model.parameters(), lr=1e-4)  # JIT-builds its kernel on first use
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # the memory preset prepares the model, then DeepSpeedCPUAdam (JIT-built on first use) and the engine
+    parts = build_step_parts(model, config, ds_config, classes, spec.ignore_index)
     init_seconds = time.perf_counter() - t_build
-    loss_fn = build_loss("ehsnet", classes, spec.ignore_index, band_rows=mode.loss_band_rows)
+    engine, mode = parts.engine, parts.memory_mode
     image, label = (t.to(engine.device) for t in _synthetic_scene(args.bands, args.height, args.width, classes, 1))
     accelerator = get_accelerator()
     on_device = accelerator.device_name() != "cpu"
     if on_device:
         accelerator.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-    ledger = SavedTensorLedger()
     # The first step runs under the device simulation. Its cost is per operation, not per pixel
     # (a few seconds at any size); with --steps 2 the reported (last) step is timed without it.
     simulator = DeviceMemorySimulator(engine) if args.simulate_device else None
     steps = []
     for index in range(args.steps):
-        t0 = time.perf_counter()
-        with simulating(simulator if index == 0 else None):
-            with apply_memory_mode(engine.module, mode, ledger) as memory:
-                with memory.autocast():
-                    outputs = engine(image)
-                    loss = loss_fn(outputs, label)
-                t1 = time.perf_counter()
-                engine.backward(loss)
-            t2 = time.perf_counter()
-            engine.step()
-            t3 = time.perf_counter()
-        del outputs
+        with simulating(simulator if index == 0 else None), phase_clock(engine) as marks:
+            loss = train_step(parts, {"image": image, "label": label})
         steps.append(
             {
-                "loss": float(loss.detach()),
-                "forward_loss_seconds": round(t1 - t0, 2),
-                "backward_seconds": round(t2 - t1, 2),
-                "optimizer_step_seconds": round(t3 - t2, 2),
-                "step_seconds": round(t3 - t0, 2),
-                "ledger_peak_device_gib": round(ledger.peak_device_bytes / GIB, 3),
-                "ledger_peak_offloaded_gib": round(ledger.peak_offloaded_bytes / GIB, 3),
+                "loss": math.nan if loss is None else loss,
+                "forward_loss_seconds": round(marks["backward"] - marks["start"], 2),
+                "backward_seconds": round(marks["step"] - marks["backward"], 2),
+                "optimizer_step_seconds": round(marks["end"] - marks["step"], 2),
+                "step_seconds": round(marks["end"] - marks["start"], 2),
+                "ledger_peak_device_gib": round(parts.ledger.peak_device_bytes / GIB, 3),
+                "ledger_peak_offloaded_gib": round(parts.ledger.peak_offloaded_bytes / GIB, 3),
             }
         )
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
@@ -170,7 +208,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         "batchnorm_stats_dtype": str(bn.running_mean.dtype),
         "setup_seconds": round(t_build - started, 2),
         "deepspeed_init_seconds": round(init_seconds, 2),
-        "optimizer": "DeepSpeedCPUAdam (ZeRO-2, offload_optimizer cpu)",
+        "optimizer": f"{type(engine.basic_optimizer).__name__} (ZeRO-2, offload_optimizer cpu)",
         "ds_config": ds_config,
         "device": str(engine.device),
         "accelerator": accelerator_summary(),

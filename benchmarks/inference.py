@@ -25,7 +25,6 @@ CPU machine; measure it on an idle one. ``--quick`` uses a tiny scene and checks
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -37,7 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from _harness import GIB, REPO_ROOT, Column, Report, machine_header, run_config, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    GIB,
+    REPO_ROOT,
+    Column,
+    Report,
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    run_config,
+    write_report,
+)
 
 BANDS = 4
 FULL_SIZE = (6908, 7300)
@@ -160,12 +169,10 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"a {QUICK_SIZE[0]} x {QUICK_SIZE[1]} scene")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per case (default: torch's)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser = benchmark_parser(__doc__.splitlines()[0], out=Path(__file__).resolve().parent / "results",
+                              quick=f"a {QUICK_SIZE[0]} x {QUICK_SIZE[1]} scene", conditions=False)
     parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds per case")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     from lrss_ds.models.listing import model_cost
 
     size = QUICK_SIZE if args.quick else FULL_SIZE

@@ -10,7 +10,6 @@ it; the kernel's exact peak decides afterwards).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ from _harness import (  # noqa: E402
     machine_header,
     Report,
     run_config,
-    set_child_threads,
+    benchmark_parser,
+    parse_benchmark_args,
     write_report,
 )
 
-from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_MODES = ["none", "ckpt_stage"]
@@ -113,12 +112,8 @@ def search(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the search for each mode and write ``max_size.{md,csv,json}``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny cap and sizes for the test suite")
-    parser.add_argument("--model", default="ehsnet")
-    parser.add_argument("--modes", default=None, help="comma-separated memory modes")
-    parser.add_argument("--cap", type=float, default=None, help="RSS cap in GiB (default 3; quick 1.0)")
+    parser = benchmark_parser(__doc__.splitlines()[0], quick="tiny cap and sizes for the test suite",
+                              cap=(None, "RSS cap in GiB (default 3; quick 1.0)"), model=True, modes=True)
     parser.add_argument("--start", type=int, default=None, help="first side tried (default 1024; quick 128)")
     parser.add_argument("--limit", type=int, default=16384, help="largest side tried")
     parser.add_argument("--resolution", type=int, default=None, help="answer granularity px (default 64)")
@@ -128,19 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", type=float, default=2.0, help="growth factor before bisection (default 2)")
     parser.add_argument("--starts", default="", help="per-mode first sides, e.g. none=768,fullres_bf16=2048")
     parser.add_argument("--bands", type=int, default=4)
-    parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
-    args = parser.parse_args(argv)
-    set_child_threads(args.threads)
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
     cap = args.cap if args.cap is not None else (1.0 if args.quick else 3.0)
     start = args.start or (128 if args.quick else 1024)
     resolution = args.resolution or 64
     limit = min(args.limit, 256) if args.quick else args.limit
-    modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
-    for mode in modes:
-        if mode not in PLAN_MODES:
-            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    modes = args.modes
     conditions = (f"{args.model}, batch 1, {args.bands} bands uint8; {args.steps} training steps (forward, loss, "
                   f"backward, optimizer) per probe in a fresh process; RSS cap {cap} GiB (watchdog kill + kernel ru_maxrss); "
                   f"sides multiples of {resolution}. " + args.conditions)
@@ -165,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         def probe(side: int, mode: str = mode) -> Any:
             run = run_config(
-                "lrss_ds.engine.plan:probe_training_step",
+                "lrss_ds.engine.probe:probe_training_step",
                 {"model": args.model, "height": side, "width": side, "mode": mode, "steps": args.steps,
                  "bands": args.bands},
                 cap_gib=cap,

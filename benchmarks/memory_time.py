@@ -45,12 +45,12 @@ from _harness import (  # noqa: E402
     parse_size,
     Report,
     run_config,
-    set_child_threads,
+    benchmark_parser,
+    parse_benchmark_args,
     write_report,
 )
 from _workloads import METHODS, options_for  # noqa: E402
 
-from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
 
 EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_EHSNET_MODES = ["none", "ckpt_stage"]
@@ -121,13 +121,12 @@ def train_probe(label: str, mode: str, size: tuple[int, int], patch: int, cap: f
                 steps: int) -> dict[str, Any]:
     """Training memory/time of one method+mode at ``size`` (fresh process)."""
     spec = METHODS[label]
-    run = run_config(
-        "lrss_ds.engine.plan:probe_training_step",
-        {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
-         "model_options": options_for(spec, patch), "loss": spec.loss,
-         "patch_size": patch if spec.sampling == "patch" else None},
-        cap_gib=cap,
-    )
+    params = {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
+              "model_options": options_for(spec, patch), "loss": spec.loss}
+    if spec.sampling == "patch":  # one optimizer step per tile: the training time per image
+        run = run_config("_patch_probe:patch_training_step", {**params, "patch_size": patch}, cap_gib=cap)
+    else:
+        run = run_config("lrss_ds.engine.probe:probe_training_step", params, cap_gib=cap)
     row: dict[str, Any] = {"status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
                            "process_cpu_s": run.cpu_s, "device_peak_mib": None}
     if run.fits:
@@ -274,15 +273,17 @@ def targets(rows: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every configuration and write ``memory_time.{md,csv,json}``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and training for the test suite")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the ``--quick`` or full defaults filled in and the methods and modes checked.
+
+    Returns:
+        The arguments, plus ``size`` (H, W), ``size_text`` and ``methods`` (labels).
+    """
+    parser = benchmark_parser(__doc__.splitlines()[0], quick="tiny sizes and training for the test suite",
+                              cap=(6.0, "RSS cap per configuration, GiB (default 6)"), modes=True)
     parser.add_argument("--size", default=None, help="image size HxW for memory/time (default 1024x1024; quick 128x128)")
     parser.add_argument("--checkpoints", action="append", default=[], metavar="METHOD=PATH",
                         help="trained checkpoint per method (DeepSpeed tag dir or weights file); repeatable")
-    parser.add_argument("--cap", type=float, default=6.0, help="RSS cap per configuration, GiB (default 6)")
     parser.add_argument("--train-budget", type=float, default=None,
                         help="CPU seconds of short training per method (default 480; quick 2)")
     parser.add_argument("--scene-size", type=int, default=None, help="synthetic scene side (default 512; quick 128)")
@@ -294,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
-    parser.add_argument("--modes", default=None, help="comma-separated EHSNet memory modes")
     parser.add_argument("--phase", choices=("all", "train", "measure"), default="all",
                         help="train: only the short trainings (scores and states for a later run); "
                              "measure: only the memory/time probes (no training, no inference table)")
@@ -304,13 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the memory/time rows of an earlier --phase measure run in this folder")
     parser.add_argument("--training-from", type=Path, default=None,
                         help="reuse the scores and states of an earlier --phase train run in this folder")
-    parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
-    args = parser.parse_args(argv)
-    set_child_threads(args.threads)
+    args = parse_benchmark_args(parser, argv, (QUICK_EHSNET_MODES, EHSNET_MODES))
     quick = args.quick
-    size = parse_size(args.size) if args.size else ((128, 128) if quick else (1024, 1024))
+    args.size = parse_size(args.size) if args.size else ((128, 128) if quick else (1024, 1024))
+    args.size_text = f"{args.size[0]}x{args.size[1]}"
     args.train_budget = args.train_budget if args.train_budget is not None else (2.0 if quick else 480.0)
     args.scene_size = args.scene_size or (128 if quick else 512)
     args.patch = args.patch or 64
@@ -318,16 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     args.train_scenes = args.train_scenes or (2 if quick else 64)
     args.val_scenes = args.val_scenes or (1 if quick else 4)
     args.checkpoints = _parse_checkpoints(args.checkpoints)
-    methods = [m for m in args.methods.split(",") if m]
-    modes = args.modes.split(",") if args.modes else (QUICK_EHSNET_MODES if quick else EHSNET_MODES)
-    for label in methods:
+    args.methods = [m for m in args.methods.split(",") if m]
+    for label in args.methods:
         if label not in METHODS:
             parser.error(f"--methods: unknown method {label!r}; use some of {list(METHODS)}")
-    for mode in modes:
-        if mode not in PLAN_MODES:
-            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
-    size_text = f"{size[0]}x{size[1]}"
-    conditions = (
+    return args
+
+
+def conditions_text(args: argparse.Namespace) -> str:
+    """The conditions line of the report: what each column measured and how."""
+    size_text = args.size_text
+    return (
         f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
         f"a {args.cap} GiB RSS cap; train s/image = fastest of {args.steps} passes after the first (forward, loss, "
         f"backward, DeepSpeed optimizer step; patch HRNet: all {args.patch}px patches of the image, one step each); "
@@ -340,12 +338,18 @@ def main(argv: list[str] | None = None) -> int:
            f"AdamW 1e-3 for every method, BatchNorm statistics recomputed after training, evaluated on "
            f"{args.val_scenes} unseen scenes. ") + args.conditions
     )
-    header = machine_header(conditions, {"cap_gib": args.cap, "size": size_text})
-    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """mIoU per method: from an earlier ``--phase train`` run, pending (``--phase measure``), or trained now.
+
+    Returns:
+        ``(scores per method, path of the trained state per method or None)``; training now also
+        writes ``memory_time_training.json``.
+    """
+    methods = args.methods
     # Trained weights (tens of MB each) for the inference probes; not meant to be committed.
     states_dir = args.out / "memory_time_states"
-
-    # 1. accuracy: checkpoint or short training per method (also leaves states for inference)
     trained: dict[str, dict[str, Any]] = {}
     states: dict[str, str | None] = {}
     if args.training_from:
@@ -368,14 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out / "memory_time_training.json.tmp"
         tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         tmp.replace(args.out / "memory_time_training.json")
-    if args.phase == "train":
-        print(args.out / "memory_time_training.json")
-        return 0
+    return trained, states
 
-    # 2. GLSNet-style table: local vs global inference, on the trained models' scenes
+
+def inference_phase(args: argparse.Namespace, states: dict[str, str | None]) -> tuple[list[dict[str, Any]], dict]:
+    """GLSNet-style table: local vs global inference of each method, on the trained models' scenes.
+
+    Returns:
+        ``(rows of the table, {(method, view): probe result})``.
+    """
     inference_rows = []
     views: dict[tuple[str, str], dict[str, Any]] = {}
-    for label in methods if args.phase != "measure" else []:
+    for label in args.methods if args.phase != "measure" else []:
         if METHODS[label].model in TWO_VIEW_MODELS:
             # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
             local = {"status": "n/a: the model combines local and global views itself"}
@@ -393,8 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             "global_above_model_mib": glob.get("above_model_mib"), "global_s": glob.get("test_s"),
             "local_status": local["status"], "global_status": glob["status"],
         })
+    return inference_rows, views
 
-    # 3. memory and time per method (plain training), then EHSNet per memory mode
+
+def measure_phase(args: argparse.Namespace, header: dict[str, Any], trained: dict[str, Any],
+                  views: dict) -> list[dict[str, Any]]:
+    """Memory and time per method (plain training), then EHSNet per memory mode, with each row's mIoU.
+
+    Rows of an earlier ``--phase measure`` run (``--rows-from``) are reused as measured.
+    """
+    size, size_text, modes = args.size, args.size_text, args.modes
     rows: list[dict[str, Any]] = []
     earlier_rows: dict[tuple[str, str], dict[str, Any]] = {}
     if args.rows_from:
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads((args.rows_from / "memory_time.json").read_text())
         earlier_rows = {(r["method"], r["memory_mode"]): r for r in earlier["rows"]}
         header["measured_rows_from"] = earlier["header"]
-    for label in methods:
+    for label in args.methods:
         spec = METHODS[label]
         view = "local" if spec.sampling == "patch" else "global"
         label_modes = modes if label == "EHSNet" else ["none"]
@@ -431,14 +447,20 @@ def main(argv: list[str] | None = None) -> int:
                 row["river_lake_miou"] = None
                 row["miou_source"] = "not trained in this mode (bf16 is not bit-equal to fp32)"
             rows.append(row)
+    return rows
 
+
+def build_report(args: argparse.Namespace, header: dict[str, Any], rows: list[dict[str, Any]],
+                 inference_rows: list[dict[str, Any]], trained: dict[str, Any]) -> Report:
+    """The report: measured tables, ratios, targets, and the papers' own figures beside them."""
+    size_text = args.size_text
     ratio_rows = ratios(rows)
     extra = None
     if args.target_from:
         extra = json.loads((args.target_from / "memory_time_training.json").read_text())["training"]
     target_rows = targets(rows, ratio_rows, extra)
     papers = _papers.paper_tables()
-    report = Report(
+    return Report(
         name="memory_time",
         title=f"Memory and time per method and memory mode at {size_text} (EHSNet Table 3, measured here)",
         header=header,
@@ -469,7 +491,20 @@ def main(argv: list[str] | None = None) -> int:
         data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
               "training": trained},
     )
-    for path in write_report(report, args.out):
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every configuration and write ``memory_time.{md,csv,json}``."""
+    args = parse_args(argv)
+    header = machine_header(conditions_text(args), {"cap_gib": args.cap, "size": args.size_text})
+    args.out.mkdir(parents=True, exist_ok=True)
+    trained, states = accuracy_phase(args, header)  # 1. accuracy (also leaves states for inference)
+    if args.phase == "train":
+        print(args.out / "memory_time_training.json")
+        return 0
+    inference_rows, views = inference_phase(args, states)  # 2. local vs global inference
+    rows = measure_phase(args, header, trained, views)  # 3. memory and time
+    for path in write_report(build_report(args, header, rows, inference_rows, trained), args.out):
         print(path)
     return 0
 

@@ -10,7 +10,6 @@ step time, plus the recommendation ``lrss-ds plan`` gives for a whole FBP scene.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -24,20 +23,15 @@ from _harness import (  # noqa: E402
     MIB,
     Column,
     machine_header,
+    parse_bytes,
+    parse_size,
     Report,
-    set_child_threads,
+    benchmark_parser,
+    parse_benchmark_args,
     write_report,
 )
 
-from lrss_ds.engine.plan import (  # noqa: E402
-    PLAN_MODES,
-    fit_modes,
-    make_plan,
-    measure,
-    parse_bytes,
-    parse_size,
-    relative_error,
-)
+from lrss_ds.engine.plan import fit_modes, make_plan, measure, relative_error  # noqa: E402
 
 DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 QUICK_MODES = ["none", "ckpt_stage"]
@@ -78,30 +72,19 @@ def _pct(value: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Fit, validate at the held-out sides and write ``plan.{md,csv,json}``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
-    parser.add_argument("--model", default="ehsnet")
-    parser.add_argument("--modes", default=None, help="comma-separated memory modes")
+    parser = benchmark_parser(__doc__.splitlines()[0], quick="tiny sizes for the test suite",
+                              cap=(6.0, "RSS cap per probe, GiB"), model=True, modes=True)
     parser.add_argument("--fit-sides", default=None, help="sides for the fit (default 256,384,512; quick 128,160)")
     parser.add_argument("--check-sides", default=None, help="two held-out sides (default 768,1024; quick 192,224)")
-    parser.add_argument("--cap", type=float, default=6.0, help="RSS cap per probe, GiB")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--target", default="6800x7200", help="size the recommendation is made for")
     parser.add_argument("--device-mem", default="24G", help="device budget of the recommendation")
     parser.add_argument("--host-mem", default="20G", help="host budget of the recommendation")
     parser.add_argument("--cache", type=Path, default=None, help="measurement cache (default: none, measure afresh)")
-    parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
-    args = parser.parse_args(argv)
-    set_child_threads(args.threads)
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
     fit_sides = [int(s) for s in (args.fit_sides or ("128,160" if args.quick else "256,384,512")).split(",")]
     check_sides = [int(s) for s in (args.check_sides or ("192,224" if args.quick else "768,1024")).split(",")]
-    modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
-    for mode in modes:
-        if mode not in PLAN_MODES:
-            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    modes = args.modes
     cap = int(args.cap * GIB)
     conditions = (f"{args.model}, {args.bands} bands; fit on sides {fit_sides}, checked at {check_sides} "
                   f"(not in the fit); every measurement a fresh process (2 training steps, time = the second). "

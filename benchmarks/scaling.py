@@ -10,7 +10,6 @@ drawn to PNG plots (matplotlib, Agg backend).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,11 +23,12 @@ from _harness import (  # noqa: E402
     Column,
     machine_header,
     Report,
-    set_child_threads,
+    benchmark_parser,
+    parse_benchmark_args,
     write_report,
 )
 
-from lrss_ds.engine.plan import PLAN_MODES, fit_linear, measure  # noqa: E402
+from lrss_ds.engine.plan import fit_linear, measure  # noqa: E402
 
 FULL_SIDES = [256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
 QUICK_SIDES = [128, 192]
@@ -145,29 +145,18 @@ def plot(rows: list[dict[str, Any]], modes: list[str], out_dir: Path, stem: str)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the scaling benchmark and write ``scaling.{md,csv,json}`` and PNG plots."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes for the test suite")
-    parser.add_argument("--model", default="ehsnet")
-    parser.add_argument("--modes", default=None, help="comma-separated memory modes")
+    parser = benchmark_parser(__doc__.splitlines()[0], quick="tiny sizes for the test suite",
+                              cap=(3.0, "RSS cap per probe, GiB (default 3)"), model=True, modes=True)
     parser.add_argument("--sides", default=None, help="comma-separated square sides")
-    parser.add_argument("--cap", type=float, default=3.0, help="RSS cap per probe, GiB (default 3)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--keep-going", action="store_true",
                         help="measure the larger sides of a mode after one does not fit (a size-specific spike)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="planner measurement cache to fill and reuse (plan_accuracy.py --cache reads it)")
-    parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
-    args = parser.parse_args(argv)
-    set_child_threads(args.threads)
-    modes = args.modes.split(",") if args.modes else (QUICK_MODES if args.quick else DEFAULT_MODES)
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
+    modes = args.modes
     sides = [int(s) for s in args.sides.split(",")] if args.sides else (QUICK_SIDES if args.quick else FULL_SIDES)
-    for mode in modes:
-        if mode not in PLAN_MODES:
-            parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
     conditions = (f"{args.model}, batch 1, {args.bands} bands uint8, random labels; each point a fresh process "
                   f"under a {args.cap} GiB RSS cap; {args.steps} steps, time = fastest after the first. "
                   + args.conditions)

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("lrss_ds.engine.predict", "write georeferenced class maps for scenes"),
     "evaluate": ("lrss_ds.engine.evaluate", "score a model on a split of a tile store"),
     "export": ("lrss_ds.engine.export", "consolidate a checkpoint into one fp32 weights file"),
-    "plan": ("lrss_ds.engine.plan", "predict peak memory per memory mode and recommend one"),
+    "plan": ("lrss_ds.engine.plan_cli", "predict peak memory per memory mode and recommend one"),
     "demo": ("lrss_ds.engine.demo", "the main job: synthesize, ingest, train and evaluate on CPU"),
     "doctor": ("lrss_ds.engine.doctor", "preflight on this node: versions, accelerator, ops, a collective, a short run"),
 }

@@ -6,4 +6,9 @@ LR schedule) -> ``trainer`` (the loop) with ``loop_data`` (sample order, DataLoa
 ``device_peaks`` (device memory per phase), ``budget`` (when the loop stops: iterations, CPU or
 wall seconds) and ``batchnorm_recalibration`` (BatchNorm statistics of the final weights); entry points ``lrss_ds.train`` (deepspeed
 launcher), ``train_cli`` (``lrss-ds train``) and ``demo`` (``lrss-ds demo``, the main job).
+
+Planning: ``plan`` (fit the measured peaks per memory mode, recommend one) measures ``probe``
+(the trainer's step on an engine from ``setup.build_step_parts``, with its peaks) in fresh
+processes of ``isolated`` (``run_isolated``, also what every benchmark configuration runs in);
+``plan_cli`` is ``lrss-ds plan``.
 """

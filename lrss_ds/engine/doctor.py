@@ -164,9 +164,9 @@ def check_versions(args: argparse.Namespace) -> CheckResult:
 
 def gpu_hardware_present() -> bool:
     """Whether this node has NVIDIA GPUs, asked of ``nvidia-smi`` and ``/dev`` (not of torch)."""
-    from lrss_ds.engine.plan import _has_cuda_cheap
+    from lrss_ds.engine.isolated import has_cuda_cheap
 
-    if _has_cuda_cheap():
+    if has_cuda_cheap():
         return True
     smi = shutil.which("nvidia-smi")
     if smi is None:

@@ -5,7 +5,9 @@ module only reads it, refuses what cannot work on this accelerator, and hands it
 ``deepspeed.initialize``. The optimizer and the LR schedule come from the experiment YAML (the
 paper's per-group learning rates and warm-up/step schedule cannot be said in the JSON), and are
 passed to DeepSpeed as a client optimizer and a client ``LambdaLR``, which DeepSpeed steps at
-each gradient-accumulation boundary and saves in its checkpoints.
+each gradient-accumulation boundary and saves in its checkpoints. :func:`build_step_parts`
+assembles what a training step runs with (engine, loss, memory mode, ledger) for the trainer, the
+planner's probe and the benchmarks alike.
 """
 
 from __future__ import annotations
@@ -483,3 +485,53 @@ def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dic
     if "activation_checkpointing" in ds_config and not mode.cpu_checkpointing:
         configure_deepspeed_checkpointing(False, ds_config)
     return engine
+
+
+@dataclass
+class StepParts:
+    """What one training step (:func:`lrss_ds.engine.trainer.train_step`) runs with.
+
+    The trainer's ``Run`` extends it; the planner's probe and the benchmarks build one with
+    :func:`build_step_parts`, so the step they measure is the step that trains.
+
+    Attributes:
+        engine: the DeepSpeed engine (``engine.module`` is the model).
+        loss_fn: ``loss_fn(outputs, target) -> scalar``.
+        memory_mode: the ``lrss_ds.memory.MemoryMode`` entered around forward and backward.
+        ledger: the ``SavedTensorLedger`` of saved activations.
+    """
+
+    engine: Any
+    loss_fn: Any
+    memory_mode: Any
+    ledger: Any
+
+
+def build_step_parts(
+    model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any], num_classes: int, ignore_index: int
+) -> StepParts:
+    """Build the loss (``loss`` section, banded as the memory mode says) and the engine for ``model``.
+
+    Args:
+        model: the network (on the host).
+        config: the experiment (``loss``, ``memory``, ``optim``, ``schedule`` sections).
+        ds_config: from :func:`load_deepspeed_json`.
+        num_classes: classes K.
+        ignore_index: label value the loss ignores.
+
+    Returns:
+        The :class:`StepParts`, with a fresh ledger.
+
+    Raises:
+        ConfigError: from the memory section or the loss builder.
+    """
+    from lrss_ds.memory import SavedTensorLedger
+    from lrss_ds.models.losses import build_loss
+
+    memory_mode = resolve_memory_mode(config)
+    loss_options = dict(config.loss.options)
+    if memory_mode.loss_band_rows is not None:
+        loss_options["band_rows"] = memory_mode.loss_band_rows
+    loss_fn = build_loss(config.loss.name, num_classes, ignore_index, **loss_options)
+    engine = initialize_engine(model, config, ds_config)
+    return StepParts(engine=engine, loss_fn=loss_fn, memory_mode=memory_mode, ledger=SavedTensorLedger())

@@ -33,9 +33,10 @@ from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
     DistInfo,
+    StepParts,
+    build_step_parts,
     describe_accelerator,
     init_distributed,
-    initialize_engine,
     load_deepspeed_json,
     precision_autocast,
     resolve_memory_mode,
@@ -50,17 +51,14 @@ GIB = float(1 << 30)
 
 
 @dataclass
-class Run:
-    """Everything the loop needs, built once by :func:`build_run`.
+class Run(StepParts):
+    """Everything the loop needs, built once by :func:`build_run`: the step's parts and the rest.
 
     Attributes:
+        engine / loss_fn / memory_mode / ledger: what :func:`train_step` runs with (:class:`StepParts`).
         config: the experiment.
         dist: rank and world size.
         out: the run directory.
-        engine: the DeepSpeed engine (``engine.module`` is the model).
-        loss_fn: ``loss_fn(outputs, target) -> scalar``.
-        memory_mode: the ``lrss_ds.memory.MemoryMode``.
-        ledger: the ``SavedTensorLedger`` of saved activations.
         train_set / val_set: ``SceneSamples`` of the two splits (``val_set`` may be None).
         meta: the static part of ``lrss_meta.json`` (model config, dataset, band statistics).
         class_names / num_classes / ignore_index: from the dataset spec.
@@ -71,10 +69,6 @@ class Run:
     config: ExperimentConfig
     dist: DistInfo
     out: Path
-    engine: Any
-    loss_fn: Any
-    memory_mode: Any
-    ledger: Any
     train_set: Any
     val_set: Any
     meta: dict[str, Any]
@@ -101,14 +95,16 @@ class Run:
             tqdm.write(line, file=sys.stdout)
 
 
-def train_step(run: Run, batch: dict[str, Any]) -> float | None:
+def train_step(run: StepParts, batch: dict[str, Any]) -> float | None:
     """One micro-batch: load, forward, loss, backward, step.
 
     DeepSpeed's ``engine.step()`` applies the optimizer (and the LR schedule) only at a
-    gradient-accumulation boundary; between boundaries it just counts the micro-batch.
+    gradient-accumulation boundary; between boundaries it just counts the micro-batch. The
+    planner's probe and the benchmarks run this same function on parts from
+    :func:`~lrss_ds.engine.setup.build_step_parts`, with their measurements around it.
 
     Args:
-        run: the run.
+        run: the run, or any :class:`~lrss_ds.engine.setup.StepParts`.
         batch: ``image (B, C, H, W)`` (native dtype, e.g. uint8) and ``label (B, H, W)`` uint8.
 
     Returns:
@@ -518,9 +514,7 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
     import deepspeed
     from lrss_ds.data.samples import SceneSamples
     from lrss_ds.data.store import TileStore
-    from lrss_ds.memory import SavedTensorLedger
     from lrss_ds.models import build_model, load_pretrained
-    from lrss_ds.models.losses import build_loss
 
     # DeepSpeed logs every step at INFO; keep its warnings, our own lines carry the progress.
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -552,11 +546,7 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
                        int(ds_config.get("train_micro_batch_size_per_gpu", 1)))
     if config.model.pretrained:
         load_pretrained(model, config.model.pretrained)
-    loss_options = dict(config.loss.options)
-    if memory_mode.loss_band_rows is not None:
-        loss_options["band_rows"] = memory_mode.loss_band_rows
-    loss_fn = build_loss(config.loss.name, len(spec.classes), spec.ignore_index, **loss_options)
-    engine = initialize_engine(model, config, ds_config)
+    parts = build_step_parts(model, config, ds_config, len(spec.classes), spec.ignore_index)
 
     patch = {"patch_size": config.data.patch_size, "patches_per_scene": config.data.patches_per_scene}
     train_set = SceneSamples(
@@ -579,8 +569,8 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
         checkpoints.write_json(out / "ds_config.json", ds_config)
         log = open(out / "log.txt", "a")
     return Run(
-        config=config, dist=dist_info, out=out, engine=engine, loss_fn=loss_fn, memory_mode=memory_mode,
-        ledger=SavedTensorLedger(), train_set=train_set, val_set=val_set, meta=meta,
+        engine=parts.engine, loss_fn=parts.loss_fn, memory_mode=parts.memory_mode, ledger=parts.ledger,
+        config=config, dist=dist_info, out=out, train_set=train_set, val_set=val_set, meta=meta,
         class_names=list(spec.classes), num_classes=len(spec.classes), ignore_index=spec.ignore_index, log=log,
     )
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(BENCH))
 import _harness  # noqa: E402
 import _workloads  # noqa: E402
 
-from lrss_ds.engine import plan  # noqa: E402
+from lrss_ds.engine import isolated  # noqa: E402
 
 META = torch.device("meta")
 
@@ -83,6 +83,12 @@ class _RecordingEngine:
     def step(self) -> None:
         pass
 
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
 
 def _recording_evaluate(seen: list[torch.device]) -> Any:
     def evaluate(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -96,12 +102,12 @@ def test_cuda_probe_sees_any_nvidia_device_index(tmp_path: Path, monkeypatch: py
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for name in ("nvidiactl", "nvidia-uvm", "nvidia-modeset"):  # the driver's nodes, present without a GPU
         (tmp_path / name).touch()
-    assert not plan._has_cuda_cheap(tmp_path)
+    assert not isolated.has_cuda_cheap(tmp_path)
     (tmp_path / "nvidia3").touch()  # a job that was given the node's fourth GPU only
-    assert plan._has_cuda_cheap(tmp_path)
-    assert not plan._has_cuda_cheap(tmp_path / "missing")
+    assert isolated.has_cuda_cheap(tmp_path)
+    assert not isolated.has_cuda_cheap(tmp_path / "missing")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # CUDA's own spelling of "no device"
-    assert not plan._has_cuda_cheap(tmp_path / "missing")
+    assert not isolated.has_cuda_cheap(tmp_path / "missing")
 
 
 def test_batchnorm_recalibration_forwards_on_the_models_device() -> None:
@@ -139,6 +145,9 @@ def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch
     evaluated: list[torch.device] = []
 
     def initialize_engine(net: nn.Module, config: Any, ds_config: Any) -> _RecordingEngine:
+        from lrss_ds.memory import prepare_model
+
+        prepare_model(net, setup.resolve_memory_mode(config), ds_config)  # as the real one does
         engines.append(_RecordingEngine(net))
         return engines[-1]
 
@@ -152,9 +161,15 @@ def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: _DeviceRecorder())
     monkeypatch.setattr(losses, "build_loss", lambda *args, **kwargs: loss_fn)
     monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
+    import lrss_ds.engine.trainer as trainer
+
+    trainer_steps: list[Any] = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda parts, batch: trainer_steps.append(batch) or real_step(parts, batch))
     result = _workloads.short_train("EHSNet", budget_cpu_s=1e9, scene_size=16, patch=8, train_scenes=2,
                                     val_scenes=1, max_steps=3, bn_scenes=1.0)
     assert result["steps"] == 3 and result["bn_samples"] == 1
+    assert len(trainer_steps) == 3  # the trainer's own step, not a copy of it
     assert engines[0].module.input_devices == [META] * 3 + [META]  # 3 steps, 1 recalibration batch
     assert loss_devices == [(META, META)] * 3
     assert evaluated == [META]

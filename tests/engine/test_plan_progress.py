@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import lrss_ds.engine.plan as plan
+from lrss_ds.engine.isolated import IsolatedRun
 from lrss_ds.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _fake_runner(calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], said: list[str]) -> Any:
     """A ``run_isolated`` stand-in: a probe whose peaks grow with the pixels, timed at 10 s."""
 
-    def run(target: str, params: dict[str, Any], **_: Any) -> plan.IsolatedRun:
+    def run(target: str, params: dict[str, Any], **_: Any) -> IsolatedRun:
         said.append(capsys.readouterr().err)  # what was printed before this probe started
         calls.append(params)
         pixels = params["height"] * params["width"]
@@ -31,7 +32,7 @@ def _fake_runner(calls: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
         result = {"device_peak_bytes": None, "saved_activation_peak_bytes": 100 * pixels,
                   "simulated_device_peak_bytes": 150 * pixels, "simulated_host_peak_bytes": 10**7,
                   "step_min_s": pixels / 1e4, "step_cpu_min_s": pixels / 1e4}
-        return plan.IsolatedRun(status="ok", result=result, peak_rss_bytes=10**8 + 300 * pixels, wall_s=10.0)
+        return IsolatedRun(status="ok", result=result, peak_rss_bytes=10**8 + 300 * pixels, wall_s=10.0)
 
     return run
 

@@ -176,7 +176,7 @@ def rss_step_child(model: str, side: int) -> dict[str, Any]:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_simulated_peak_agrees_with_the_steps_rss_growth_without_offload() -> None:
-    from lrss_ds.engine.plan import run_isolated
+    from lrss_ds.engine.isolated import run_isolated
 
     run = run_isolated(
         "tests.memory.test_device_sim:rss_step_child", {"model": "hrnet_fcn", "side": 256},

@@ -1,4 +1,4 @@
-"""Tiny child-process targets for the harness tests (imported by name in a fresh process)."""
+"""Tiny child-process targets for the run_isolated tests (imported by name in a fresh process)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,43 @@
+"""run_isolated: a function in a fresh process, its result, its exact peak RSS, the cap, errors and timeouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lrss_ds.engine.isolated import IsolatedRun, run_isolated
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+MIB = 1024**2
+
+
+def _run(target: str, params: dict, **kw) -> IsolatedRun:
+    return run_isolated(f"isolated_targets:{target}", params, sys_path=[TESTS_DIR], **kw)
+
+
+def test_run_isolated_returns_result_and_exact_peak_rss() -> None:
+    small = _run("hold", {"mib": 528})
+    big = _run("hold", {"mib": 1040})
+    assert small.status == "ok" and small.result == {"sum": 4.0, "mib": 528}
+    assert big.status == "ok"
+    # the kernel's peak grows by what the child touched (1040 - 528 MiB), within 25%. Both
+    # children hold more than the child's start-up peak (imports can briefly take a few hundred
+    # MiB), so that transient cannot hide in either figure.
+    grown = (big.peak_rss_bytes - small.peak_rss_bytes) / MIB
+    assert 0.75 * 512 < grown < 1.25 * 512
+    assert big.cpu_s > 0 and big.wall_s >= 0.2
+
+
+def test_run_isolated_kills_over_cap_and_reports_it() -> None:
+    run = _run("hold", {"mib": 400, "seconds": 60.0}, cap_bytes=200 * MIB)
+    assert run.status == "over_cap" and not run.fits
+    assert run.result == {}
+    assert run.wall_s < 45.0  # killed as it passed the cap, not waited for
+
+
+def test_run_isolated_classifies_errors_oom_and_timeouts() -> None:
+    failed = _run("fail", {})
+    assert failed.status == "error" and "broken on purpose" in failed.error
+    oom = _run("out_of_memory", {})
+    assert oom.status == "oom" and "MemoryError" in oom.error
+    slow = _run("sleep", {"seconds": 30}, timeout_s=1.0)
+    assert slow.status == "timeout"
