@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, Union
 import yaml
 
 from lrss_ds.data.augment import AUGMENTATIONS
+from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import ConfigError
 
 
@@ -544,10 +545,8 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Written under a temporary name and renamed, so a reader never sees half a file.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = f"# resolved experiment config (from {config.source or 'defaults'})\n"
     # deepspeed.config is made absolute so the saved file can be loaded from its own directory.
     data = to_dict(config)
     data["deepspeed"]["config"] = str(deepspeed_json_path(config).resolve())
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomically(path, header + yaml.safe_dump(data, sort_keys=False))
