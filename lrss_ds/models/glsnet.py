@@ -66,7 +66,6 @@ statistics, so train-mode outputs depend on ``crop_batch``; eval-mode outputs do
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
@@ -74,7 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, refuse_unknown_options
 from lrss_ds.models.resnet import LAYOUTS, ResNet
 from lrss_ds.models.tiling import TILE_MULTIPLE, Tiling, crop_raw, image_mask, plan_tiling, stitch
 
@@ -470,8 +469,5 @@ def build_glsnet(
     Raises:
         ConfigError: for an unknown option or a value out of range.
     """
-    known = set(list(inspect.signature(GLSNet.__init__).parameters)[5:])
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"model.options.{unknown[0]}", f"unknown GLSNet option; known: {sorted(known)}")
+    refuse_unknown_options(GLSNet, options)
     return GLSNet(num_classes, in_channels, band_mean, band_std, **options)
