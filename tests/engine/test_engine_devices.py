@@ -371,7 +371,7 @@ def test_source_span_on_the_host_equals_the_device_indices() -> None:
 
 
 def test_loaders_pin_host_memory_when_the_batches_go_to_an_accelerator() -> None:
-    from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
+    from lrss_ds.engine.loaders import ResumableSampler, make_eval_loader, make_train_loader
     from tests.engine.test_engine_units import Scenes
 
     for device, pinned in ((torch.device("meta"), True), (torch.device("cpu"), False)):
