@@ -258,11 +258,11 @@ def test_device_memory_is_reported_per_phase(tmp_path: Path, monkeypatch: pytest
     loss_fn = run.loss_fn
     run.loss_fn = lambda outputs, target: (accelerator.allocate(GIB), loss_fn(outputs, target))[1]
 
-    def evaluate(run: Any) -> dict[str, Any]:
+    def validate(run: Any) -> dict[str, Any]:
         accelerator.allocate(3 * GIB)
         return {"miou": 0.5, "mean_f1": 0.5, "oa": 0.5, "seconds": 0.0, "classes": ["a"], "iou": [0.5]}
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "validate", validate)
     run.val_set, run.config.train.eval_every = object(), 1
     assert trainer.train(run, resume=False) == 0
     run.log.close()
