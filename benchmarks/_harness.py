@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywh
 from lrss_ds.engine.isolated import IsolatedRun, run_isolated  # noqa: E402
 from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
 from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
+from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2
@@ -44,6 +45,7 @@ __all__ = [
     "Report",
     "run_config",
     "machine_header",
+    "cpu_model",
     "parse_size",
     "parse_bytes",
     "write_report",
@@ -186,7 +188,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (or ``platform.processor()``)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -244,7 +246,7 @@ def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict
         ds_version = "not importable"
     header = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / GIB, 1),
         "accelerator": accelerator_summary(),
@@ -337,13 +339,6 @@ def _header_markdown(header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_report(report: Report, out_dir: Path) -> list[Path]:
     """Write ``report`` as ``<name>.md``, ``<name>.csv`` (first table) and ``<name>.json``.
 
@@ -361,7 +356,7 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
     md_path = out_dir / f"{report.name}.md"
-    _write_atomic(md_path, "\n".join(parts) + "\n")
+    write_text_atomically(md_path, "\n".join(parts) + "\n")
 
     csv_path = out_dir / f"{report.name}.csv"
     buffer = io.StringIO()
@@ -373,7 +368,7 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_cell(row.get(k)) for k in keys})
-    _write_atomic(csv_path, buffer.getvalue())
+    write_text_atomically(csv_path, buffer.getvalue())
 
     json_path = out_dir / f"{report.name}.json"
     payload = {
@@ -384,7 +379,7 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         "notes": report.notes,
         **report.data,
     }
-    _write_atomic(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
     return [md_path, csv_path, json_path]
 
 

@@ -204,7 +204,7 @@ def _band_stats(scenes: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float
 
 def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
              window: int | None, overlap: int) -> dict[str, Any]:
-    """Predict ``scenes`` with ``lrss_ds.engine.predict.Predictor`` and score them.
+    """Predict ``scenes`` with ``lrss_ds.engine.inference.Predictor`` and score them.
 
     Args:
         model: eval-mode model; it predicts on the device that holds it.
@@ -219,7 +219,8 @@ def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classe
     import torch
 
     from lrss_ds.engine.metrics import ConfusionMatrix
-    from lrss_ds.engine.predict import Predictor, RasterSource
+    from lrss_ds.data.rasters import RasterSource
+    from lrss_ds.engine.inference import Predictor
 
     window_hw = None if window is None else (window, window)
     predictor = Predictor(model=model, num_classes=num_classes, ignore_index=None, window=window_hw, overlap=overlap,
@@ -227,12 +228,7 @@ def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classe
     matrix = ConfusionMatrix(num_classes, 255)
     times = []
     for index, (image, label) in enumerate(scenes):
-        def read(row: int, col: int, height: int, width: int, image: np.ndarray = image) -> np.ndarray:
-            return image[:, row : row + height, col : col + width]
-
-        source = RasterSource(name=f"scene{index}", where=f"synthetic scene {index}", count=image.shape[0],
-                              height=image.shape[1], width=image.shape[2], dtype=str(image.dtype),
-                              crs=None, transform=None, nodata=None, _reader=read)
+        source = RasterSource.from_array(image, f"scene{index}", where=f"synthetic scene {index}")
         start = time.perf_counter()
         with torch.inference_mode():
             for row, classes, _ in predictor.strips(source):
@@ -463,7 +459,7 @@ def evaluate_checkpoint(
     import torch
 
     from lrss_ds.engine.model_io import load_model
-    from lrss_ds.engine.predict import predictor_for
+    from lrss_ds.engine.inference import predictor_for
 
     model, meta = load_model(checkpoint, device=accelerator_device())
     predictor = predictor_for(model, meta, device=model_device(model))

@@ -1,6 +1,6 @@
 """Whole-scene prediction: peak RSS, seconds and the compute floor, fp32 and bf16, per model.
 
-Each case runs ``lrss_ds.engine.predict.write_prediction`` (what ``lrss-ds predict`` runs per
+Each case runs ``lrss_ds.engine.prediction_writer.write_prediction`` (what ``lrss-ds predict`` runs per
 scene) on one synthetic 4-band uint8 scene in a fresh process, and reports:
 
 - peak RSS of that process (kernel ``ru_maxrss``) and the seconds ``write_prediction`` took;
@@ -106,7 +106,9 @@ def predict_case(scene: str, output: str, model: str, classes: int, options: dic
     """Child: the conv throughput, then one ``write_prediction`` of ``scene`` into ``output``."""
     import torch
 
-    from lrss_ds.engine.predict import open_geotiff, predictor_for, write_prediction
+    from lrss_ds.data.rasters import open_geotiff
+    from lrss_ds.engine.inference import predictor_for
+    from lrss_ds.engine.prediction_writer import write_prediction
     from lrss_ds.models import build_model
 
     throughput = conv_throughput(bf16, conv_side)

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 from lrss_ds.models.large_kernel import depthwise_conv2d  # noqa: E402
 from lrss_ds.models.lrd import LRDModule  # noqa: E402
 
@@ -113,18 +114,12 @@ def bench_lrd(in_channels: int, channels: int, height: int, width: int, dtype: t
 
 def machine() -> dict:
     """Where and under what load the numbers were taken."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _harness import cpu_model
+
     from lrss_ds.engine.setup import accelerator_summary
 
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "accelerator": accelerator_summary(),
     }
@@ -283,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(folder: Path, name: str, text: str) -> None:
     """Write ``folder/name`` under a temporary name, then rename it into place."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(folder / name)
+    write_text_atomically(folder / name, text)
 
 
 if __name__ == "__main__":

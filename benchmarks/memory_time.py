@@ -329,7 +329,7 @@ def conditions_text(args: argparse.Namespace) -> str:
         f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
         f"a {args.cap} GiB RSS cap; train s/image = fastest of {args.steps} passes after the first (forward, loss, "
         f"backward, DeepSpeed optimizer step; patch HRNet: all {args.patch}px patches of the image, one step each); "
-        f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.predict.Predictor (global for "
+        f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.inference.Predictor (global for "
         f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
         + ("" if args.phase == "measure" or args.training_from else
            f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes "

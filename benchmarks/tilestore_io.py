@@ -147,16 +147,10 @@ def _machine() -> dict:
     import rasterio
     import zarr
 
+    from _harness import cpu_model
+
     from lrss_ds.engine.setup import accelerator_summary
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = "unknown"
     try:
         import psutil
@@ -165,7 +159,7 @@ def _machine() -> dict:
     except ImportError:
         pass
     return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "memory": mem, "python": platform.python_version(),
         "numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
         "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -200,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from zarr.codecs import BloscCodec
 
     from lrss_ds.data.store import ChunkReader, TileStore
-    from lrss_ds.data.synth import make_layout, parse_size, write_scene
+    from lrss_ds.data.synth import make_layout, write_scene
+    from lrss_ds.sizes import parse_size
 
     height, width = parse_size(args.size)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tilestore_io_"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 
 from lrss_ds.data.catalog import get_dataset
 from lrss_ds.errors import ConfigError, OutputExistsError
+from lrss_ds.sizes import parse_size
 
 BACKGROUND, FIELD, ROAD, BUILDING, RIVER, LAKE = range(6)
 TILE = 512
@@ -412,22 +412,6 @@ def write_scene(
     tmp_label.replace(label_path)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``HxW`` (or a single number for a square) into ``(height, width)``.
-
-    Raises:
-        ConfigError: not of that form or not positive.
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not match:
-        raise ConfigError("--size", f"{text!r} is not HxW (e.g. 6800x7200)")
-    height = int(match.group(1))
-    width = int(match.group(2) or match.group(1))
-    if height < 16 or width < 16:
-        raise ConfigError("--size", f"{text!r}: scenes must be at least 16x16")
-    return height, width
-
-
 MANIFEST = "synth.json"
 
 
@@ -520,7 +504,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``lrss-ds synth``."""
-    synthesize(args.out, args.scenes, parse_size(args.size), args.bands, args.seed,
+    synthesize(args.out, args.scenes, parse_size(args.size, minimum=16), args.bands, args.seed,
                overwrite=args.overwrite, compress=args.compress,
                log=lambda line: print(line, file=sys.stderr))
     return 0

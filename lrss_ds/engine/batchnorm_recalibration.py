@@ -148,7 +148,7 @@ def recalibrate_run(run: Any) -> int:
     Returns:
         Batches this rank forwarded that counted.
     """
-    from lrss_ds.engine.loop_data import collate
+    from lrss_ds.engine.loaders import collate
     from lrss_ds.engine.setup import precision_autocast
 
     engine = run.engine

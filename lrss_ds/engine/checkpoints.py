@@ -31,6 +31,7 @@ import torch
 
 from lrss_ds.engine.comm import barrier
 from lrss_ds.engine.metrics import jsonable
+from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import TrainingError
 
 TAG_PATTERN = re.compile(r"^step_(\d{7})$")
@@ -94,9 +95,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON under a temporary name, then rename (readers never see half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(jsonable(data), indent=2) + "\n")
 
 
 def save(
@@ -149,9 +148,7 @@ def _commit(root: Path, tag: str, partial: Path) -> None:
     if final.exists():  # an earlier save of this iteration (a resumed run passing it again)
         shutil.rmtree(final)
     partial.rename(final)
-    tmp = root / "latest.tmp"
-    tmp.write_text(tag)
-    tmp.replace(root / "latest")
+    write_text_atomically(root / "latest", tag)
 
 
 @contextlib.contextmanager
@@ -290,9 +287,7 @@ def read_best(root: Path) -> tuple[str | None, float]:
 def mark_best(root: Path, tag: str, miou: float) -> None:
     """Record ``tag`` as the best checkpoint: ``best`` (tag name, like ``latest``) and ``best.json``."""
     write_json(root / "best.json", {"tag": tag, "miou": miou})
-    tmp = root / "best.tmp"
-    tmp.write_text(tag)
-    tmp.replace(root / "best")
+    write_text_atomically(root / "best", tag)
 
 
 def prune(root: Path, keep_last: int) -> list[str]:

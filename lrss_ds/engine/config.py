@@ -29,7 +29,9 @@ from typing import Any, Callable, Sequence, Union
 import yaml
 
 from lrss_ds.data.augment import AUGMENTATIONS
+from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import ConfigError
+from lrss_ds.memory.modes import CHECKPOINTING, MemoryMode
 
 
 @dataclass
@@ -149,29 +151,23 @@ class ScheduleConfig:
     min_lr: float = 0.0
 
 
-@dataclass
-class MemoryConfig:
-    """Memory mode: a named preset of ``lrss_ds.memory``, optionally with fields changed.
+def _memory_config() -> type:
+    """The ``memory`` section's dataclass, generated from :class:`~lrss_ds.memory.MemoryMode`.
 
-    Args:
-        preset: preset name (``None``: the plain ``MemoryMode()``).
-        checkpointing: ``none``, ``stage``, ``block`` or ``fine`` (``None``: keep the preset's).
-        cpu_checkpointing: keep checkpointed segment inputs on the host.
-        offload_saved_tensors: offload every other saved tensor through autograd hooks.
-        loss_band_rows: compute the loss in row bands of this height.
-        stem_band_rows: run the HRNet stem in row bands of this height (two-pass BatchNorm).
-        bf16: bf16 autocast for forward and backward.
-        channels_last: channels-last memory format.
+    Its fields are ``preset`` (a name in ``MEMORY_PRESETS``; ``None``: the plain ``MemoryMode()``)
+    and every ``MemoryMode`` field, each optional (``None``: keep the preset's value), so a new
+    memory lever is a ``MemoryMode`` field and nothing here.
     """
+    hints = typing.get_type_hints(MemoryMode)
+    fields = [("preset", str | None, field(default=None))]
+    fields += [(f.name, hints[f.name] | None, field(default=None)) for f in dataclasses.fields(MemoryMode)]
+    section = dataclasses.make_dataclass("MemoryConfig", fields)
+    section.__doc__ = "Memory mode: a named preset of ``lrss_ds.memory``, optionally with fields changed."
+    section.__module__ = __name__  # pickles and reprs name this module, where it lives
+    return section
 
-    preset: str | None = None
-    checkpointing: str | None = None
-    cpu_checkpointing: bool | None = None
-    offload_saved_tensors: bool | None = None
-    loss_band_rows: int | None = None
-    stem_band_rows: int | None = None
-    bf16: bool | None = None
-    channels_last: bool | None = None
+
+MemoryConfig = _memory_config()
 
 
 @dataclass
@@ -273,7 +269,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("whole", "patch"),
     "optim.type": ("sgd", "adam", "adamw"),
     "schedule.policy": ("step", "poly", "constant"),
-    "memory.checkpointing": ("none", "stage", "block", "fine"),
+    "memory.checkpointing": CHECKPOINTING,
     "train.augment": AUGMENTATIONS,
 }
 
@@ -544,10 +540,8 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
     Written under a temporary name and renamed, so a reader never sees half a file.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     header = f"# resolved experiment config (from {config.source or 'defaults'})\n"
     # deepspeed.config is made absolute so the saved file can be loaded from its own directory.
     data = to_dict(config)
     data["deepspeed"]["config"] = str(deepspeed_json_path(config).resolve())
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomically(path, header + yaml.safe_dump(data, sort_keys=False))

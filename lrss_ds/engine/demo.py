@@ -12,24 +12,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import lrss_ds
+from lrss_ds.engine.rendezvous import free_port
 from lrss_ds.errors import ConfigError, TrainingError
 
 REPO = Path(lrss_ds.__file__).resolve().parents[1]
 EXPERIMENT = REPO / "ds_configs" / "ehsnet_synthetic.yaml"
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (so parallel jobs on one host do not collide on 29500)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def deepspeed_command(

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lrss_ds.engine.demo import EXPERIMENT, deepspeed_command, free_port, launcher_env
+from lrss_ds.engine.demo import EXPERIMENT, deepspeed_command, launcher_env
+from lrss_ds.engine.rendezvous import free_port
 
 # Builder class -> why the project needs it. ``required`` ops must be usable on this node.
 OPS: dict[str, tuple[str, bool]] = {

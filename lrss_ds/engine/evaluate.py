@@ -14,9 +14,11 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from tqdm import tqdm
 
+from lrss_ds.data.rasters import open_store_scene
 from lrss_ds.engine.temporaries import write_atomically
 from lrss_ds.engine.metrics import ConfusionMatrix, jsonable
-from lrss_ds.engine.predict import check_source, expand_inputs, open_store_scene, predictor_for, resolve_device
+from lrss_ds.engine.cli_inputs import expand_inputs, resolve_device
+from lrss_ds.engine.inference import check_source, predictor_for
 from lrss_ds.errors import InputFileError, LrssError, OutputError, OutputExistsError, StoreError
 
 REPORT_FILES = ("metrics.json", "metrics.md", "confusion.png")
@@ -140,7 +142,7 @@ def evaluate_store(
         checkpoint: run directory, checkpoint tag directory or exported weights file.
         store_path: the tile store.
         split: split name (e.g. ``"val"``).
-        window, overlap, device, bf16: as for :func:`lrss_ds.engine.predict.predictor_for`.
+        window, overlap, device, bf16: as for :func:`lrss_ds.engine.inference.predictor_for`.
 
     Returns:
         the report dict: :meth:`ConfusionMatrix.compute` over all scenes plus ``scenes``

@@ -13,6 +13,7 @@ from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.isolated import json_default
 from lrss_ds.engine.plan import CARDS_GIB, GIB, default_cache_dir, make_plan
 from lrss_ds.engine.probe import PLAN_MODES
+from lrss_ds import sizes
 from lrss_ds.errors import ConfigError
 
 MIB = 1024**2
@@ -24,19 +25,12 @@ MAX_SIDE = 100_000
 
 
 def parse_size(text: str, where: str = "--size") -> tuple[int, int]:
-    """Parse ``"HxW"`` (or one number for a square) into ``(height, width)``.
+    """Parse ``"HxW"`` (or one number for a square) into ``(height, width)``, at most ``MAX_SIDE``.
 
     Raises:
         ConfigError: when the text is not of that form or a side is not in 1..``MAX_SIDE``.
     """
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(where, f"{text!r} is not a size; expected HxW, e.g. 6800x7200")
-    height, width = (int(p) for p in parts)
-    if height <= 0 or width <= 0:
-        raise ConfigError(where, f"{text!r}: sides must be positive")
+    height, width = sizes.parse_size(text, where)
     if max(height, width) > MAX_SIDE:
         raise ConfigError(where, f"{text!r}: a side above {MAX_SIDE} px is not one training sample; cut the scene")
     return height, width

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from lrss_ds.engine.config import ExperimentConfig, OptimConfig, ScheduleConfig, deepspeed_json_path, merge
+from lrss_ds.engine.rendezvous import free_port
 from lrss_ds.errors import ConfigError
 from lrss_ds.memory.checkpointing import configure_deepspeed_checkpointing
 
@@ -49,13 +49,6 @@ class DistInfo:
     local_rank: int
 
 
-def _free_port() -> int:
-    """A TCP port free on the loopback interface right now (for a single-process run)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def init_distributed() -> DistInfo:
     """Join the job the launcher started, or make this process a one-rank job.
 
@@ -74,7 +67,7 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )
     if not dist.is_initialized():
         bind_local_device()

@@ -93,3 +93,18 @@ def write_atomically(final: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``<path>.tmp`` and rename it to ``path``: a reader never sees half a file.
+
+    For files the program itself rereads (run state, configs, reports): an ``OSError`` passes
+    through unchanged. User-named outputs use :func:`write_atomically`, which names the cause.
+
+    Args:
+        path: the file to produce; its directory must exist.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

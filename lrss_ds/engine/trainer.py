@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from lrss_ds.engine.budget import TrainingBudget
 from lrss_ds.engine.comm import all_gather_bytes, any_rank
 from lrss_ds.engine.config import ExperimentConfig, save_config
 from lrss_ds.engine.device_peaks import PhasePeaks
-from lrss_ds.engine.loop_data import make_eval_loader, make_train_loader, train_order, worker_batches
+from lrss_ds.engine.loaders import make_eval_loader, make_train_loader, train_order, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
 from lrss_ds.engine.prepare import prepare_synthetic_store
 from lrss_ds.engine.setup import (
@@ -43,6 +43,14 @@ from lrss_ds.engine.setup import (
     seed_everything,
 )
 from lrss_ds.errors import ConfigError, TrainingError
+
+if TYPE_CHECKING:  # the annotations of Run; their modules import late where they are used
+    from deepspeed import DeepSpeedEngine
+
+    from lrss_ds.data.samples import SceneSamples
+    from lrss_ds.memory import MemoryMode, SavedTensorLedger
+    from lrss_ds.memory.device_sim import DeviceMemorySimulator
+    from lrss_ds.models.losses import SegmentationLoss
 
 # Exit status after a SIGTERM-triggered checkpoint: 128 + SIGTERM, what a shell reports for a
 # process ended by the signal, so a scheduler still sees the run as not finished.
@@ -69,19 +77,19 @@ class Run(StepParts):
     config: ExperimentConfig
     dist: DistInfo
     out: Path
-    train_set: Any
-    val_set: Any
+    train_set: SceneSamples
+    val_set: SceneSamples | None
     meta: dict[str, Any]
     class_names: list[str]
     num_classes: int
     ignore_index: int
-    log: Any = None
+    log: TextIO | None = None
     stop_requested: bool = False
-    device_sim: Any = None  # a DeviceMemorySimulator with train.simulate_device_memory
+    device_sim: DeviceMemorySimulator | None = None  # with train.simulate_device_memory
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: TrainingBudget | None = None
 
-    def say(self, line: str, console: bool = True) -> None:
+    def log_line(self, line: str, console: bool = True) -> None:
         """Write ``line`` to ``log.txt`` (and the console) on rank 0."""
         if self.dist.rank != 0:
             return
@@ -127,7 +135,7 @@ def train_step(run: StepParts, batch: dict[str, Any]) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, Any]:
+def validate(run: Run) -> dict[str, Any]:
     """Score the model on this rank's share of the validation scenes; reduce across ranks.
 
     Each scene is predicted whole (holistic) in eval mode. The confusion matrices of all ranks
@@ -294,9 +302,9 @@ def train(run: Run, resume: bool) -> int:
     last_eval: dict[str, Any] | None = None
     peaks = PhasePeaks()
     exit_code = 0
-    run.say(describe_accelerator())
+    run.log_line(describe_accelerator())
     run.budget = budget = TrainingBudget.from_config(cfg, spent)
-    run.say(
+    run.log_line(
         f"training {run.meta['model']['name']} for {budget.describe()} on {run.dist.world_size} rank(s), "
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
         f"memory mode {run.memory_mode}"
@@ -308,7 +316,7 @@ def train(run: Run, resume: bool) -> int:
         while stopped_by is None:
             if any_rank(run.stop_requested):
                 tag = save_checkpoint(run, engine.global_steps, data_position, None)
-                run.say(f"SIGTERM: saved {tag} at iteration {engine.global_steps}; rerun with --resume to continue")
+                run.log_line(f"SIGTERM: saved {tag} at iteration {engine.global_steps}; rerun with --resume to continue")
                 exit_code = EXIT_PREEMPTED
                 break
             batch, waited = next(batches)
@@ -322,7 +330,7 @@ def train(run: Run, resume: bool) -> int:
             if loss is None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
-                run.say(f"warning: non-finite loss on scene(s) {batch['scene']}; skipped ({nonfinite_in_row} in a row)")
+                run.log_line(f"warning: non-finite loss on scene(s) {batch['scene']}; skipped ({nonfinite_in_row} in a row)")
                 if nonfinite_in_row > cfg.max_nonfinite:
                     raise TrainingError(
                         "loss", f"{nonfinite_in_row} non-finite losses in a row (train.max_nonfinite="
@@ -340,7 +348,7 @@ def train(run: Run, resume: bool) -> int:
             record = {"iteration": iteration, "loss": mean_loss, "lr": lr, "skipped": skipped}
             run.history.append(record)
             if skipped:
-                run.say(
+                run.log_line(
                     f"warning: the fp16 loss scaler skipped the optimizer step of iteration {iteration} (gradient "
                     f"overflow); {engine.skipped_steps} skipped so far, the LR schedule is that many steps behind",
                     console=False,
@@ -356,7 +364,7 @@ def train(run: Run, resume: bool) -> int:
             )
             bar.update(iteration - bar.n)
             if iteration % cfg.log_every == 0:
-                run.say(
+                run.log_line(
                     f"it {iteration} loss {mean_loss:.4f} lr {record['lr']:.3g} data_wait {data_wait:.2f}s "
                     f"rss {stats['rss_gib']:.2f}G peak {stats['peak_rss_gib']:.2f}G saved(dev/off) "
                     f"{stats['saved_device_peak_gib']:.3f}/{stats['saved_offloaded_peak_gib']:.3f}G "
@@ -368,24 +376,24 @@ def train(run: Run, resume: bool) -> int:
             stopped_by = budget.stop_reason(iteration)
             last = stopped_by is not None
             if last:
-                run.say(f"stopped by {stopped_by} at iteration {iteration} ({budget.describe()})")
+                run.log_line(f"stopped by {stopped_by} at iteration {iteration} ({budget.describe()})")
                 if cfg.recalibrate_bn:
-                    run.say(f"recalibrated BatchNorm statistics over {recalibrate_run(run)} batch(es) on rank 0")
+                    run.log_line(f"recalibrated BatchNorm statistics over {recalibrate_run(run)} batch(es) on rank 0")
             if run.val_set is not None and ((cfg.eval_every and iteration % cfg.eval_every == 0) or last):
                 with peaks.phase("eval"):
-                    metrics = last_eval = evaluate(run)
+                    metrics = last_eval = validate(run)
                 run.history[-1]["val_miou"] = metrics["miou"]
-                run.say(f"{_metric_line(iteration, metrics)}  {PhasePeaks.line(peaks.take('eval'))}")
+                run.log_line(f"{_metric_line(iteration, metrics)}  {PhasePeaks.line(peaks.take('eval'))}")
                 _monitor(engine, [("Val/mIoU", metrics["miou"], iteration), ("Val/OA", metrics["oa"], iteration)])
             if (cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0) or last:
                 tag = save_checkpoint(run, iteration, data_position, metrics)
-                run.say(f"saved checkpoint {tag}", console=False)
+                run.log_line(f"saved checkpoint {tag}", console=False)
                 _debug_kill_after_checkpoint(iteration)
     finally:
         try:
             batches.close()
         except Exception as error:  # noqa: BLE001 - must not replace the error being raised
-            run.say(f"warning: stopping the data loader workers failed: {error}")
+            run.log_line(f"warning: stopping the data loader workers failed: {error}")
         bar.close()
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started
@@ -393,7 +401,7 @@ def train(run: Run, resume: bool) -> int:
     if run.dist.rank == 0:
         _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks)
     if exit_code == 0 and last_eval is not None:
-        run.say(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
+        run.log_line(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
 
 
@@ -410,13 +418,13 @@ def resume_state(run: Run) -> dict[str, Any] | None:
     root = run.out / "checkpoints"
     tag, broken = checkpoints.find_resumable(root)
     for note in broken:
-        run.say(f"--resume: skipping {note}")
+        run.log_line(f"--resume: skipping {note}")
     if tag is None:
         if broken:
             raise TrainingError(
                 root, f"no intact checkpoint to resume ({'; '.join(broken)}); train into a new --output"
             )
-        run.say("--resume: no checkpoint yet, starting from scratch")
+        run.log_line("--resume: no checkpoint yet, starting from scratch")
         return None
     differences = checkpoints.resume_differences(root / tag, run.meta)
     if differences:
@@ -426,7 +434,7 @@ def resume_state(run: Run) -> dict[str, Any] | None:
         )
     state = checkpoints.load(run.engine, root, run.dist.rank, tag=tag)
     newest = " (the newest intact one)" if broken else ""
-    run.say(f"resumed from {tag}{newest} (iteration {run.engine.global_steps})")
+    run.log_line(f"resumed from {tag}{newest} (iteration {run.engine.global_steps})")
     return state
 
 

@@ -9,35 +9,62 @@ The engine uses four names::
         with mem.autocast():
             loss = loss_fn(engine(image), label)      # build_loss(..., band_rows=mode.loss_band_rows)
         engine.backward(loss)
+
+Adding a memory lever: give :class:`MemoryMode` (``modes.py``) a field with a default that
+changes nothing, and check its value in ``MemoryMode.validate``; the experiment YAML's
+``memory:`` section (``lrss_ds.engine.config.MemoryConfig``) is generated from those fields.
+Then make it act in ``apply.py``: in :func:`prepare_model` if it changes the model once before
+``deepspeed.initialize``, in :func:`apply_memory_mode` if it wraps every step. Name useful
+combinations in ``MEMORY_PRESETS``; the planner (``PLAN_MODES`` in ``lrss_ds/engine/plan.py``,
+which pairs a preset with a DeepSpeed JSON) and the benchmarks choose presets by name.
 """
 
 from __future__ import annotations
 
-from lrss_ds.memory.apply import MemoryContext, apply_memory_mode, prepare_model
-from lrss_ds.memory.checkpointing import (
-    DeepSpeedCheckpointRunner,
-    TorchCheckpointRunner,
-    batchnorm_modules,
-    configure_deepspeed_checkpointing,
-    frozen_batchnorm_statistics,
-)
-from lrss_ds.memory.ledger import SavedTensorLedger
-from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, MemoryMode, get_memory_mode
-from lrss_ds.memory.offload import SavedTensorHooks
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "CHECKPOINTING",
-    "MEMORY_PRESETS",
-    "DeepSpeedCheckpointRunner",
-    "MemoryContext",
-    "MemoryMode",
-    "SavedTensorHooks",
-    "SavedTensorLedger",
-    "TorchCheckpointRunner",
-    "apply_memory_mode",
-    "batchnorm_modules",
-    "configure_deepspeed_checkpointing",
-    "frozen_batchnorm_statistics",
-    "get_memory_mode",
-    "prepare_model",
-]
+# The module each public name lives in, imported on first use: reading an experiment config
+# needs only MemoryMode's fields (modes.py, no torch), and a config error should not wait for
+# torch to import.
+_HOME = {
+    "MemoryContext": "apply",
+    "apply_memory_mode": "apply",
+    "prepare_model": "apply",
+    "DeepSpeedCheckpointRunner": "checkpointing",
+    "TorchCheckpointRunner": "checkpointing",
+    "batchnorm_modules": "checkpointing",
+    "configure_deepspeed_checkpointing": "checkpointing",
+    "frozen_batchnorm_statistics": "checkpointing",
+    "SavedTensorLedger": "ledger",
+    "CHECKPOINTING": "modes",
+    "MEMORY_PRESETS": "modes",
+    "MemoryMode": "modes",
+    "get_memory_mode": "modes",
+    "SavedTensorHooks": "offload",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``name`` from its module on first use (PEP 562)."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from lrss_ds.memory.apply import MemoryContext, apply_memory_mode, prepare_model
+    from lrss_ds.memory.checkpointing import (
+        DeepSpeedCheckpointRunner,
+        TorchCheckpointRunner,
+        batchnorm_modules,
+        configure_deepspeed_checkpointing,
+        frozen_batchnorm_statistics,
+    )
+    from lrss_ds.memory.ledger import SavedTensorLedger
+    from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, MemoryMode, get_memory_mode
+    from lrss_ds.memory.offload import SavedTensorHooks

@@ -1,4 +1,13 @@
-"""Segmentation models built by name, and the loader of pretrained backbone weights."""
+"""Segmentation models built by name, and the loader of pretrained backbone weights.
+
+Adding a model: write a :class:`SegmentationModel` subclass (``base.py`` says what the engine
+asks of one: ``config()``, ``checkpoint_plan``, ``pad_multiple``) whose constructor takes
+``(num_classes, in_channels, band_mean=None, band_std=None, **options)`` and refuses unknown
+options with a ``ConfigError``, and add one line to :data:`MODEL_BUILDERS`. ``lrss-ds models``
+lists it once it has a row in ``listing.py``; the benchmarks give it options in
+``benchmarks/_workloads.options_for``, and the planner's probe picks its loss in
+``lrss_ds/engine/plan.py``.
+"""
 
 from __future__ import annotations
 

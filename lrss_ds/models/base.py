@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -311,3 +312,20 @@ class SegmentationModel(Segmented):
     def segment_plan(self, granularity: str) -> list[str]:
         """The segment names of a plan, in forward order (subclasses implement this)."""
         raise NotImplementedError
+
+
+def refuse_unknown_options(model_class: type, options: Mapping[str, Any]) -> None:
+    """Refuse ``options`` that ``model_class``'s constructor does not take, listing those it does.
+
+    The constructor's first parameters (``self, num_classes, in_channels, band_mean, band_std``)
+    are not options.
+
+    Raises:
+        ConfigError: naming ``model.options.<key>`` of the first unknown option.
+    """
+    known = set(list(inspect.signature(model_class.__init__).parameters)[5:])
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"model.options.{unknown[0]}", f"unknown {model_class.__name__} option; known: {sorted(known)}"
+        )

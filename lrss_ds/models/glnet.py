@@ -35,7 +35,7 @@ What differs (the simplification; say so when reporting GLNet numbers):
   padded image is scaled so its longer side is ``global_size`` (aspect kept, sides rounded to
   multiples of 32); images already smaller are not enlarged.
 * **Tiling.** Non-overlapping equal crops of at most ``crop_size`` (the same grid as GLSNet,
-  :func:`lrss_ds.models.glsnet.plan_tiling`) instead of the original's overlapping patches.
+  :func:`lrss_ds.models.tiling.plan_tiling`) instead of the original's overlapping patches.
 
 Outputs: main logits at stride 4 of the padded image (the local grid); aux = [global logits
 (stride 4 of the downsampled global image, covering the padded image), local logits (stride 4)].
@@ -43,7 +43,6 @@ Outputs: main logits at stride 4 of the padded image (the local grid); aux = [gl
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
@@ -51,9 +50,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
-from lrss_ds.models.glsnet import TILE_MULTIPLE, Tiling, crop_raw, image_mask, plan_tiling, stitch
+from lrss_ds.models.base import SegmentationModel, refuse_unknown_options
 from lrss_ds.models.resnet import LAYOUTS, ResNet
+from lrss_ds.models.tiling import TILE_MULTIPLE, Tiling, crop_raw, image_mask, plan_tiling, stitch
 
 Maps = list[Tensor]
 """Four FPN levels, coarsest first: ``[p5 (stride 32), p4, p3, p2 (stride 4)]``."""
@@ -382,8 +381,5 @@ def build_glnet(
     Raises:
         ConfigError: for an unknown option or a value out of range.
     """
-    known = set(list(inspect.signature(GLNet.__init__).parameters)[5:])
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"model.options.{unknown[0]}", f"unknown GLNet option; known: {sorted(known)}")
+    refuse_unknown_options(GLNet, options)
     return GLNet(num_classes, in_channels, band_mean, band_std, **options)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrss_ds.errors import ConfigError
 from lrss_ds.models import MODEL_BUILDERS, build_model
+from lrss_ds.sizes import parse_size
 
 # The rows of the listing: (model name, options). The patch and downsampled HRNet-FCN
 # baselines are rows of their own because they do different work on the same scene.
@@ -126,18 +126,6 @@ def model_cost(
         else:
             cost.note = f"not countable on {device}: {str(error).splitlines()[0][:80]}"
     return cost
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"6800x7200"`` -> ``(6800, 7200)``.
-
-    Raises:
-        ConfigError: if the text is not ``HxW`` with positive integers.
-    """
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError("--size", f"expected HxW with positive integers, got {text!r}")
-    return int(parts[0]), int(parts[1])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -118,7 +118,7 @@ def test_batchnorm_recalibration_forwards_on_the_models_device() -> None:
 
 
 def test_evaluation_predicts_on_the_models_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lrss_ds.engine.predict as predict
+    import lrss_ds.engine.inference as inference
 
     devices = []
 
@@ -129,7 +129,7 @@ def test_evaluation_predicts_on_the_models_device(monkeypatch: pytest.MonkeyPatc
         def strips(self, source: Any) -> Any:
             yield 0, np.zeros((source.height, source.width), np.uint8), None
 
-    monkeypatch.setattr(predict, "Predictor", RecordingPredictor)
+    monkeypatch.setattr(inference, "Predictor", RecordingPredictor)
     scenes = _workloads.synthetic_scenes(1, 16, 4, seed=0)
     _workloads.evaluate(_net().to(META).eval(), scenes, 6, None, 0)
     assert devices == [META]

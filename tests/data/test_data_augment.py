@@ -14,7 +14,7 @@ from lrss_ds.data import TileStore
 from lrss_ds.data.augment import DIHEDRAL, dihedral, transform_number
 from lrss_ds.data.ingest import ingest
 from lrss_ds.data.samples import SceneSamples
-from lrss_ds.engine.loop_data import AugmentedOrder, ResumableSampler, make_eval_loader, train_order
+from lrss_ds.engine.loaders import AugmentedOrder, ResumableSampler, make_eval_loader, train_order
 
 
 @pytest.fixture(scope="module")

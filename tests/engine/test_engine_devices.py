@@ -258,11 +258,11 @@ def test_device_memory_is_reported_per_phase(tmp_path: Path, monkeypatch: pytest
     loss_fn = run.loss_fn
     run.loss_fn = lambda outputs, target: (accelerator.allocate(GIB), loss_fn(outputs, target))[1]
 
-    def evaluate(run: Any) -> dict[str, Any]:
+    def validate(run: Any) -> dict[str, Any]:
         accelerator.allocate(3 * GIB)
         return {"miou": 0.5, "mean_f1": 0.5, "oa": 0.5, "seconds": 0.0, "classes": ["a"], "iou": [0.5]}
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "validate", validate)
     run.val_set, run.config.train.eval_every = object(), 1
     assert trainer.train(run, resume=False) == 0
     run.log.close()
@@ -371,7 +371,7 @@ def test_source_span_on_the_host_equals_the_device_indices() -> None:
 
 
 def test_loaders_pin_host_memory_when_the_batches_go_to_an_accelerator() -> None:
-    from lrss_ds.engine.loop_data import ResumableSampler, make_eval_loader, make_train_loader
+    from lrss_ds.engine.loaders import ResumableSampler, make_eval_loader, make_train_loader
     from tests.engine.test_engine_units import Scenes
 
     for device, pinned in ((torch.device("meta"), True), (torch.device("cpu"), False)):

@@ -171,7 +171,7 @@ def test_deepspeed_refusing_an_override_names_it(tmp_path: Path, override: str, 
 _SLOW_LOADER = """
 import sys, time, torch
 from torch.utils.data import Dataset
-from lrss_ds.engine.loop_data import ResumableSampler, make_train_loader, worker_batches
+from lrss_ds.engine.loaders import ResumableSampler, make_train_loader, worker_batches
 
 class SlowScenes(Dataset):  # a whole-scene read that takes long
     def __len__(self):

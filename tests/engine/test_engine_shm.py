@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from lrss_ds.engine.setup import _free_port
+from lrss_ds.engine.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
 def test_init_distributed_leaves_no_shared_memory_buffer_behind() -> None:
-    port = _free_port()
+    port = free_port()
     script = (
         "import os, glob\n"
         "from lrss_ds.engine.setup import init_distributed\n"

@@ -14,7 +14,7 @@ from torch import nn
 
 from lrss_ds.engine import checkpoints
 from lrss_ds.engine.config import ExperimentConfig, ScheduleConfig, load_config
-from lrss_ds.engine.loop_data import ResumableSampler
+from lrss_ds.engine.loaders import ResumableSampler
 from lrss_ds.engine.setup import lr_factor
 from lrss_ds.errors import ConfigError, OutputExistsError, TrainingError
 
@@ -251,7 +251,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Path) -> None:
 _FAILING_LOOP = """
 import torch
 from torch.utils.data import DataLoader, Dataset
-from lrss_ds.engine.loop_data import _worker_init, worker_batches
+from lrss_ds.engine.loaders import _worker_init, worker_batches
 
 class Numbers(Dataset):
     def __len__(self):

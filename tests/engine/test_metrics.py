@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lrss_ds.engine.metrics import ConfusionMatrix, jsonable
+from lrss_ds.engine.rendezvous import free_port
 
 # 8 pixels, one ignored (255). By hand, rows = target, columns = prediction:
 #   t0: p0 p0 p1   -> [2, 1, 0]
@@ -83,12 +83,6 @@ def test_out_of_range_classes_raise() -> None:
     assert cm.compute()["pixels"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reduce_worker(rank: int, port: int, queue: "mp.Queue") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -104,7 +98,7 @@ def _reduce_worker(rank: int, port: int, queue: "mp.Queue") -> None:
 def test_all_reduce_sums_over_gloo_ranks() -> None:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [context.Process(target=_reduce_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

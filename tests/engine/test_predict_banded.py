@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lrss_ds.engine.predict as predict
+import lrss_ds.engine.prediction_writer as prediction_writer
 import lrss_ds.memory.banded_inference as banded_inference
-from lrss_ds.engine.predict import Predictor, open_geotiff
+from lrss_ds.data.rasters import open_geotiff
+from lrss_ds.engine.inference import Predictor
 from lrss_ds.models import MODEL_BUILDERS
 from tests.engine.test_predict_helpers import write_geotiff
 from tests.memory.test_banded_inference import BANDS, eval_model
@@ -38,7 +39,7 @@ def test_banded_holistic_prediction_equals_one_unbanded_forward(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # small blocks and bands so that a small scene crosses many band boundaries
-    monkeypatch.setattr(predict, "BLOCK", 40)
+    monkeypatch.setattr(prediction_writer, "BLOCK", 40)
     monkeypatch.setattr(banded_inference, "BAND_ROWS", 8)
     monkeypatch.setattr(banded_inference, "STEM_BAND_ROWS", 8)
     model = eval_model(name)
@@ -79,7 +80,7 @@ def test_holistic_prediction_never_holds_full_resolution_logits_or_stem_maps(
 ) -> None:
     """24 classes (the paper's): whole logits would be 24 values per pixel, the stem's first
     map 16; banded, nothing larger than the padded input's 4 bands-equivalent is made."""
-    monkeypatch.setattr(predict, "BLOCK", 32)
+    monkeypatch.setattr(prediction_writer, "BLOCK", 32)
     model = eval_model("ehsnet", classes=24)
     height, width = 256, 128
     path = _scene(tmp_path, height, width)

@@ -16,8 +16,9 @@ import torch
 
 from lrss_ds.engine.demo import launcher_env
 from lrss_ds.engine.model_io import WEIGHTS_FORMAT
+from lrss_ds.engine.rendezvous import free_port
 from lrss_ds.models import build_model
-from tests.engine.test_predict_helpers import DATASET, REPO, _free_port, write_geotiff
+from tests.engine.test_predict_helpers import DATASET, REPO, write_geotiff
 
 MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
 TIMEOUT = 300
@@ -54,7 +55,7 @@ def test_two_ranks_under_the_deepspeed_launcher_write_every_map_once(tmp_path: P
     scenes = _scenes(tmp_path / "in", 5, 64, 72)
     out = tmp_path / "out"
     launcher = Path(sys.executable).with_name("deepspeed")
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "--log_level", "warning",
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--log_level", "warning",
                "--module", "lrss_ds.cli", "predict", "--checkpoint", str(weights), "--input", str(tmp_path / "in"),
                "--output", str(out)]
     env = {k: v for k, v in launcher_env().items() if k != "OMP_NUM_THREADS"}  # ranks split the cores themselves

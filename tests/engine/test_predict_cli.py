@@ -14,8 +14,9 @@ import torch
 
 import lrss_ds.models
 from lrss_ds.cli import main
+from lrss_ds.data.rasters import open_geotiff
 from lrss_ds.engine.model_io import load_model, load_state, resolve_checkpoint
-from lrss_ds.engine.predict import Predictor, open_geotiff, predictor_for, ramp, window_starts
+from lrss_ds.engine.inference import Predictor, predictor_for, ramp, window_starts
 from lrss_ds.errors import InputFileError
 from tests.engine.test_predict_helpers import DATASET, build_stand_in, make_checkpoints, one_line_error, write_geotiff
 

@@ -201,7 +201,7 @@ def test_leftovers_of_dead_writers_are_removed_and_readers_skip_them(
 
 
 def test_windows_smaller_than_the_model_minimum_warn(recwarn: pytest.WarningsRecorder) -> None:
-    from lrss_ds.engine.predict import min_window, predictor_for
+    from lrss_ds.engine.inference import min_window, predictor_for
     from lrss_ds.models import EHSNet
 
     model = EHSNet(num_classes=3, in_channels=3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ import pytest
 import rasterio
 import torch
 from torch import nn
+
+from lrss_ds.engine.rendezvous import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,12 +123,6 @@ def write_geotiff(
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_checkpoints(specs: list[dict[str, Any]], world_size: int = 1) -> None:
     """Train each model a step or two with DeepSpeed in fresh processes and save real checkpoints.
 
@@ -139,7 +134,7 @@ def make_checkpoints(specs: list[dict[str, Any]], world_size: int = 1) -> None:
             ``input_dtype``, ``band_mean``, ``band_std`` (optional ``real``, ``size``, ``steps``).
         world_size: number of ranks.
     """
-    port = str(_free_port())
+    port = str(free_port())
     code = (
         "import json, sys; from tests.engine.test_predict_helpers import _save_all; _save_all(json.loads(sys.argv[1]))"
     )

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from lrss_ds.errors import ConfigError
 from lrss_ds.models import glsnet as glsnet_module
 from lrss_ds.models.base import upsample_logits
-from lrss_ds.models.glsnet import GLSNet, build_glsnet, crop_raw, plan_tiling, stitch
+from lrss_ds.models.glsnet import GLSNet, build_glsnet
+from lrss_ds.models.tiling import crop_raw, plan_tiling, stitch
 
 # Small but complete: default depths (ResNet-18 global, ResNet-50 local) unless a test says
 # otherwise; 64-pixel crops and a 32-pixel global margin keep every test to a few seconds.
