@@ -49,6 +49,7 @@ __all__ = [
     "parse_size",
     "parse_bytes",
     "write_report",
+    "write_text_atomically",
     "fmt",
 ]
 

@@ -367,10 +367,6 @@ def _read_merge(args: argparse.Namespace) -> dict[str, Any]:
     return earlier
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,9 +424,11 @@ def write_results(records: list[dict[str, Any]], header: dict[str, Any], out: Pa
         "ds_config": records[0]["ds_config"],
         "runs": [{k: v for k, v in r.items() if k != "ds_config"} for r in records],
     }
+    from lrss_ds.engine.temporaries import write_text_atomically
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, json.dumps(result, indent=2) + "\n")
-    _write_atomic(out.with_suffix(".md"), _markdown(records, header))
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out.with_suffix(".md"), _markdown(records, header))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -48,6 +48,7 @@ from _harness import (  # noqa: E402
     benchmark_parser,
     parse_benchmark_args,
     write_report,
+    write_text_atomically,
 )
 from _workloads import METHODS, options_for  # noqa: E402
 
@@ -369,9 +370,7 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
         for label in methods:
             trained[label], states[label] = trained_state(label, args, states_dir)
         payload = {"header": header, "training": trained}
-        tmp = args.out / "memory_time_training.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        tmp.replace(args.out / "memory_time_training.json")
+        write_text_atomically(args.out / "memory_time_training.json", json.dumps(payload, indent=2, default=str) + "\n")
     return trained, states
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lrss_ds.engine.temporaries import write_text_atomically
+
 # Repository root (the folder holding ``lrss_ds/``), so that a fresh child process imports the
 # same checkout as its parent even when the package is not installed into the interpreter.
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -237,9 +239,7 @@ def _child_main(spec_path: str) -> int:
         text = str(error)
         is_oom = type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
         payload = {"status": "oom" if is_oom else "error", "error": _tail(traceback.format_exc())}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, default=json_default))
-    tmp.rename(out)
+    write_text_atomically(out, json.dumps(payload, default=json_default))
     return 0 if payload["status"] == "ok" else 3
 
 

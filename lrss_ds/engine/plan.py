@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from lrss_ds.engine.isolated import json_default, run_isolated
 from lrss_ds.engine.probe import PLAN_MODES, REPO_ROOT
+from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import ConfigError
 
 GIB = 1024**3
@@ -211,9 +212,7 @@ def measure(
     found.probe["probe_wall_s"] = run.wall_s  # what later estimates of a plan's duration start from
     if cache_file is not None and run.status in ("ok", "over_cap", "oom"):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(found), default=json_default))
-        tmp.replace(cache_file)
+        write_text_atomically(cache_file, json.dumps(dataclasses.asdict(found), default=json_default))
     return found
 
 
