@@ -427,7 +427,7 @@ def probe_training_step(
     )
     net = build_model(model, num_classes, bands, **(model_options or {}))
     memory_mode = resolve_memory_mode(config)
-    loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")
+    loss_name = loss or {"ehsnet": "ehsnet", "glsnet": "focal", "isdnet": "isdnet", "stdc": "stdc"}.get(model, "ce")
     loss_options = {} if memory_mode.loss_band_rows is None else {"band_rows": memory_mode.loss_band_rows}
     loss_fn = build_loss(loss_name, num_classes, 255, **loss_options)
     engine = initialize_engine(net, config, load_deepspeed_json(config))

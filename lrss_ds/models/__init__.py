@@ -10,7 +10,9 @@ from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
+from lrss_ds.models.isdnet import ISDNet
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
+from lrss_ds.models.stdc import STDCSeg
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
 # band_std=None, **options) returning a SegmentationModel.
@@ -19,6 +21,8 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "hrnet_fcn": HRNetFCN,
     "glsnet": build_glsnet,
     "glnet": build_glnet,
+    "isdnet": ISDNet,
+    "stdc": STDCSeg,
 }
 
 
