@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel
 from lrss_ds.models.resnet import ResNet
-from lrss_ds.models.stdc import ConvX, OutputHead, STDCNet
+from lrss_ds.models.stdc import ChannelAttention, ConvX, OutputHead, STDCNet
 
 BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)
 
@@ -147,25 +147,6 @@ class ASPP(nn.Module):
         """``(B, c_in, h, w) -> (B, channels, h, w)``."""
         pooled = F.relu(self.image_pool(x.mean(dim=(2, 3), keepdim=True))).expand(-1, -1, *x.shape[-2:])
         return self.bottleneck(torch.cat([pooled, *[branch(x) for branch in self.branches]], dim=1))
-
-
-class ChannelAttention(nn.Module):
-    """3x3 conv-BN-ReLU and the channel vector ``1x1(mean over positions)`` (before any sigmoid).
-
-    Args:
-        c_in: input channels.
-        channels: output channels.
-    """
-
-    def __init__(self, c_in: int, channels: int) -> None:
-        super().__init__()
-        self.conv = ConvX(c_in, channels, 3)
-        self.conv_1x1 = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, c_in, h, w) -> (features (B, channels, h, w), logits (B, channels, 1, 1))``."""
-        feat = self.conv(x)
-        return feat, self.conv_1x1(feat.mean(dim=(2, 3), keepdim=True))
 
 
 class RelationAwareFusion(nn.Module):

@@ -217,8 +217,8 @@ class OutputHead(nn.Module):
         return self.conv_out(self.conv(x))
 
 
-class AttentionRefinement(nn.Module):
-    """ARM: 3x3 conv-BN-ReLU, then channel weights ``sigmoid(1x1(mean over H, W))`` (bias, no BN: batch 1).
+class ChannelAttention(nn.Module):
+    """3x3 conv-BN-ReLU and the channel logits ``1x1(mean over positions)`` (a bias, no BN: batch 1).
 
     Args:
         c_in: input channels.
@@ -230,10 +230,19 @@ class AttentionRefinement(nn.Module):
         self.conv = ConvX(c_in, c_out, 3)
         self.conv_atten = nn.Conv2d(c_out, c_out, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, c_in, h, w) -> (B, c_out, h, w)``."""
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, c_in, h, w) -> (features (B, c_out, h, w), logits (B, c_out, 1, 1))``."""
         feat = self.conv(x)
-        return feat * torch.sigmoid(self.conv_atten(feat.mean(dim=(2, 3), keepdim=True)))
+        return feat, self.conv_atten(feat.mean(dim=(2, 3), keepdim=True))
+
+
+class AttentionRefinement(ChannelAttention):
+    """ARM: the features of :class:`ChannelAttention` weighted by the sigmoid of its channel logits."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """``(B, c_in, h, w) -> (B, c_out, h, w)``."""
+        feat, logits = super().forward(x)
+        return feat * torch.sigmoid(logits)
 
 
 class FeatureFusion(nn.Module):
