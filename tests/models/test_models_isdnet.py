@@ -130,3 +130,25 @@ def test_bad_options_are_refused_and_config_rebuilds() -> None:
     twin = build_model(**config)
     assert config["name"] == "isdnet" and twin.config() == config
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, options", [("isdnet", SMALL), ("stdc", {"base": 16, "context_channels": 32})])
+def test_checkpointed_segments_give_the_plain_loss_and_gradients(name: str, options: dict) -> None:
+    """Every segment of the block plan is recomputable: same loss and gradients, in float64."""
+    from lrss_ds.memory.checkpointing import TorchCheckpointRunner, batchnorm_modules
+    from lrss_ds.models.base import set_segment_runner
+
+    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    target = torch.randint(0, 3, (1, 64, 96))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(name, 3, 3, band_mean=[100.0] * 3, band_std=[50.0] * 3, **options).double().train()
+        if checkpointed:
+            set_segment_runner(model, TorchCheckpointRunner(model.checkpoint_plan("block"), batchnorm_modules(model)))
+        loss = build_loss(name, 3, 255)(model(x), target)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for key, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], grad, msg=key)
