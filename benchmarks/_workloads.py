@@ -53,6 +53,8 @@ METHODS: dict[str, Method] = {
         Method("GLNet", "glnet", {}, "whole", "ce"),
         Method("GLSNet", "glsnet", {}, "whole", "focal"),
         Method("EHSNet", "ehsnet", {}, "whole", "ehsnet"),
+        Method("ISDNet", "isdnet", {}, "whole", "isdnet"),
+        Method("STDC", "stdc", {}, "whole", "stdc"),
     )
 }
 

@@ -189,7 +189,7 @@ class LossConfig:
     """The loss: ``lrss_ds.models.losses.build_loss(name, num_classes, ignore_index, **options)``.
 
     Args:
-        name: ``ehsnet``, ``focal`` or ``ce``.
+        name: ``ehsnet``, ``focal``, ``ce``, ``isdnet`` or ``stdc``.
         options: keyword options of the loss (``band_rows`` is set from the memory mode).
     """
 

@@ -113,8 +113,7 @@ def probe_step_parts(
         bands: input bands C.
         num_classes: classes K.
         model_options: extra ``build_model`` options (e.g. ``{"mode": "holistic"}``).
-        loss: a ``build_loss`` name; default ``ehsnet`` for EHSNet, ``focal`` for GLSNet and
-            ``ce`` otherwise.
+        loss: a ``build_loss`` name; default: the model's ``lrss_ds.models.DEFAULT_LOSS``.
         seed: torch seed, set before the model is built.
 
     Returns:
@@ -134,7 +133,7 @@ def probe_step_parts(
         TrainConfig,
     )
     from lrss_ds.engine.setup import build_step_parts, init_distributed, load_deepspeed_json
-    from lrss_ds.models import build_model
+    from lrss_ds.models import build_model, default_loss
 
     if mode not in PLAN_MODES:
         raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
@@ -144,7 +143,7 @@ def probe_step_parts(
     config = ExperimentConfig(
         model=ModelConfig(name=model, options=dict(model_options or {})),
         memory=MemoryConfig(preset=plan_mode.memory_preset),
-        loss=LossConfig(name=loss or {"ehsnet": "ehsnet", "glsnet": "focal"}.get(model, "ce")),
+        loss=LossConfig(name=loss or default_loss(model)),
         deepspeed=DeepSpeedConfigRef(config=str(REPO_ROOT / plan_mode.ds_config),
                                      override={**plan_mode.ds_override, "csv_monitor": {"enabled": False},
                                                "tensorboard": {"enabled": False}}),

@@ -19,7 +19,9 @@ from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
+from lrss_ds.models.isdnet import ISDNet
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
+from lrss_ds.models.stdc import STDCSeg
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
 # band_std=None, **options) returning a SegmentationModel.
@@ -28,7 +30,24 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "hrnet_fcn": HRNetFCN,
     "glsnet": build_glsnet,
     "glnet": build_glnet,
+    "isdnet": ISDNet,
+    "stdc": STDCSeg,
 }
+
+
+# The loss each model's paper trains it with (a ``build_loss`` name); a model not listed trains
+# with plain cross-entropy. The planner's probe and the benchmarks take their loss from here.
+DEFAULT_LOSS: dict[str, str] = {
+    "ehsnet": "ehsnet",
+    "glsnet": "focal",
+    "isdnet": "isdnet",
+    "stdc": "stdc",
+}
+
+
+def default_loss(name: str) -> str:
+    """The ``build_loss`` name model ``name`` trains with by default (``ce`` unless listed)."""
+    return DEFAULT_LOSS.get(name, "ce")
 
 
 def build_model(
@@ -67,4 +86,4 @@ def build_model(
         raise
 
 
-__all__ = ["MODEL_BUILDERS", "PretrainedReport", "SegmentationModel", "build_model", "load_pretrained"]
+__all__ = ["DEFAULT_LOSS", "MODEL_BUILDERS", "default_loss", "PretrainedReport", "SegmentationModel", "build_model", "load_pretrained"]

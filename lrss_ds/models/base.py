@@ -207,7 +207,8 @@ class SegmentationModel(Segmented):
     Forward contract: input ``(B, C, H, W)`` of any size and dtype. In eval mode the model
     returns logits ``(B, K, H, W)``; in train mode ``dict(logits=(B, K, h, w),
     aux=[(B, K, h', w'), ...], input_size=(H, W), padded_size=(Hp, Wp))`` — use
-    :meth:`outputs` to build either.
+    :meth:`outputs` to build either. A model may add train-mode keys that its loss's auxiliary
+    terms read (ISDNet: ``sr``, ``affinity``; STDC: ``detail``; see ``lrss_ds.models.aux_losses``).
 
     Args:
         num_classes: K.

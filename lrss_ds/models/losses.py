@@ -1,4 +1,4 @@
-"""Segmentation losses: BAE-weighted cross-entropy (EHSNet), focal (GLSNet) and plain CE.
+"""Segmentation losses: BAE-weighted cross-entropy (EHSNet), focal (GLSNet), plain CE, ISDNet's and STDC's.
 
 Every loss takes the train-mode output dict of a model (logits at the network stride, a
 list of auxiliary logits, ``input_size`` and ``padded_size``) and the label mask at the
@@ -14,6 +14,10 @@ With ``band_rows`` the upsampling and the loss run in horizontal bands of that m
 output rows, each under non-reentrant ``torch.utils.checkpoint``, so the full-resolution
 logits (``K * H * W`` floats, 4.7 GB for 24 classes on a 6800x7200 scene) never exist at
 once; the result equals the unbanded loss up to float summation order.
+
+ISDNet's super-resolution and affinity terms and STDC's detail loss
+(:mod:`lrss_ds.models.aux_losses`) are added, with their weights, when the model gives the
+outputs they read; they are computed whole, also with ``band_rows``.
 
 The loss is computed in float32, or in float64 when the logits are float64 (so that
 banded and unbanded can be compared to ~1e-12, see ``tests/models/test_models_losses.py``).
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lrss_ds.errors import ConfigError
+from lrss_ds.models import aux_losses
 from lrss_ds.models.base import upsample_logits
 
 PIXEL_LOSSES: tuple[str, ...] = ("ce", "focal")
@@ -110,9 +115,8 @@ def bae_weights(target: Tensor, ignore_index: int, kernel_size: int = 5, boundar
 # --- per-pixel losses ----------------------------------------------------------------------
 
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a loss is computed in: float32, or float64 for float64 logits."""
-    return torch.promote_types(dtype, torch.float32)
+loss_dtype = aux_losses.loss_dtype
+"""The dtype a loss is computed in: float32, or float64 for float64 logits."""
 
 
 def pixel_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -249,6 +253,10 @@ class LossConfig:
         gamma: focal focusing parameter.
         alpha: focal loss weight.
         band_rows: compute in row bands of this many output rows (None: all at once).
+        sr_weight: weight of ISDNet's super-resolution term (needs the model's ``sr`` output).
+        affinity_weight: weight of ISDNet's feature-affinity term (needs ``affinity``).
+        affinity_positions: the most positions an affinity matrix is computed over.
+        detail_weight: weight of STDC's detail loss (needs ``detail``).
     """
 
     pixel_loss: str = "ce"
@@ -258,6 +266,10 @@ class LossConfig:
     gamma: float = 6.0
     alpha: float = 1.0
     band_rows: int | None = None
+    sr_weight: float = 0.0
+    affinity_weight: float = 0.0
+    affinity_positions: int = 4096
+    detail_weight: float = 0.0
 
 
 class SegmentationLoss(nn.Module):
@@ -325,8 +337,37 @@ class SegmentationLoss(nn.Module):
                 f"(num_classes {self.num_classes}) and not the ignore index {self.ignore_index}"
             )
         if self.config.band_rows is None:
-            return self._whole(maps, weights, padded, input_size, target)
-        return self._banded(maps, weights, padded, input_size, target)
+            loss = self._whole(maps, weights, padded, input_size, target)
+        else:
+            loss = self._banded(maps, weights, padded, input_size, target)
+        if isinstance(outputs, dict):
+            loss = loss + self._auxiliary_terms(outputs, target, padded, input_size)
+        return loss
+
+    def _auxiliary_terms(self, outputs: dict[str, Any], target: Tensor, padded: tuple[int, int],
+                         input_size: tuple[int, int]) -> Tensor | float:
+        """The weighted terms of :mod:`lrss_ds.models.aux_losses` whose weight is not 0.
+
+        Raises:
+            ValueError: a term has a weight but the model gave no output for it.
+        """
+        config = self.config
+        terms: list[tuple[float, str, Callable[[Any], Tensor]]] = [
+            (config.sr_weight, "sr", lambda sr: aux_losses.super_resolution_loss(sr[0], sr[1], input_size)),
+            (config.affinity_weight, "affinity", lambda pair: aux_losses.affinity_loss(
+                pair[0], pair[1], input_size, padded, config.affinity_positions)),
+            (config.detail_weight, "detail", lambda detail: aux_losses.detail_loss(
+                detail, target, self.ignore_index, padded, input_size)),
+        ]
+        total: Tensor | float = 0.0
+        for weight, key, term in terms:
+            if weight == 0.0:
+                continue
+            if outputs.get(key) is None:
+                raise ValueError(f"loss: {key}_weight is {weight} but the model gives no {key!r} output "
+                                 "(use the loss preset of the model, or set the weight to 0)")
+            total = total + weight * term(outputs[key])
+        return total
 
     def _out_of_range(self, target: Tensor) -> Tensor:
         """``(B, H, W)`` bool: labels that are neither a class nor the ignore index.
@@ -414,18 +455,24 @@ LOSS_PRESETS: dict[str, Callable[[], LossConfig]] = {
     # GLSNet §4.2: focal loss, weight 1.0, gamma 6; two aux losses at 0.15.
     "focal": lambda: LossConfig(pixel_loss="focal", aux_weight=0.15, gamma=6.0, alpha=1.0),
     "ce": lambda: LossConfig(pixel_loss="ce", aux_weight=0.4),
+    # ISDNet (its released configuration): CE on the main logits and on the aux maps [deep
+    # logits 1.0, fusion-16 1.0, fusion-8 1.0, FCN on layer 3 0.4], SR MSE 0.1, affinity L1 1.0.
+    "isdnet": lambda: LossConfig(pixel_loss="ce", aux_weight=(1.0, 1.0, 1.0, 0.4), sr_weight=0.1, affinity_weight=1.0),
+    # STDC-Seg: CE on the main and the two context-path maps (1.0 each), detail BCE + Dice 1.0.
+    "stdc": lambda: LossConfig(pixel_loss="ce", aux_weight=(1.0, 1.0), detail_weight=1.0),
 }
 
 
 def build_loss(name: str, num_classes: int, ignore_index: int, **opts: Any) -> SegmentationLoss:
-    """The loss called ``name`` (``ehsnet``, ``focal`` or ``ce``) with options overridden.
+    """The loss called ``name`` (``ehsnet``, ``focal``, ``ce``, ``isdnet`` or ``stdc``) with options overridden.
 
     Args:
         name: the preset.
         num_classes: ``K``.
         ignore_index: the label of pixels that do not count.
         **opts: any :class:`LossConfig` field (``aux_weight``, ``band_rows``, ``gamma``,
-            ``alpha``, ``boundary_kernel``, ``boundary_weight``, ``pixel_loss``).
+            ``alpha``, ``boundary_kernel``, ``boundary_weight``, ``pixel_loss``, ``sr_weight``,
+            ``affinity_weight``, ``affinity_positions``, ``detail_weight``).
 
     Returns:
         A callable ``loss_fn(outputs, target) -> scalar``.

@@ -67,7 +67,11 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     report, tmp_path = _report(quick_reports, "memory_time")
     rows = report["rows"]
     methods = {r["method"] for r in rows}
-    assert methods == {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet"}
+    sys.path.insert(0, str(BENCH))
+    from _workloads import METHODS
+
+    assert methods == set(METHODS)  # every compared method, ISDNet and STDC included
+    assert {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet", "ISDNet", "STDC"} <= methods
     assert [r["memory_mode"] for r in rows if r["method"] == "EHSNet"] == ["none", "ckpt_stage"]
     for row in rows:
         for key in ("method", "memory_mode", "size", "miou", "miou_source", "device_peak_mib",

@@ -168,3 +168,49 @@ def test_main_job_loss_falls(store: Path, tmp_path: Path) -> None:
     # a fresh run over a run directory with checkpoints is refused without --resume
     again = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
     assert again.returncode == 1 and "already holds checkpoints" in again.stderr
+
+
+# A model of the papers' comparison tables, tiny, trained under the launcher with checkpointing.
+MODEL_RUN = """
+model: {{name: {name}, options: {options}}}
+data: {{store: {store}, workers: 1}}
+optim: {{type: sgd, lr: 0.01, momentum: 0.9}}
+memory: {{preset: ckpt_stage}}
+deepspeed: {{config: {ds_json}}}
+loss: {{name: {name}}}
+train: {{seed: 3, iterations: 2, checkpoint_every: 0, eval_every: 0}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+@pytest.mark.parametrize("name, options", [
+    ("isdnet", "{channels: 32, shallow_base: 16, relation_groups: 4}"),
+    ("stdc", "{base: 16, context_channels: 32}"),
+])
+def test_model_trains_under_the_launcher_with_checkpointing_and_predicts_a_geotiff(
+    name: str, options: str, store: Path, tmp_path: Path
+) -> None:
+    """The model's own loss preset (auxiliary terms included), ``ckpt_stage``, then ``lrss-ds predict``."""
+    import math
+
+    import numpy as np
+    import rasterio
+
+    from tests.engine.test_predict_helpers import write_geotiff
+
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(MODEL_RUN.format(name=name, options=options, store=store, ds_json=REPO / "ds_configs" / "cpu.json"))
+    out = tmp_path / "run"
+    assert launch(config, out, 1) == 0, read_log(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iteration"] == 2 and all(math.isfinite(h["loss"]) for h in metrics["history"]), metrics
+    image = np.random.default_rng(0).integers(0, 255, size=(4, 45, 67)).astype("uint8")  # odd-sized scene
+    source, output = write_geotiff(tmp_path / "scene.tif", image), tmp_path / "pred.tif"
+    from lrss_ds.cli import main
+
+    # in this process: the launcher's start-up already dominates the test's time
+    assert main(["predict", "--checkpoint", str(out), "--input", str(source), "--output", str(output)]) == 0
+    with rasterio.open(output) as pred, rasterio.open(source) as src:
+        assert pred.shape == src.shape and pred.transform == src.transform
+        assert set(np.unique(pred.read(1))) <= set(range(6))

@@ -18,6 +18,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "hrnet_fcn": {},
     "glsnet": {"crop_size": 64, "d_model": 32},
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
+    "isdnet": {"channels": 32, "shallow_base": 16, "relation_groups": 4},
+    "stdc": {"base": 16, "context_channels": 32},
 }
 BANDS = 4
 

@@ -16,7 +16,13 @@ SMALL: dict[str, dict[str, Any]] = {
     "hrnet_fcn": {},
     "glsnet": {"crop_size": 64, "d_model": 32},
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
+    # gate_init != 0: the paper's zero gates give the RAF's relation MLPs no gradient on the
+    # first step (by design); a non-zero gate lets this test see that they are connected.
+    "isdnet": {"channels": 32, "shallow_base": 16, "relation_groups": 4, "gate_init": 0.5},
+    "stdc": {"base": 16, "context_channels": 32},
 }
+# Train-mode outputs beyond the contract's, read by the models' auxiliary loss terms.
+EXTRA_OUTPUTS: dict[str, set[str]] = {"isdnet": {"sr", "affinity"}, "stdc": {"detail"}}
 CLASSES, BANDS = 3, 4
 # Odd sizes (not multiples of any stride); the paper's model gets the larger one.
 EVAL_SIZE: dict[str, tuple[int, int]] = {"ehsnet": (97, 131)}
@@ -54,7 +60,7 @@ def test_train_outputs_gradients_and_plans(name: str) -> None:
     model.normalizer.register_forward_pre_hook(lambda mod, args: at_normalizer.append(tuple(stack)))
     x = torch.randint(0, 256, (1, BANDS, 70, 90), dtype=torch.uint8)
     out = model(x)
-    assert set(out) == {"logits", "aux", "input_size", "padded_size"}
+    assert set(out) == {"logits", "aux", "input_size", "padded_size"} | EXTRA_OUTPUTS.get(name, set())
     assert out["input_size"] == (70, 90)
     hp, wp = out["padded_size"]
     assert hp >= 70 and wp >= 90
@@ -65,6 +71,8 @@ def test_train_outputs_gradients_and_plans(name: str) -> None:
         (upsample_logits(m, out["padded_size"], out["input_size"]) * torch.randn(1, CLASSES, 70, 90)).mean()
         for m in maps
     )
+    extras = [t for key in EXTRA_OUTPUTS.get(name, ()) for t in (out[key] if isinstance(out[key], tuple) else [out[key]])]
+    loss = loss + sum((t * torch.randn_like(t)).mean() for t in extras if t.requires_grad)
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"no gradient reaches {dead[:5]}"
