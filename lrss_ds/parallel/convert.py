@@ -9,11 +9,14 @@ from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import Resize, SegmentationModel, run_directly
+from lrss_ds.models.ecr import ECRModule
+from lrss_ds.models.large_kernel import DepthwiseConv2d
 from lrss_ds.parallel.batchnorm import SpatialBatchNorm2d
 from lrss_ds.parallel.group import SpatialGroup
-from lrss_ds.parallel.halo import HaloConv2d, SpatialResize
+from lrss_ds.parallel.attention import SpatialECR
+from lrss_ds.parallel.halo import HaloConv2d, HaloDepthwiseConv2d, SpatialResize
 
-SUPPORTED: tuple[str, ...] = ("hrnet_fcn",)
+SUPPORTED: tuple[str, ...] = ("hrnet_fcn", "ehsnet")
 """Models whose every cross-row operation has a spatial version (others are refused)."""
 
 OPTION = "parallel.spatial"
@@ -35,7 +38,7 @@ def _refusal(model: nn.Module) -> str | None:
 
 def _swap(module: nn.Module, group: SpatialGroup) -> None:
     for name, child in module.named_children():
-        if isinstance(child, (HaloConv2d, SpatialBatchNorm2d, SpatialResize)):
+        if isinstance(child, (HaloConv2d, HaloDepthwiseConv2d, SpatialBatchNorm2d, SpatialResize, SpatialECR)):
             continue
         if isinstance(child, nn.Conv2d):
             setattr(module, name, HaloConv2d.from_conv(child, group))
@@ -43,6 +46,10 @@ def _swap(module: nn.Module, group: SpatialGroup) -> None:
             setattr(module, name, SpatialBatchNorm2d.from_batchnorm(child, group))
         elif isinstance(child, Resize):
             setattr(module, name, SpatialResize(group))
+        elif type(child) is DepthwiseConv2d:
+            setattr(module, name, HaloDepthwiseConv2d.from_depthwise(child, group))
+        elif type(child) is ECRModule:
+            setattr(module, name, SpatialECR.from_ecr(child, group))
         else:
             _swap(child, group)
 
@@ -51,7 +58,9 @@ def spatialize(model: SegmentationModel, group: SpatialGroup) -> SegmentationMod
     """Make ``model`` (in place) compute on one band of a scene, with the group's other bands.
 
     Every ``Conv2d`` becomes a :class:`HaloConv2d`, every ``BatchNorm2d`` a
-    :class:`SpatialBatchNorm2d` and every :class:`Resize` a :class:`SpatialResize`; they keep
+    :class:`SpatialBatchNorm2d`, every :class:`Resize` a :class:`SpatialResize`, the LRD's
+    depth-wise convolutions :class:`HaloDepthwiseConv2d` and EHSNet's ECR a
+    :class:`SpatialECR`; they keep
     the model's parameters and buffers (the state dict is unchanged). A forward pre-hook tells
     the group each forward's band heights. Each rank then gets its band of the scene
     (:func:`band_bounds` with ``model.pad_multiple``); the train-mode output holds the band's

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.models.base import Resize
+from lrss_ds.models.large_kernel import DepthwiseConv2d, depthwise_conv2d
 from lrss_ds.parallel.group import SpatialGroup
 
 Transfers = dict[int, tuple[int, int]]
@@ -166,6 +167,34 @@ class HaloConv2d(nn.Conv2d):
             block = F.pad(block, (0, 0, missing_top, missing_bottom))
         out = F.conv2d(block, self.weight, self.bias, self.stride, (0, pw), self.dilation, self.groups)
         return out[:, :, : x.shape[2] // s]
+
+
+class HaloDepthwiseConv2d(DepthwiseConv2d):
+    """The LRD's ``K x K`` depth-wise 'same' convolution over a band, with ``K // 2`` halo rows each side.
+
+    The block (band and halos, zero rows beyond the scene) runs through the same
+    :func:`depthwise_conv2d` method as one rank, and the band's own rows are kept.
+    Build with :meth:`from_depthwise`; ``spatial`` is the :class:`SpatialGroup`.
+    """
+
+    spatial: SpatialGroup
+
+    @classmethod
+    def from_depthwise(cls, conv: DepthwiseConv2d, group: SpatialGroup) -> "HaloDepthwiseConv2d":
+        """The spatial version of ``conv``, holding its parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)
+        new.spatial = group
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, h, W) -> (B, C, h, W)``."""
+        halo = self.kernel_size // 2
+        block, missing_top, missing_bottom = halo_rows(x, self.spatial, halo, halo)
+        if missing_top or missing_bottom:
+            block = F.pad(block, (0, 0, missing_top, missing_bottom))
+        out = depthwise_conv2d(block, self.weight, self.bias, self.method)
+        return out[:, :, halo : halo + x.shape[2]]
 
 
 class SpatialResize(Resize):

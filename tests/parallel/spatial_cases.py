@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from lrss_ds.engine import comm
 from lrss_ds.memory.checkpointing import TorchCheckpointRunner, batchnorm_modules
-from lrss_ds.models.base import set_segment_runner
+from lrss_ds.models.base import SegmentationModel, set_segment_runner
+from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
 from lrss_ds.models.losses import build_loss
 from lrss_ds.parallel import SpatialGroup, SpatialLoss, band_bounds, spatialize
@@ -41,12 +42,17 @@ class Case:
     loss: str = "ce"
     output_stride: int = 4
     seed: int = 0
+    model: str = "hrnet_fcn"
 
 
-def build(case: Case) -> HRNetFCN:
+def build(case: Case) -> SegmentationModel:
     """The model of ``case`` (same weights for the same seed), in train mode and ``case.dtype``."""
     torch.manual_seed(case.seed)
-    model = HRNetFCN(CLASSES, 3, backbone="hrnet_w18", output_stride=case.output_stride)
+    model: SegmentationModel
+    if case.model == "ehsnet":  # the LRD's 7/15/31 depth-wise kernels and the ECR, at tiny widths
+        model = EHSNet(CLASSES, 3, output_stride=case.output_stride, lrd_k=8, lrd_d=8, hard_ratio=0.1)
+    else:
+        model = HRNetFCN(CLASSES, 3, backbone="hrnet_w18", output_stride=case.output_stride)
     # random running statistics and affine terms so that the comparison covers them
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -59,7 +65,7 @@ def build(case: Case) -> HRNetFCN:
     return model.train()
 
 
-def checkpointed(model: HRNetFCN, case: Case) -> HRNetFCN:
+def checkpointed(model: SegmentationModel, case: Case) -> SegmentationModel:
     """Install stage checkpointing if ``case`` asks (after :func:`spatialize`: it freezes the layers it finds)."""
     if case.checkpoint:
         set_segment_runner(model, TorchCheckpointRunner(model.checkpoint_plan("stage"), batchnorm_modules(model)))

@@ -66,6 +66,16 @@ def test_four_thread_ranks_equal_one_rank_with_boundary_weights() -> None:
     _assert_exact(ranks, reference(case))
 
 
+def test_two_thread_ranks_equal_one_rank_for_ehsnet_with_checkpointing() -> None:
+    # LRD (7/15/31 depth-wise, 5x5 dense), ECR and BAE; bands 64 and 8 (+56 rows of padding);
+    # 128 px wide so that the 1/64 branch of a band holds more than one value
+    case = Case(height=72, width=128, dtype="float64", checkpoint=True, loss="ehsnet", model="ehsnet", output_stride=8)
+    model = build(case)
+    models = [copy.deepcopy(model) for _ in range(2)]
+    ranks = run_threads(2, lambda rank, comm: spatial_run(rank, 2, case, comm, models[rank]))
+    _assert_exact(ranks, reference(case))
+
+
 def _read(out: Path, size: int) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(size)]
 

@@ -11,10 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import Resize
+from lrss_ds.models.base import Resize, SegmentationModel
+from lrss_ds.models.ecr import ECRModule
 from lrss_ds.models.hrnet_fcn import HRNetFCN
-from lrss_ds.models.ehsnet import EHSNet
+from lrss_ds.models.large_kernel import DepthwiseConv2d
 from lrss_ds.parallel import HaloConv2d, SpatialBatchNorm2d, SpatialGroup, SpatialResize, band_bounds, spatialize
+from lrss_ds.parallel.attention import SpatialECR
+from lrss_ds.parallel.halo import HaloDepthwiseConv2d
 from lrss_ds.parallel.halo import _transfers
 from tests.parallel.threads import run_threads
 
@@ -163,11 +166,69 @@ def test_spatialize_keeps_the_parameters_and_state_dict() -> None:
     assert not any(type(m) in (nn.Conv2d, nn.BatchNorm2d, Resize) for m in model.modules())
 
 
+class _OtherModel(SegmentationModel):
+    name = "glsnet"
+
+
 @pytest.mark.parametrize("make, words", [
-    (lambda: EHSNet(3, 3, lrd_k=8, lrd_d=8), "model 'ehsnet' has no spatial version"),
+    (lambda: _OtherModel(3, 3), "model 'glsnet' has no spatial version"),
     (lambda: HRNetFCN(3, 3, mode="downsampled"), "mode 'downsampled'"),
 ])
 def test_unsupported_models_are_refused_naming_the_option(make: Callable[[], nn.Module], words: str) -> None:
     with pytest.raises(ConfigError, match=words) as error:
         spatialize(make(), _group())
     assert str(error.value).startswith("parallel.spatial:") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("method", ["direct", "fast"])
+def test_halo_depthwise_equals_the_lrd_depthwise(method: str) -> None:
+    torch.manual_seed(3)
+    conv = DepthwiseConv2d(3, 15, method=method).double()
+    rows = [4, 8, 4, 4]  # the 7-row halo spans two bands
+    x = torch.randn(1, 3, sum(rows), 9, dtype=torch.float64, requires_grad=True)
+    ref = conv(x)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    out, grad_x, grads, _ = _banded(4, rows, lambda g: HaloDepthwiseConv2d.from_depthwise(copy.deepcopy(conv), g), x.detach(), grad_out)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["weight"], conv.weight.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_spatial_ecr_enhances_the_scenes_hard_positions(heads: int) -> None:
+    torch.manual_seed(4)
+    ecr = ECRModule(8, hard_ratio=0.2, heads=heads).double()
+    rows = [4, 2, 6]
+    features = torch.randn(2, 8, sum(rows), 5, dtype=torch.float64, requires_grad=True)
+    aux = torch.randn(2, 3, sum(rows), 5, dtype=torch.float64)
+    ref, ref_idx = ecr(features, aux, return_indices=True)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    aux_bands = _split(aux, rows)
+    out, grad_x, grads, modules = _banded(
+        3, rows, lambda g: SpatialECR.from_ecr(copy.deepcopy(ecr), g), features.detach(), grad_out,
+        call=lambda m, t: m(t, aux_bands[m.spatial.rank]),
+    )
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, features.grad, rtol=1e-12, atol=1e-12)
+    for name, parameter in ecr.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-11, atol=1e-12)
+
+
+def test_spatial_ecr_takes_exactly_the_hard_count_when_margins_tie() -> None:
+    ecr = ECRModule(4, hard_ratio=0.25)
+    rows = [2, 2, 4]
+    aux = torch.zeros(1, 2, sum(rows), 4)
+    aux[0, 0] = torch.tensor([0.0, 1.0]).repeat(sum(rows) * 2).view(sum(rows), 4)  # margins 0 or 1, half each
+    aux_bands = _split(aux, rows)
+    wanted = ecr.num_hard(sum(rows) * 4)
+
+    def work(rank: int, comm: Any) -> Tensor:
+        group = SpatialGroup(comm, rank, 3)
+        return SpatialECR.from_ecr(ecr, group).select_hard_band(aux_bands[rank])[0]
+
+    chosen = run_threads(3, work)
+    assert sum(c.numel() for c in chosen) == wanted == 8
+    # all 16 margins of 0 tie; the first 8 in scene order are taken: the two top bands' 4 each
+    assert [c.numel() for c in chosen] == [4, 4, 0]
