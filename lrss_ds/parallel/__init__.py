@@ -23,6 +23,17 @@ Usage (every rank, inside an initialised process group)::
     start, stop = band_bounds(H, size, model.pad_multiple)[rank]
     loss = SpatialLoss(loss_fn, group)(model(image[..., start:stop, :]), label[..., start:stop, :])
     loss.backward()                                   # then sum the parameter gradients over the group
+
+Under DeepSpeed the sum is ZeRO's own gradient reduction: ``deepspeed.initialize(mpu=
+SpatialTopology(N))`` (``lrss_ds.engine.spatial_groups``) makes the spatial groups DeepSpeed's
+sequence-parallel groups, and ``engine.seq_parallel_group`` is the group to pass here.
+
+Halo exchange is point-to-point (``comm.exchange``) rather than an ``all_gather`` of boundary
+rows: each rank moves only the rows its neighbours read (an all_gather would bring every
+rank's boundary rows to every rank, N times the traffic), band heights may differ (all_gather
+needs equal shapes), a halo taller than a neighbour's band is served by every rank it lies on,
+and the backward is the mirror exchange: each halo row's gradient goes back to its owner and is
+added there, with no reduction.
 """
 
 from __future__ import annotations
