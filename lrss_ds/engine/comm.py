@@ -9,7 +9,7 @@ than one rank there is nothing to communicate, and each function returns this ra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,39 @@ def all_reduce(tensor: torch.Tensor, op: Any = None, group: Any = None) -> torch
     buffer = tensor.to(collective_device())
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return buffer.to(tensor.device)
+
+
+def exchange(
+    sends: Mapping[int, torch.Tensor],
+    receives: Mapping[int, Sequence[int]],
+    like: torch.Tensor,
+    group: Any = None,
+) -> dict[int, torch.Tensor]:
+    """Point-to-point: send each ``sends[peer]`` to ``peer`` and receive ``receives[peer]``-shaped tensors.
+
+    Only the ranks named take part (not a collective over ``group``); every send must meet a
+    receive of the same shape on its peer. All transfers of one call run at once
+    (``batch_isend_irecv``), so two ranks that send to each other do not wait on each other.
+
+    Args:
+        sends: ``{group rank: tensor}`` to send (any device; sent from :func:`collective_device`).
+        receives: ``{group rank: shape}`` to receive.
+        like: the received tensors take its dtype and device.
+        group: process group (default: the world); peers are ranks within it.
+
+    Returns:
+        ``{group rank: received tensor}`` on ``like``'s device.
+    """
+    if not sends and not receives:
+        return {}
+    device = collective_device()
+    outgoing = {peer: tensor.to(device).contiguous() for peer, tensor in sends.items()}
+    incoming = {peer: torch.empty(tuple(shape), dtype=like.dtype, device=device) for peer, shape in receives.items()}
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for peer, t in outgoing.items()]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for peer, t in incoming.items()]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return {peer: t.to(like.device) for peer, t in incoming.items()}
 
 
 def any_rank(flag: bool) -> bool:

@@ -239,6 +239,19 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks share the work besides data parallelism.
+
+    Args:
+        spatial: ranks that split each scene into horizontal bands and compute the one-rank
+            loss and gradients together (``lrss_ds.parallel``); the world is ``spatial x data``.
+            1: each rank holds whole scenes.
+    """
+
+    spatial: int = 1
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: everything a run needs besides the DeepSpeed JSON it names."""
 
@@ -250,6 +263,7 @@ class ExperimentConfig:
     deepspeed: DeepSpeedConfigRef = field(default_factory=DeepSpeedConfigRef)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Where the YAML was read from; resolves ``deepspeed.config``. Not a YAML key.
     source: str = field(default="", metadata={"internal": True})
     # Dotted key -> the ``key=value`` command-line item that set it. Not a YAML key.
@@ -471,6 +485,7 @@ def _check_values(config: ExperimentConfig, where: Callable[[str], str]) -> None
         "data.patch_size": config.data.patch_size,
         "data.patches_per_scene": config.data.patches_per_scene,
         "data.prefetch": config.data.prefetch,
+        "parallel.spatial": config.parallel.spatial,
     }
     non_negative = {
         "train.eval_every": config.train.eval_every,
@@ -504,6 +519,25 @@ def _check_values(config: ExperimentConfig, where: Callable[[str], str]) -> None
     if sorted(config.schedule.milestones) != config.schedule.milestones:
         raise ConfigError(where("schedule.milestones"), "must be increasing")
     _check_train_features(config, where)
+    _check_spatial(config, where)
+
+
+def _check_spatial(config: ExperimentConfig, where: Callable[[str], str]) -> None:
+    """Refuse ``parallel.spatial > 1`` with a model, data mode or memory lever that cannot split a scene."""
+    if config.parallel.spatial == 1:
+        return
+    from lrss_ds.parallel.convert import SUPPORTED
+
+    key = where("parallel.spatial")
+    if config.model.name not in SUPPORTED:
+        raise ConfigError(key, f"model {config.model.name!r} has no spatial version (supported: {list(SUPPORTED)}); set 1")
+    if config.model.options.get("mode", "holistic") != "holistic":
+        raise ConfigError(key, f"needs model mode holistic, got {config.model.options['mode']!r}; set 1")
+    if config.data.mode != "whole":
+        raise ConfigError(key, f"splits whole scenes; data.mode is {config.data.mode!r}; set 1")
+    if config.memory.stem_band_rows is not None:
+        raise ConfigError(key, "the banded stem (memory.stem_band_rows) does not split over ranks; set one of them off")
+    raise ConfigError(key, "the trainer does not run spatial groups yet (lrss_ds.parallel has the layers); set 1")
 
 
 def _check_train_features(config: ExperimentConfig, where: Callable[[str], str]) -> None:

@@ -164,6 +164,18 @@ def upsample_logits(logits: Tensor, padded: tuple[int, int], input_size: tuple[i
     return crop_to(logits, input_size)
 
 
+class Resize(nn.Module):
+    """Bilinear resizing (align_corners=False) as a module, so that a model's resampling can be swapped.
+
+    Spatial parallelism (``lrss_ds.parallel``) replaces it with a version that reads the rows
+    it needs across band boundaries; a plain function call inside a forward could not be.
+    """
+
+    def forward(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        """``(B, C, h, w) -> (B, C, *size)``."""
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class SegHead(nn.Module):
     """A light per-pixel head: 1x1 conv-BN-ReLU then 1x1 to classes (HRNetV2's head when ``channels`` equals ``in_channels``).
 

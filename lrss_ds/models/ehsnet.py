@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegHead, SegmentationModel
+from lrss_ds.models.base import Resize, SegHead, SegmentationModel
 from lrss_ds.models.ecr import ECRModule
 from lrss_ds.models.hrnet import HRNet, concat_branches, hrnet_width
 from lrss_ds.models.lrd import LRDModule
@@ -138,6 +138,7 @@ class EHSNet(SegmentationModel):
             except ValueError as error:
                 raise ConfigError("ecr", str(error)) from error
         self.head = SegHead(lrd_d, num_classes, hidden)
+        self.resize = Resize()
 
     def _ecr_on_valid(self, features: Tensor, aux_logits: Tensor, valid: tuple[int, int]) -> Tensor:
         """ECR on the positions covering the input; the padding margin passes through.
@@ -167,10 +168,11 @@ class EHSNet(SegmentationModel):
         """
         input_size, padded = self.sizes(x)
         features = self.backbone(x, input_transform=self.prepare_input)
+        resize = getattr(self, "resize", None)  # getattr: models pickled before the slot existed
         if isinstance(self.lrd, LRDModule):
-            f_in = self.lrd(*features, merge=lambda *fs: concat_branches(list(fs)))
+            f_in = self.lrd(*features, merge=lambda *fs: concat_branches(list(fs), resize))
         else:
-            f_in = self.segment("lrd", lambda *fs: self.lrd(concat_branches(list(fs))), *features)
+            f_in = self.segment("lrd", lambda *fs: self.lrd(concat_branches(list(fs), resize)), *features)
         aux_logits = self.segment("aux_head", self.aux_head, f_in)
         f_out = f_in
         if self.ecr is not None:

@@ -6,11 +6,10 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import Segmented
+from lrss_ds.models.base import Resize, Segmented
 
 # Stage layout of HRNetV2 (Wang et al., TPAMI 2020), the same for every width:
 # (number of HR modules, number of branches, BasicBlocks per branch).
@@ -117,10 +116,12 @@ class HighResolutionModule(nn.Module):
             fuse_layers.append(nn.ModuleList(row))
         self.fuse_layers = nn.ModuleList(fuse_layers)
         self.relu = nn.ReLU(inplace=True)
+        self.resize = Resize()
 
     def forward(self, *xs: Tensor) -> list[Tensor]:
         """Branch maps ``(B, c_i, H / 2^i, W / 2^i)`` in, the same shapes out (as a list)."""
         xs = tuple(branch(x) for branch, x in zip(self.branches, xs))
+        resize = getattr(self, "resize", None) or Resize()  # getattr: models pickled before the slot existed
         fused = []
         for i, row in enumerate(self.fuse_layers):
             y = xs[i]
@@ -129,7 +130,7 @@ class HighResolutionModule(nn.Module):
                     continue
                 z = layer(xs[j])
                 if j > i:
-                    z = F.interpolate(z, size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
+                    z = resize(z, xs[i].shape[-2:])
                 y = y + z
             fused.append(self.relu(y))
         return fused
@@ -332,15 +333,17 @@ def hrnet_width(backbone: str) -> int:
     return names[backbone]
 
 
-def concat_branches(features: list[Tensor]) -> Tensor:
+def concat_branches(features: list[Tensor], resize: Callable[[Tensor, torch.Size], Tensor] | None = None) -> Tensor:
     """HRNetV2's representation: every branch upsampled to the first one's size, concatenated.
 
     Args:
         features: ``[(B, c_i, h / 2^i, w / 2^i)]`` branch maps.
+        resize: ``resize(x, size)``, the bilinear upsampling (default: :class:`Resize`'s).
 
     Returns:
         ``(B, sum c_i, h, w)``.
     """
     size = features[0].shape[-2:]
-    ups = [features[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]]
+    resize = resize or Resize()
+    ups = [features[0]] + [resize(f, size) for f in features[1:]]
     return torch.cat(ups, dim=1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegHead, SegmentationModel
+from lrss_ds.models.base import Resize, SegHead, SegmentationModel
 from lrss_ds.models.hrnet import HRNet, concat_branches, hrnet_width
 
 MODES: tuple[str, ...] = ("holistic", "patch", "downsampled")
@@ -86,6 +86,7 @@ class HRNetFCN(SegmentationModel):
         self.backbone = HRNet(hrnet_width(backbone), in_channels, output_stride)
         # HRNetV2's head: 1x1 conv-BN-ReLU keeping the concatenated width, then 1x1 to classes
         self.head = SegHead(sum(self.backbone.out_channels), num_classes, sum(self.backbone.out_channels))
+        self.resize = Resize()
         self.output_stride = output_stride * self.downsample
         self.pad_multiple = self.backbone.total_stride * self.downsample
 
@@ -105,7 +106,7 @@ class HRNetFCN(SegmentationModel):
         """
         input_size, padded = self.sizes(x)
         features = self.backbone(x, input_transform=self._input)
-        logits = self.segment("head", lambda *fs: self.head(concat_branches(list(fs))), *features)
+        logits = self.segment("head", lambda *fs: self.head(concat_branches(list(fs), getattr(self, "resize", None))), *features)
         return self.outputs(logits, [], input_size, padded)
 
     def segment_plan(self, granularity: str) -> list[str]:

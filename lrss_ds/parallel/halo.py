@@ -1,0 +1,226 @@
+"""Halo exchange: the rows a layer reads across a band boundary, sent to and from their owners."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrss_ds.models.base import Resize
+from lrss_ds.models.large_kernel import DepthwiseConv2d, depthwise_conv2d
+from lrss_ds.parallel.group import SpatialGroup
+
+Transfers = dict[int, tuple[int, int]]
+"""``{peer: (first, stop)}`` half-open row ranges (local rows of the sender's band)."""
+
+
+def _transfers(rows: list[int], me: int, top: int, bottom: int) -> tuple[Transfers, Transfers, int, int]:
+    """Who sends which rows to whom so that every band gains ``top``/``bottom`` rows of halo.
+
+    Returns:
+        ``(sends, receives, first, stop)``: rows of this band each peer needs (local rows),
+        rows each peer sends here (the peer's local rows), and the global rows
+        ``[first, stop)`` this band's extended block covers (the halo clipped to the scene).
+    """
+    starts = [sum(rows[:r]) for r in range(len(rows) + 1)]
+    height = starts[-1]
+
+    def need(rank: int) -> tuple[int, int]:
+        return max(starts[rank] - top, 0), min(starts[rank + 1] + bottom, height)
+
+    sends: Transfers = {}
+    receives: Transfers = {}
+    for peer in range(len(rows)):
+        if peer == me:
+            continue
+        first, stop = need(peer)
+        a, b = max(first, starts[me]), min(stop, starts[me + 1])
+        if a < b:
+            sends[peer] = (a - starts[me], b - starts[me])
+        first, stop = need(me)
+        a, b = max(first, starts[peer]), min(stop, starts[peer + 1])
+        if a < b:
+            receives[peer] = (a - starts[peer], b - starts[peer])
+    first, stop = need(me)
+    return sends, receives, first, stop
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Extend a band by its neighbours' rows; backward returns each halo row's gradient to its owner."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: SpatialGroup, rows: list[int], top: int, bottom: int) -> Tensor:  # type: ignore[override]
+        sends, receives, _, _ = _transfers(rows, group.rank, top, bottom)
+        got = group.comm.exchange(
+            {peer: x[:, :, a:b] for peer, (a, b) in sends.items()},
+            {peer: (*x.shape[:2], b - a, x.shape[3]) for peer, (a, b) in receives.items()},
+            x,
+            group.group,
+        )
+        above = [got[peer] for peer in sorted(got) if peer < group.rank]
+        below = [got[peer] for peer in sorted(got) if peer > group.rank]
+        ctx.group, ctx.sends, ctx.receives = group, sends, receives
+        ctx.above = sum(t.shape[2] for t in above)
+        ctx.band = x.shape[2]
+        return torch.cat([*above, x, *below], dim=2) if got else x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        group: SpatialGroup = ctx.group
+        # the forward concatenated [peers above..., own band, peers below...]
+        offsets, start = {}, 0
+        for peer in sorted(p for p in ctx.receives if p < group.rank):
+            a, b = ctx.receives[peer]
+            offsets[peer] = (start, start + b - a)
+            start += b - a
+        start += ctx.band
+        for peer in sorted(p for p in ctx.receives if p > group.rank):
+            a, b = ctx.receives[peer]
+            offsets[peer] = (start, start + b - a)
+            start += b - a
+        returned = group.comm.exchange(
+            {peer: grad[:, :, a:b] for peer, (a, b) in offsets.items()},
+            {peer: (*grad.shape[:2], b - a, grad.shape[3]) for peer, (a, b) in ctx.sends.items()},
+            grad,
+            group.group,
+        )
+        grad_band = grad[:, :, ctx.above : ctx.above + ctx.band].clone()
+        for peer, (a, b) in ctx.sends.items():
+            grad_band[:, :, a:b] += returned[peer]
+        return grad_band, None, None, None, None
+
+
+def halo_rows(x: Tensor, group: SpatialGroup, top: int, bottom: int) -> tuple[Tensor, int, int]:
+    """This band with up to ``top`` rows above and ``bottom`` below from the ranks that own them.
+
+    Rows beyond the scene's edges do not exist and are not added; the caller pads for them.
+    Works for halos taller than a neighbour's band (rows come from every rank they lie on).
+    Every rank of the group must call it with the same ``top``/``bottom`` at the same point.
+
+    Args:
+        x: ``(B, C, h, W)`` this rank's band at some resolution.
+        group: the spatial group (after :meth:`SpatialGroup.begin`).
+        top: halo rows wanted above.
+        bottom: halo rows wanted below.
+
+    Returns:
+        ``(block, missing_top, missing_bottom)``: ``block (B, C, h + top + bottom - missing, W)``
+        and the halo rows that fell outside the scene at each end.
+    """
+    rows = group.level_rows(x.shape[2])
+    _, _, first, stop = _transfers(rows, group.rank, top, bottom)
+    start = sum(rows[: group.rank])
+    missing_top = top - (start - first)
+    missing_bottom = bottom - (stop - start - rows[group.rank])
+    if top == 0 and bottom == 0:
+        return x, 0, 0
+    return _HaloExchange.apply(x, group, rows, top, bottom), missing_top, missing_bottom
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+class HaloConv2d(nn.Conv2d):
+    """A ``Conv2d`` over a band that reads its neighbours' rows inside its receptive field.
+
+    Any kernel, stride, dilation and groups with zero padding given as numbers. Output row ``o``
+    of the scene reads input rows ``o * s - p + j * d`` (``j < k``); this band's outputs start at
+    ``start / s``, so the band takes ``p`` rows from above and ``(k - 1) d + 1 - s - p`` from below,
+    pads only where those rows fall outside the scene, and convolves with no padding in height.
+    Band heights must be multiples of the stride (:func:`band_bounds` guarantees it).
+
+    Build with :meth:`from_conv`; ``spatial`` is the :class:`SpatialGroup`.
+    """
+
+    spatial: SpatialGroup
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, group: SpatialGroup) -> "HaloConv2d":
+        """The spatial version of ``conv``, holding ``conv``'s own parameters.
+
+        Raises:
+            ValueError: string padding or a padding mode other than zeros.
+        """
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"spatial convolution needs numeric zero padding, got {conv.padding!r}/{conv.padding_mode}")
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, device="meta",
+        )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        new.spatial = group
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, h, W)`` band in, ``(B, C', h / s, W')`` band out."""
+        (k, _), (s, _), (p, pw), (d, _) = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        if x.shape[2] % s:
+            raise RuntimeError(f"spatial rank {self.spatial.rank}: a band of {x.shape[2]} rows under a stride-{s} conv")
+        bottom = (k - 1) * d + 1 - s - p
+        block, missing_top, missing_bottom = halo_rows(x, self.spatial, p, max(bottom, 0))
+        if missing_top or missing_bottom:
+            block = F.pad(block, (0, 0, missing_top, missing_bottom))
+        out = F.conv2d(block, self.weight, self.bias, self.stride, (0, pw), self.dilation, self.groups)
+        return out[:, :, : x.shape[2] // s]
+
+
+class HaloDepthwiseConv2d(DepthwiseConv2d):
+    """The LRD's ``K x K`` depth-wise 'same' convolution over a band, with ``K // 2`` halo rows each side.
+
+    The block (band and halos, zero rows beyond the scene) runs through the same
+    :func:`depthwise_conv2d` method as one rank, and the band's own rows are kept.
+    Build with :meth:`from_depthwise`; ``spatial`` is the :class:`SpatialGroup`.
+    """
+
+    spatial: SpatialGroup
+
+    @classmethod
+    def from_depthwise(cls, conv: DepthwiseConv2d, group: SpatialGroup) -> "HaloDepthwiseConv2d":
+        """The spatial version of ``conv``, holding its parameters."""
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)
+        new.spatial = group
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, h, W) -> (B, C, h, W)``."""
+        halo = self.kernel_size // 2
+        block, missing_top, missing_bottom = halo_rows(x, self.spatial, halo, halo)
+        if missing_top or missing_bottom:
+            block = F.pad(block, (0, 0, missing_top, missing_bottom))
+        out = depthwise_conv2d(block, self.weight, self.bias, self.method)
+        return out[:, :, halo : halo + x.shape[2]]
+
+
+class SpatialResize(Resize):
+    """Bilinear resizing (align_corners=False) of a band by an integer factor in height.
+
+    Output row ``o`` of the scene reads input rows ``floor((o + 0.5) / f - 0.5)`` and the next,
+    so each band takes one row from each neighbour, resamples the block by the same factor (the
+    source coordinates shift by whole rows, so the weights are the scene's) and keeps its own rows.
+    At the scene's edges the block ends where the scene does, which gives the same clamping.
+    """
+
+    def __init__(self, group: SpatialGroup) -> None:
+        super().__init__()
+        self.spatial = group
+
+    def forward(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+        """``(B, C, h, W)`` band to ``(B, C, size[0], size[1])``; ``size[0]`` a multiple of ``h``."""
+        rows, width = int(size[0]), int(size[1])
+        if rows == x.shape[2]:
+            return super().forward(x, (rows, width))
+        if rows % x.shape[2]:
+            raise RuntimeError(
+                f"spatial resize from {x.shape[2]} to {rows} rows: only whole-number upsampling is exchanged"
+            )
+        factor = rows // x.shape[2]
+        block, missing_top, _ = halo_rows(x, self.spatial, 1, 1)
+        out = super().forward(block, (block.shape[2] * factor, width))
+        offset = (1 - missing_top) * factor
+        return out[:, :, offset : offset + rows]
