@@ -53,6 +53,8 @@ METHODS: dict[str, Method] = {
         Method("GLNet", "glnet", {}, "whole", "ce"),
         Method("GLSNet", "glsnet", {}, "whole", "focal"),
         Method("EHSNet", "ehsnet", {}, "whole", "ehsnet"),
+        Method("MagNet", "magnet", {}, "whole", "ce"),
+        Method("FCtL", "fctl", {}, "whole", "ce"),
     )
 }
 
@@ -74,6 +76,10 @@ def options_for(method: Method, patch: int) -> dict[str, Any]:
         # As in GLNet: the global view is the whole image downsampled to one patch's size.
         options["crop_size"] = patch
         options["global_size"] = patch
+    elif method.model in ("magnet", "fctl"):
+        # MagNet: full-resolution crops, the coarsest scale the whole image at one crop's size;
+        # FCtL: local crops with their 2x and 3x contexts.
+        options["crop_size"] = patch
     return options
 
 

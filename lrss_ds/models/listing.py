@@ -23,6 +23,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("hrnet_fcn", {"mode": "downsampled", "downsample": 4}),
     ("glsnet", {}),
     ("glnet", {}),
+    ("magnet", {}),
+    ("fctl", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only

@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _workloads import METHODS  # noqa: E402
+from memory_time import TWO_VIEW_MODELS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +71,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     report, tmp_path = _report(quick_reports, "memory_time")
     rows = report["rows"]
     methods = {r["method"] for r in rows}
-    assert methods == {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet"}
+    assert methods == set(METHODS)
     assert [r["memory_mode"] for r in rows if r["method"] == "EHSNet"] == ["none", "ckpt_stage"]
     for row in rows:
         for key in ("method", "memory_mode", "size", "miou", "miou_source", "device_peak_mib",
@@ -84,7 +88,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     assert {r["method"] for r in inference} == methods
     for row in inference:
         _measured(row, ["global_miou", "global_peak_mib", "global_s"])
-        if row["method"] not in ("GLNet", "GLSNet"):
+        if METHODS[row["method"]].model not in TWO_VIEW_MODELS:
             _measured(row, ["local_miou", "local_peak_mib", "local_s"])
     assert report["papers"]["ehsnet_table3"]["rows"][-1]["method"] == "EHSNet"
     assert "THEIR figures" in (tmp_path / "memory_time.md").read_text()

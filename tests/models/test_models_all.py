@@ -16,6 +16,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "hrnet_fcn": {},
     "glsnet": {"crop_size": 64, "d_model": 32},
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
+    "magnet": {"crop_size": 64, "depth": 18, "fpn_width": 32},
+    "fctl": {"crop_size": 64, "depth": 18, "fpn_width": 32, "corr_width": 32, "key_width": 16},
 }
 CLASSES, BANDS = 3, 4
 # Odd sizes (not multiples of any stride); the paper's model gets the larger one.
