@@ -316,9 +316,12 @@ class MagNet(SegmentationModel):
         # of the padded image (a whole number of points: crops are multiples of 32, windows of
         # at most 8 crops).
         scale = grid.crop[0] // map_size[0]
-        keep_size = (padded[0] // scale, padded[1] // scale)
-        return tuple(stitch(torch.cat(m), grid, batch)[..., : keep_size[0], : keep_size[1]]
-                     for m in (merged, seg, refined))  # type: ignore[return-value]
+        rows, cols = padded[0] // scale, padded[1] // scale
+
+        def whole(parts: list[Tensor]) -> Tensor:
+            return stitch(torch.cat(parts), grid, batch)[..., :rows, :cols]
+
+        return whole(merged), whole(seg), whole(refined)
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Any]:
         """Segment whole images coarse to fine.
