@@ -55,6 +55,8 @@ METHODS: dict[str, Method] = {
         Method("EHSNet", "ehsnet", {}, "whole", "ehsnet"),
         Method("ISDNet", "isdnet", {}, "whole", "isdnet"),
         Method("STDC", "stdc", {}, "whole", "stdc"),
+        Method("MagNet", "magnet", {}, "whole", "ce"),
+        Method("FCtL", "fctl", {}, "whole", "ce"),
     )
 }
 
@@ -76,6 +78,10 @@ def options_for(method: Method, patch: int) -> dict[str, Any]:
         # As in GLNet: the global view is the whole image downsampled to one patch's size.
         options["crop_size"] = patch
         options["global_size"] = patch
+    elif method.model in ("magnet", "fctl"):
+        # MagNet: full-resolution crops, the coarsest scale the whole image at one crop's size;
+        # FCtL: local crops with their 2x and 3x contexts.
+        options["crop_size"] = patch
     return options
 
 

@@ -58,6 +58,8 @@ QUICK_EHSNET_MODES = ["none", "ckpt_stage"]
 # Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
 # helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
 TWO_VIEW_MODELS = {"glnet", "glsnet"}
+# MagNet and FCtL cut their own windows too (scales / contexts): no sliding-window "local" view.
+TWO_VIEW_MODELS |= {"magnet", "fctl"}
 FP32_EQUAL = {"none", "ckpt_stage", "ckpt_block", "ckpt_fine", "ckpt_offload", "zero2_offload", "zero3_offload",
               "fullres_fp32"}
 

@@ -16,10 +16,12 @@ from typing import Any, Callable, Sequence
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel
 from lrss_ds.models.ehsnet import EHSNet
+from lrss_ds.models.fctl import build_fctl
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
 from lrss_ds.models.isdnet import ISDNet
+from lrss_ds.models.magnet import build_magnet
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
 from lrss_ds.models.stdc import STDCSeg
 
@@ -32,6 +34,8 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "glnet": build_glnet,
     "isdnet": ISDNet,
     "stdc": STDCSeg,
+    "magnet": build_magnet,
+    "fctl": build_fctl,
 }
 
 
@@ -61,7 +65,8 @@ def build_model(
     """Build the model called ``name``; ``build_model(**model.config())`` rebuilds a model.
 
     Args:
-        name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``).
+        name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
+            ``magnet``, ``fctl``, ...).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel, refuse_unknown_options
+from lrss_ds.models.multiscale import fit_longer_side
 from lrss_ds.models.resnet import LAYOUTS, ResNet
 from lrss_ds.models.tiling import TILE_MULTIPLE, Tiling, crop_raw, image_mask, plan_tiling, stitch
 
@@ -241,9 +242,7 @@ class GLNet(SegmentationModel):
 
     def global_input_size(self, padded: tuple[int, int]) -> tuple[int, int]:
         """Size of the downsampled global input for a padded image (sides multiples of 32)."""
-        scale = min(1.0, self.global_size / max(padded))
-        height, width = (max(TILE_MULTIPLE, round(s * scale / TILE_MULTIPLE) * TILE_MULTIPLE) for s in padded)
-        return height, width
+        return fit_longer_side(padded, self.global_size, TILE_MULTIPLE)
 
     def param_groups(self, lr_global: float, lr_local: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups with GLNet's two learning rates.

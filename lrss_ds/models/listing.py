@@ -25,6 +25,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("glnet", {}),
     ("isdnet", {}),
     ("stdc", {}),
+    ("magnet", {}),
+    ("fctl", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only

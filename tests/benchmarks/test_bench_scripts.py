@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _workloads import METHODS  # noqa: E402
+from memory_time import TWO_VIEW_MODELS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +74,8 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     sys.path.insert(0, str(BENCH))
     from _workloads import METHODS
 
-    assert methods == set(METHODS)  # every compared method, ISDNet and STDC included
-    assert {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet", "ISDNet", "STDC"} <= methods
+    assert methods == set(METHODS)  # every compared method, the added methods included
+    assert {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet", "ISDNet", "STDC", "MagNet", "FCtL"} <= methods
     assert [r["memory_mode"] for r in rows if r["method"] == "EHSNet"] == ["none", "ckpt_stage"]
     for row in rows:
         for key in ("method", "memory_mode", "size", "miou", "miou_source", "device_peak_mib",
@@ -88,7 +92,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     assert {r["method"] for r in inference} == methods
     for row in inference:
         _measured(row, ["global_miou", "global_peak_mib", "global_s"])
-        if row["method"] not in ("GLNet", "GLSNet"):
+        if METHODS[row["method"]].model not in TWO_VIEW_MODELS:
             _measured(row, ["local_miou", "local_peak_mib", "local_s"])
     assert report["papers"]["ehsnet_table3"]["rows"][-1]["method"] == "EHSNet"
     assert "THEIR figures" in (tmp_path / "memory_time.md").read_text()

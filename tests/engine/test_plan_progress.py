@@ -17,6 +17,7 @@ import pytest
 import lrss_ds.engine.plan as plan
 from lrss_ds.engine.isolated import IsolatedRun
 from lrss_ds.cli import main
+from lrss_ds.models import MODEL_BUILDERS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def test_unknown_model_is_refused_before_any_probe(
     assert main(["plan", "--model", "ehsnett", "--size", "512", "--cache", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("lrss-ds plan: error: --model: unknown model 'ehsnett'") and "\n" not in err, err
-    assert "ehsnet, glnet, glsnet, hrnet_fcn" in err, err
+    assert ", ".join(sorted(MODEL_BUILDERS)) in err, err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,6 +20,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
     "isdnet": {"channels": 32, "shallow_base": 16, "relation_groups": 4},
     "stdc": {"base": 16, "context_channels": 32},
+    "magnet": {"crop_size": 64, "depth": 18, "fpn_width": 32},
+    "fctl": {"crop_size": 64, "depth": 18, "fpn_width": 32, "corr_width": 32, "key_width": 16},
 }
 BANDS = 4
 

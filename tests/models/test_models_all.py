@@ -20,6 +20,8 @@ SMALL: dict[str, dict[str, Any]] = {
     # first step (by design); a non-zero gate lets this test see that they are connected.
     "isdnet": {"channels": 32, "shallow_base": 16, "relation_groups": 4, "gate_init": 0.5},
     "stdc": {"base": 16, "context_channels": 32},
+    "magnet": {"crop_size": 64, "depth": 18, "fpn_width": 32},
+    "fctl": {"crop_size": 64, "depth": 18, "fpn_width": 32, "corr_width": 32, "key_width": 16},
 }
 # Train-mode outputs beyond the contract's, read by the models' auxiliary loss terms.
 EXTRA_OUTPUTS: dict[str, set[str]] = {"isdnet": {"sr", "affinity"}, "stdc": {"detail"}}
