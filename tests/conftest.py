@@ -10,6 +10,11 @@ import pytest
 
 # DeepSpeed probes for an accelerator at import; on CPU-only machines say so up front.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# pytest-xdist workers split the cores (set before any test imports torch; children inherit it):
+# two workers each running OpenMP with every core would spin on descheduled threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 _STARTED = pytest.StashKey[float]()
 # band statistics of the stand_in_checkpoints runs (3 uint8 bands)
