@@ -18,30 +18,17 @@ from lrss_ds.data.rasters import open_geotiff
 from lrss_ds.engine.model_io import load_model, load_state, resolve_checkpoint
 from lrss_ds.engine.inference import Predictor, predictor_for, ramp, window_starts
 from lrss_ds.errors import InputFileError
+from tests.conftest import STAND_IN_MEAN, STAND_IN_STD
 from tests.engine.test_predict_helpers import DATASET, build_stand_in, make_checkpoints, one_line_error, write_geotiff
 
 RGB_BYTE = Path("/work/shared/realdata/rasterio_rgb_byte/RGB.byte.tif")
-MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
+MEAN, STD = STAND_IN_MEAN, STAND_IN_STD
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+@pytest.fixture
+def runs(stand_in_checkpoints: dict[str, Path]) -> dict[str, Path]:
     """Real DeepSpeed checkpoints: ZeRO-1 pointwise, ZeRO-0 context, ZeRO-1 patch-mode, ZeRO-3 pointwise."""
-    root = tmp_path_factory.mktemp("runs")
-    specs: list[dict[str, Any]] = [
-        dict(run_dir=str(root / "point"), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=1),
-        dict(run_dir=str(root / "context"), config=dict(name="contextnet", num_classes=3, in_channels=3), stage=0),
-        dict(
-            run_dir=str(root / "patch"),
-            config=dict(name="pointnet", num_classes=3, in_channels=3, mode="patch", patch_size=32),
-            stage=1,
-        ),
-        dict(run_dir=str(root / "point3"), config=dict(name="pointnet", num_classes=3, in_channels=3), stage=3),
-    ]
-    for spec in specs:
-        spec.update(input_dtype="uint8", band_mean=MEAN, band_std=STD)
-    make_checkpoints(specs)
-    return {name: root / name for name in ("point", "context", "patch", "point3")}
+    return stand_in_checkpoints
 
 
 @pytest.fixture(autouse=True)

@@ -15,29 +15,15 @@ from lrss_ds.cli import main
 from lrss_ds.engine.evaluate import encode_label
 from lrss_ds.engine.model_io import load_model
 from lrss_ds.errors import InputFileError
-from tests.engine.test_predict_helpers import DATASET, build_stand_in, make_checkpoints, write_geotiff
+from tests.engine.test_predict_helpers import DATASET, build_stand_in, write_geotiff
 
-MEAN, STD = [90.0, 100.0, 110.0], [40.0, 45.0, 50.0]
 TRANSFORM = rasterio.Affine(2.0, 0.0, 300000.0, 0.0, -2.0, 5000000.0)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def run(stand_in_checkpoints: dict[str, Path]) -> Path:
     """A real ZeRO-1 DeepSpeed checkpoint of the pointwise stand-in."""
-    root = tmp_path_factory.mktemp("eval_run")
-    make_checkpoints(
-        [
-            dict(
-                run_dir=str(root),
-                config=dict(name="pointnet", num_classes=3, in_channels=3),
-                stage=1,
-                input_dtype="uint8",
-                band_mean=MEAN,
-                band_std=STD,
-            )
-        ]
-    )
-    return root
+    return stand_in_checkpoints["point"]
 
 
 @pytest.fixture(autouse=True)
