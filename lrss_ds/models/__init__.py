@@ -11,6 +11,7 @@ from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
+from lrss_ds.models.smp_adapter import SmpModel, TorchvisionFCN
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
 # band_std=None, **options) returning a SegmentationModel.
@@ -19,6 +20,8 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "hrnet_fcn": HRNetFCN,
     "glsnet": build_glsnet,
     "glnet": build_glnet,
+    "smp": SmpModel,
+    "tv_fcn": TorchvisionFCN,
 }
 
 
@@ -33,7 +36,8 @@ def build_model(
     """Build the model called ``name``; ``build_model(**model.config())`` rebuilds a model.
 
     Args:
-        name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``).
+        name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
+            ``smp``, ``tv_fcn``).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

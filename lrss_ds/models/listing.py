@@ -23,6 +23,13 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("hrnet_fcn", {"mode": "downsampled", "downsample": 4}),
     ("glsnet", {}),
     ("glnet", {}),
+    ("smp", {"arch": "unet", "encoder": "resnet50"}),
+    ("smp", {"arch": "pspnet", "encoder": "resnet50"}),
+    ("smp", {"arch": "deeplabv3plus", "encoder": "resnet50"}),
+    ("smp", {"arch": "fpn", "encoder": "resnet50"}),
+    ("smp", {"arch": "upernet", "encoder": "resnet50"}),
+    ("smp", {"arch": "segformer", "encoder": "mit_b2"}),
+    ("tv_fcn", {"backbone": "resnet50"}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only
@@ -157,8 +164,12 @@ def run(args: argparse.Namespace) -> int:
     for name, options in VARIANTS:
         if name not in MODEL_BUILDERS:
             continue
-        cost = model_cost(name, args.classes, args.bands, size, **options)
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"
+        try:
+            cost = model_cost(name, args.classes, args.bands, size, **options)
+        except ConfigError as error:  # a library model whose package is missing or broken here
+            print(f"{name:<10} {shown:<42} {'n/a':>10} {'':>3} {'n/a':>10}  {error}")
+            continue
         flops = f"{cost.flops / 1e9:10.1f}" if cost.flops is not None else f"{'n/a':>10}"
         flops += f"  {cost.note}" if cost.note else ""
         print(f"{name:<10} {shown:<42} {cost.parameters / 1e6:10.2f} {cost.output_stride:>3} {flops}")

@@ -11,6 +11,7 @@ from torch import nn
 from lrss_ds.memory.banded_inference import banded_eval, receptive_radius, row_logits, run_in_row_bands
 from lrss_ds.models import MODEL_BUILDERS, build_model
 from lrss_ds.models.base import SegmentationModel
+from tests.models.test_models_smp import skip_if_unavailable
 
 # Light options per model (as tests/models/test_models_all.py), 24 classes as in the paper.
 SMALL: dict[str, dict[str, Any]] = {
@@ -18,12 +19,15 @@ SMALL: dict[str, dict[str, Any]] = {
     "hrnet_fcn": {},
     "glsnet": {"crop_size": 64, "d_model": 32},
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
+    "smp": {"arch": "unet", "encoder": "resnet18"},
+    "tv_fcn": {},
 }
 BANDS = 4
 
 
 def eval_model(name: str, classes: int = 5, seed: int = 0, **extra: Any) -> SegmentationModel:
     """A small model in eval mode whose BatchNorms hold non-trivial running statistics."""
+    skip_if_unavailable(name)
     torch.manual_seed(seed)
     model = build_model(name, classes, BANDS, band_mean=[100.0] * BANDS, band_std=[50.0] * BANDS,
                         **{**SMALL[name], **extra})

@@ -9,6 +9,7 @@ import torch
 
 from lrss_ds.models import MODEL_BUILDERS, build_model
 from lrss_ds.models.base import GRANULARITIES, SegmentationModel, set_segment_runner, upsample_logits
+from tests.models.test_models_smp import skip_if_unavailable
 
 # Light options per model so the whole file runs in seconds; the architecture is the same.
 SMALL: dict[str, dict[str, Any]] = {
@@ -16,6 +17,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "hrnet_fcn": {},
     "glsnet": {"crop_size": 64, "d_model": 32},
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
+    "smp": {"arch": "unet", "encoder": "resnet18"},
+    "tv_fcn": {},
 }
 CLASSES, BANDS = 3, 4
 # Odd sizes (not multiples of any stride); the paper's model gets the larger one.
@@ -24,6 +27,7 @@ SMALL_ODD = (45, 67)
 
 
 def _model(name: str, seed: int = 0) -> SegmentationModel:
+    skip_if_unavailable(name)
     torch.manual_seed(seed)
     return build_model(name, CLASSES, BANDS, band_mean=[100.0] * BANDS, band_std=[50.0] * BANDS, **SMALL.get(name, {}))
 
