@@ -48,7 +48,7 @@ from _harness import (  # noqa: E402
     set_child_threads,
     write_report,
 )
-from _workloads import METHODS, options_for  # noqa: E402
+from _workloads import METHODS, options_for, unavailable  # noqa: E402
 
 from lrss_ds.engine.plan import PLAN_MODES  # noqa: E402
 
@@ -326,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         if mode not in PLAN_MODES:
             parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+    # A library model whose package does not import here is reported, with the reason, not run.
+    not_run = {label: reason for label in methods if (reason := unavailable(METHODS[label]))}
+    for label, reason in not_run.items():
+        print(f"[memory_time] not run: {label}: {reason}", flush=True)
+    methods = [label for label in methods if label not in not_run]
     size_text = f"{size[0]}x{size[1]}"
     conditions = (
         f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
@@ -465,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             "the river+lake column, not the values, with the papers'.",
             "Local vs global inference: each probe predicts and scores one val scene (the first, timed per scene); "
             "the training table's mIoU is over all val scenes, so the two differ by a few points.",
+            *(f"Not run here: {label}: {reason}" for label, reason in not_run.items()),
         ],
         data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
-              "training": trained},
+              "training": trained, "unavailable": not_run},
     )
     for path in write_report(report, args.out):
         print(path)

@@ -10,7 +10,9 @@ from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
+from lrss_ds.models.icnet import ICNet
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
+from lrss_ds.models.segnet import SegNet
 from lrss_ds.models.smp_adapter import SmpModel, TorchvisionFCN
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
@@ -22,6 +24,8 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "glnet": build_glnet,
     "smp": SmpModel,
     "tv_fcn": TorchvisionFCN,
+    "segnet": SegNet,
+    "icnet": ICNet,
 }
 
 
@@ -37,7 +41,7 @@ def build_model(
 
     Args:
         name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
-            ``smp``, ``tv_fcn``).
+            ``smp``, ``tv_fcn``, ``segnet``, ``icnet``).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

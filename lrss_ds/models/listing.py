@@ -30,6 +30,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("smp", {"arch": "upernet", "encoder": "resnet50"}),
     ("smp", {"arch": "segformer", "encoder": "mit_b2"}),
     ("tv_fcn", {"backbone": "resnet50"}),
+    ("segnet", {}),
+    ("icnet", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only

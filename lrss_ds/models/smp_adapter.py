@@ -21,6 +21,7 @@ rest of the package works without them; a missing or broken library is a one-lin
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import Any, Mapping, Sequence
 
@@ -51,6 +52,8 @@ REQUIREMENTS: dict[str, str] = {
     "torchvision": "torchvision==0.28.0 (built for the installed torch)",
 }
 TV_FCN_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101")
+# The model names whose network comes from a library that may be missing or broken.
+LIBRARY_MODELS: tuple[str, ...] = ("smp", "tv_fcn")
 
 
 def import_library(module: str, model: str) -> ModuleType:
@@ -197,6 +200,15 @@ class SmpModel(_LibraryModel):
 
 def _create_smp(smp: ModuleType, arch: str, encoder: str, in_channels: int, classes: int, extra: dict[str, Any]) -> nn.Module:
     """``smp.create_model`` with no weights, its errors turned into one-line ConfigErrors."""
+    # smp's architectures take **kwargs and hand them to timm encoders only: with any other
+    # encoder an unknown key would be dropped without a word, so it is refused here.
+    named = {
+        key for key, param in inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch].__init__).parameters.items()
+        if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
+    }
+    unknown = sorted(set(extra) - named)
+    if unknown and not encoder.startswith("tu-"):
+        raise ConfigError("model.arch_options", f"smp {arch!r} does not take {unknown} (its options: {sorted(named - {'self'})})")
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **extra)
     except TypeError as error:

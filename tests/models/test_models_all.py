@@ -19,6 +19,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "glnet": {"crop_size": 64, "global_size": 64, "fpn_width": 32},
     "smp": {"arch": "unet", "encoder": "resnet18"},
     "tv_fcn": {},
+    "segnet": {"width": 16},
+    "icnet": {"backbone": "resnet18"},
 }
 CLASSES, BANDS = 3, 4
 # Odd sizes (not multiples of any stride); the paper's model gets the larger one.

@@ -1,4 +1,5 @@
-"""The library models (``smp``, ``tv_fcn``): odd N-band sizes, no downloads, one-line errors, training."""
+"""The library models (``smp``, ``tv_fcn``): odd N-band sizes, no downloads, one-line errors; every generic
+model (these, SegNet, ICNet) trains under DeepSpeed with a memory mode."""
 
 from __future__ import annotations
 
@@ -144,7 +145,12 @@ def test_pretrained_encoder_file_loads_into_the_wrapper(tmp_path: Path) -> None:
     assert torch.equal(model.net.encoder.layer4[1].conv2.weight, encoder.layer4[1].conv2.weight)
 
 
-@pytest.mark.parametrize("name, options", [("smp", {"arch": "upernet", "encoder": "resnet18"}), ("tv_fcn", {})])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, options",
+    [("smp", {"arch": "upernet", "encoder": "resnet18"}), ("tv_fcn", {}), ("segnet", {"width": 16}),
+     ("icnet", {"backbone": "resnet18"})],
+)
 def test_trains_under_deepspeed_with_checkpointing(name: str, options: dict[str, Any]) -> None:
     """Two DeepSpeed training steps (the planner's probe: the trainer's step and memory mode) in a
     fresh process; stage checkpointing keeps fewer saved activations than none."""
