@@ -215,15 +215,17 @@ def _create_smp(smp: ModuleType, arch: str, encoder: str, in_channels: int, clas
         if "unexpected keyword argument" in str(error):
             raise ConfigError("model.arch_options", f"smp {arch!r} does not take {str(error).split('argument')[-1].strip()}") from error
         raise
-    except (KeyError, RuntimeError, ValueError) as error:
+    except (KeyError, RuntimeError) as error:
+        # smp's unknown encoder is a KeyError, timm's (``tu-`` names) a RuntimeError "Unknown
+        # model"; any other error is not about the name and goes up as it is.
         text = str(error).strip("'\" ").splitlines()[0] if str(error).strip() else type(error).__name__
-        if isinstance(error, KeyError) or "Unknown model" in text or "encoder" in text.lower():
-            raise ConfigError(
-                "model.encoder",
-                f"smp {arch!r} cannot use encoder {encoder!r}: {text[:200]} "
-                "(smp names such as resnet18/resnet50/mit_b0, or a timm model as tu-<name>)",
-            ) from error
-        raise ConfigError("model.arch_options", f"smp {arch!r} refused its options: {text[:200]}") from error
+        if not (isinstance(error, KeyError) or "Unknown model" in text):
+            raise
+        raise ConfigError(
+            "model.encoder",
+            f"smp {arch!r} cannot use encoder {encoder!r}: {text[:200]} "
+            "(smp names such as resnet18/resnet50/mit_b0, or a timm model as tu-<name>)",
+        ) from error
 
 
 class TorchvisionFCN(_LibraryModel):
