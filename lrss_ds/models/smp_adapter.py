@@ -144,6 +144,13 @@ class SmpModel(_LibraryModel):
 
     Segments: ``encoder`` (normaliser, padding and smp's encoder), ``decoder`` and ``head``.
 
+    Batch size: smp's UPerNet and PSPNet pool to 1x1 and then apply BatchNorm, and so does
+    DeepLabV3/V3+'s ASPP image-pooling branch; BatchNorm cannot train on one value per channel,
+    so these architectures need two or more samples per rank and step in training
+    ("Expected more than 1 value per channel when training"). UPerNet and PSPNet train at batch 1
+    with ``arch_options: {decoder_use_norm: {type: layernorm, eps: 0.01}}`` (smp's own
+    option); U-Net and FPN have no such branch.
+
     Args:
         num_classes: K.
         in_channels: input bands (smp adapts the encoder's first convolution to them).

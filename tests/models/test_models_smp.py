@@ -148,7 +148,7 @@ def test_pretrained_encoder_file_loads_into_the_wrapper(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, options",
-    [("smp", {"arch": "upernet", "encoder": "resnet18"}), ("tv_fcn", {}), ("segnet", {"width": 16}),
+    [("smp", {"arch": "unet", "encoder": "resnet18"}), ("tv_fcn", {}), ("segnet", {"width": 16}),
      ("icnet", {"backbone": "resnet18"})],
 )
 def test_trains_under_deepspeed_with_checkpointing(name: str, options: dict[str, Any]) -> None:
