@@ -57,6 +57,15 @@ METHODS: dict[str, Method] = {
         Method("STDC", "stdc", {}, "whole", "stdc"),
         Method("MagNet", "magnet", {}, "whole", "ce"),
         Method("FCtL", "fctl", {}, "whole", "ce"),
+        # The generic networks of the papers' tables (ResNet-50 encoders as in their baselines),
+        # trained on patches and predicted in sliding windows, as generic SS is (EHSNet Fig. 1a).
+        Method("U-Net", "smp", {"arch": "unet", "encoder": "resnet50"}, "patch", "ce"),
+        Method("PSPNet", "smp", {"arch": "pspnet", "encoder": "resnet50"}, "patch", "ce"),
+        Method("DeepLabv3+", "smp", {"arch": "deeplabv3plus", "encoder": "resnet50"}, "patch", "ce"),
+        Method("UPerNet", "smp", {"arch": "upernet", "encoder": "resnet50"}, "patch", "ce"),
+        Method("FCN", "tv_fcn", {"backbone": "resnet50"}, "patch", "ce"),
+        Method("SegNet", "segnet", {}, "patch", "ce"),
+        Method("ICNet", "icnet", {}, "patch", "ce"),
     )
 }
 
@@ -83,6 +92,13 @@ def options_for(method: Method, patch: int) -> dict[str, Any]:
         # FCtL: local crops with their 2x and 3x contexts.
         options["crop_size"] = patch
     return options
+
+
+def unavailable(method: Method) -> str | None:
+    """Why ``method`` cannot run here (its library model's package does not import), or None."""
+    from lrss_ds.models.smp_adapter import LIBRARY_MODELS, library_problem
+
+    return library_problem(method.model) if method.model in LIBRARY_MODELS else None
 
 
 def cpu_seconds() -> float:

@@ -50,7 +50,7 @@ from _harness import (  # noqa: E402
     write_report,
     write_text_atomically,
 )
-from _workloads import METHODS, options_for  # noqa: E402
+from _workloads import METHODS, options_for, unavailable  # noqa: E402
 
 
 EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
@@ -322,6 +322,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for label in args.methods:
         if label not in METHODS:
             parser.error(f"--methods: unknown method {label!r}; use some of {list(METHODS)}")
+    # A library model whose package does not import here is reported, with the reason, not run.
+    args.not_run = {label: reason for label in args.methods if (reason := unavailable(METHODS[label]))}
+    for label, reason in args.not_run.items():
+        print(f"[memory_time] not run: {label}: {reason}", flush=True)
+    args.methods = [label for label in args.methods if label not in args.not_run]
     return args
 
 
@@ -488,9 +493,10 @@ def build_report(args: argparse.Namespace, header: dict[str, Any], rows: list[di
             "the river+lake column, not the values, with the papers'.",
             "Local vs global inference: each probe predicts and scores one val scene (the first, timed per scene); "
             "the training table's mIoU is over all val scenes, so the two differ by a few points.",
+            *(f"Not run here: {label}: {reason}" for label, reason in args.not_run.items()),
         ],
         data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
-              "training": trained},
+              "training": trained, "unavailable": args.not_run},
     )
 
 

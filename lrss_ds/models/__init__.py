@@ -20,9 +20,12 @@ from lrss_ds.models.fctl import build_fctl
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
+from lrss_ds.models.icnet import ICNet
 from lrss_ds.models.isdnet import ISDNet
 from lrss_ds.models.magnet import build_magnet
 from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
+from lrss_ds.models.segnet import SegNet
+from lrss_ds.models.smp_adapter import SmpModel, TorchvisionFCN
 from lrss_ds.models.stdc import STDCSeg
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
@@ -36,6 +39,10 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "stdc": STDCSeg,
     "magnet": build_magnet,
     "fctl": build_fctl,
+    "smp": SmpModel,
+    "tv_fcn": TorchvisionFCN,
+    "segnet": SegNet,
+    "icnet": ICNet,
 }
 
 
@@ -66,7 +73,7 @@ def build_model(
 
     Args:
         name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
-            ``magnet``, ``fctl``, ...).
+            ``magnet``, ``fctl``, ``smp``, ``tv_fcn``, ``segnet``, ``icnet``).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

@@ -27,6 +27,16 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("stdc", {}),
     ("magnet", {}),
     ("fctl", {}),
+    # smp's Segformer is not listed: its MiT encoders read a tensor while being built, which
+    # the meta device cannot do.
+    ("smp", {"arch": "unet", "encoder": "resnet50"}),
+    ("smp", {"arch": "pspnet", "encoder": "resnet50"}),
+    ("smp", {"arch": "deeplabv3plus", "encoder": "resnet50"}),
+    ("smp", {"arch": "fpn", "encoder": "resnet50"}),
+    ("smp", {"arch": "upernet", "encoder": "resnet50"}),
+    ("tv_fcn", {"backbone": "resnet50"}),
+    ("segnet", {}),
+    ("icnet", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only
@@ -149,8 +159,12 @@ def run(args: argparse.Namespace) -> int:
     for name, options in VARIANTS:
         if name not in MODEL_BUILDERS:
             continue
-        cost = model_cost(name, args.classes, args.bands, size, **options)
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"
+        try:
+            cost = model_cost(name, args.classes, args.bands, size, **options)
+        except ConfigError as error:  # a library model whose package is missing or broken here
+            print(f"{name:<10} {shown:<42} {'n/a':>10} {'':>3} {'n/a':>10}  {error}")
+            continue
         flops = f"{cost.flops / 1e9:10.1f}" if cost.flops is not None else f"{'n/a':>10}"
         flops += f"  {cost.note}" if cost.note else ""
         print(f"{name:<10} {shown:<42} {cost.parameters / 1e6:10.2f} {cost.output_stride:>3} {flops}")

@@ -9,6 +9,7 @@ import torch
 
 from lrss_ds.models import MODEL_BUILDERS, build_model
 from lrss_ds.models.base import GRANULARITIES, SegmentationModel, set_segment_runner, upsample_logits
+from tests.models.test_models_smp import skip_if_unavailable
 
 # Light options per model so the whole file runs in seconds; the architecture is the same.
 SMALL: dict[str, dict[str, Any]] = {
@@ -22,6 +23,10 @@ SMALL: dict[str, dict[str, Any]] = {
     "stdc": {"base": 16, "context_channels": 32},
     "magnet": {"crop_size": 64, "depth": 18, "fpn_width": 32},
     "fctl": {"crop_size": 64, "depth": 18, "fpn_width": 32, "corr_width": 32, "key_width": 16},
+    "smp": {"arch": "unet", "encoder": "resnet18"},
+    "tv_fcn": {},
+    "segnet": {"width": 16},
+    "icnet": {"backbone": "resnet18"},
 }
 # Train-mode outputs beyond the contract's, read by the models' auxiliary loss terms.
 EXTRA_OUTPUTS: dict[str, set[str]] = {"isdnet": {"sr", "affinity"}, "stdc": {"detail"}}
@@ -32,6 +37,7 @@ SMALL_ODD = (45, 67)
 
 
 def _model(name: str, seed: int = 0) -> SegmentationModel:
+    skip_if_unavailable(name)
     torch.manual_seed(seed)
     return build_model(name, CLASSES, BANDS, band_mean=[100.0] * BANDS, band_std=[50.0] * BANDS, **SMALL.get(name, {}))
 
