@@ -45,6 +45,7 @@ __all__ = [
     "Report",
     "run_config",
     "machine_header",
+    "machine_load",
     "cpu_model",
     "parse_size",
     "parse_bytes",
@@ -200,7 +201,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _other_load() -> dict[str, Any]:
+def machine_load() -> dict[str, Any]:
     """What else is running: load averages and the busiest other processes' CPU and RSS."""
     import psutil
 
@@ -260,7 +261,7 @@ def machine_header(conditions: str, extra: dict[str, Any] | None = None) -> dict
         "torch_threads": torch.get_num_threads(),
         "child_threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default"),
-        "load_at_start": _other_load(),
+        "load_at_start": machine_load(),
         "conditions": conditions,
     }
     header.update(extra or {})

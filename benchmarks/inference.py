@@ -41,6 +41,7 @@ from _harness import (  # noqa: E402
     REPO_ROOT,
     Column,
     Report,
+    machine_load,
     benchmark_parser,
     machine_header,
     parse_benchmark_args,
@@ -80,10 +81,14 @@ def cases(quick: bool) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- child side
 
 
-def conv_throughput(bf16: bool, side: int) -> float:
+def conv_throughput(bf16: bool, side: int) -> tuple[float, float]:
     """FLOP/s of a plain 64 -> 64 3x3 convolution on ``(1, 64, side, side)`` (best of 5 after a warm-up).
 
     fp32 runs NCHW; bf16 runs under bf16 autocast with channels-last tensors, as ``--bf16``.
+
+    Returns:
+        ``(per wall second, per CPU second of this process)``: on a shared machine the CPU
+        clock does not count the time the process waits for a core.
     """
     import torch
 
@@ -91,14 +96,16 @@ def conv_throughput(bf16: bool, side: int) -> float:
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).eval()
     if bf16:
         x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for rep in range(6):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             conv(x)
             if rep:
-                best = min(best, time.perf_counter() - start)
-    return 2 * 64 * 64 * 9 * side * side / best
+                best_wall = min(best_wall, time.perf_counter() - start)
+                best_cpu = min(best_cpu, time.process_time() - start_cpu)
+    flops = 2 * 64 * 64 * 9 * side * side
+    return flops / best_wall, flops / max(best_cpu, 1e-9)
 
 
 def predict_case(scene: str, output: str, model: str, classes: int, options: dict[str, Any], bf16: bool,
@@ -111,14 +118,15 @@ def predict_case(scene: str, output: str, model: str, classes: int, options: dic
     from lrss_ds.engine.prediction_writer import write_prediction
     from lrss_ds.models import build_model
 
-    throughput = conv_throughput(bf16, conv_side)
+    throughput, cpu_throughput = conv_throughput(bf16, conv_side)
     torch.manual_seed(0)
     net = build_model(model, classes, BANDS, band_mean=[100.0] * BANDS, band_std=[50.0] * BANDS, **options).eval()
     meta = {"model": net.config(), "dataset": {"classes": [f"class{k}" for k in range(classes)]}}
     predictor = predictor_for(net, meta, bf16=bf16)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     write_prediction(open_geotiff(scene), predictor, meta, Path(output), overviews=False)
-    return {"seconds": time.perf_counter() - start, "conv_flops_per_s": throughput}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu,
+            "conv_flops_per_s": throughput, "conv_flops_per_cpu_s": cpu_throughput}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -166,6 +174,8 @@ COLUMNS = [
     Column("conv_gflops_per_s", "3x3 conv GFLOP/s", 1),
     Column("floor_s", "Floor s", 1),
     Column("ratio", "Seconds / floor", 2),
+    Column("cpu_seconds", "CPU s", 1),
+    Column("cpu_ratio", "CPU s / CPU floor", 2),
     Column("agreement", "Classes = fp32", 5),
 ]
 
@@ -174,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser(__doc__.splitlines()[0], out=Path(__file__).resolve().parent / "results",
                               quick=f"a {QUICK_SIZE[0]} x {QUICK_SIZE[1]} scene", conditions=False)
     parser.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds per case")
+    parser.add_argument("--case", action="append", default=None,
+                        help="run only the cases whose label contains this text (repeatable; default: all)")
+    parser.add_argument("--note", default="", help="conditions to state in the header (e.g. what else ran)")
     args = parse_benchmark_args(parser, argv)
     from lrss_ds.models.listing import model_cost
 
@@ -181,15 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     conv_side = CONV_SIDE["quick" if args.quick else "full"]
     header = machine_header(
         f"{'--quick: tiny' if args.quick else 'whole'} {size[0]} x {size[1]} 4-band uint8 scene; each case in a fresh "
-        f"process; threads per case: {args.threads or 'torch default'}; no overviews; class map only",
+        f"process; threads per case: {args.threads or 'torch default'}; no overviews; class map only"
+        + (f"; {args.note}" if args.note else ""),
         {"scene": list(size)},
     )
     rows: list[dict[str, Any]] = []
+    paths: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="lrss_inference_") as tmp:
         scene = Path(tmp) / "scene.tif"
         write_scene(scene, *size)
         maps: dict[tuple[str, bool], Path] = {}
-        for case in cases(args.quick):
+        selected = [c for c in cases(args.quick) if not args.case or any(text in c["case"] for text in args.case)]
+        for case in selected:
             output = Path(tmp) / f"map{len(rows)}.tif"
             params = dict(scene=str(scene), output=str(output), model=case["model"], classes=case["classes"],
                           options=case["options"], bf16=case["bf16"], conv_side=conv_side)
@@ -201,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "peak_rss_gib": run.peak_rss_bytes / GIB, "gflops": flops / 1e9 if flops else None}
             if run.status == "ok":
                 throughput = run.result["conv_flops_per_s"]
-                row.update(seconds=run.result["seconds"], conv_gflops_per_s=throughput / 1e9)
+                row.update(seconds=run.result["seconds"], conv_gflops_per_s=throughput / 1e9,
+                           cpu_seconds=run.result["cpu_seconds"])
                 if flops:
-                    row.update(floor_s=flops / throughput, ratio=run.result["seconds"] / (flops / throughput))
+                    row.update(floor_s=flops / throughput, ratio=run.result["seconds"] / (flops / throughput),
+                               cpu_ratio=run.result["cpu_seconds"] / (flops / run.result["conv_flops_per_cpu_s"]))
                 maps[(case["case"], case["bf16"])] = output
                 fp32_map = maps.get((case["case"], False))
                 if case["bf16"] and fp32_map is not None:
@@ -213,22 +231,29 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{row['case']} {row['precision']}: {row['status']} {row.get('seconds', float('nan')):.1f} s "
                   f"{row['peak_rss_gib']:.2f} GiB ratio {row.get('ratio', float('nan')):.2f}", flush=True)
-    report = Report(
+            paths = write_report(_report(header, rows), args.out)  # after every case: a stopped run keeps them
+    for path in paths:
+        print(f"wrote {path}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _report(header: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
+    """The report of the cases run so far (the header gains the machine's load now)."""
+    return Report(
         name="inference",
         title="Whole-scene prediction: memory, time and the compute floor",
-        header=header,
+        header={**header, "load_at_end": machine_load()},
         tables=[("Holistic and sliding-window prediction", COLUMNS, rows)],
         notes=[
             "Seconds: one `write_prediction` (prediction and the tiled GeoTIFF), as `lrss-ds predict` runs per scene.",
             "Floor: the forward's FLOPs (lrss_ds.models.listing.model_cost, as `lrss-ds models`) divided by the "
             "FLOP/s of a plain 64 -> 64 3x3 convolution of the same precision and layout measured in the same process.",
+            "CPU s / CPU floor: the same with the process's CPU seconds and the convolution's FLOP per CPU second, "
+            "which do not count the time a process waits for a core on a shared machine.",
             "Classes = fp32: fraction of pixels of the bf16 map equal to the fp32 map of the same weights.",
             "Peak RSS: the case's whole process (kernel ru_maxrss), interpreter and torch included.",
         ],
     )
-    for path in write_report(report, args.out):
-        print(f"wrote {path}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":

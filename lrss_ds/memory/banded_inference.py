@@ -10,22 +10,34 @@ function of its input rows and a band of output rows needs only its input rows p
 as wide as the banded part's receptive field: banding is exact up to float summation order.
 Within :func:`banded_eval`:
 
-* every HRNet stem (conv -> BN -> ReLU -> conv, the 64-channel half-resolution maps) runs as
-  :class:`~lrss_ds.memory.banded_stem.BandedStem`, which in eval mode uses the running
-  statistics;
-* every HRNet ``layer1`` (four Bottlenecks at stride 4, 256 channels) runs in bands of its
-  output rows, each reading its input rows with a halo of the blocks' receptive field;
+* every HRNet's front -- the owning model's input transform (normalise, pad, pool), the stem
+  (conv -> BN -> ReLU -> conv, the 64-channel half-resolution maps, run as
+  :class:`~lrss_ds.memory.banded_stem.BandedStem`), ``layer1`` (four Bottlenecks, 256
+  channels) and ``transition1`` -- runs in bands of input rows, each reading a halo of the
+  chain's receptive field: only the two ``transition1`` branch maps (18 and 36 channels for
+  W18) exist whole, never the normalised input, the stem's maps or ``layer1``'s 256 channels;
 * HRNet-FCN's head (branches upsampled and concatenated, then a 1x1 conv-BN-ReLU-1x1 at
   stride 4) runs band by band, so neither the concatenation nor the hidden map exists whole;
-* EHSNet's LRD module (branches upsampled and concatenated, 1x1, the large-kernel unit, 1x1)
-  runs band by band with a halo of its widest kernel, and its two heads in row bands;
+* EHSNet's tail runs in one pass over bands of its LRD's output rows (each band builds its
+  rows of the merged branches and reads a halo of the widest kernel): each band of ``F_in``
+  goes through the main head, and through the auxiliary head and the ECR's first pass, then
+  is dropped. The ECR's efficient attention normalises its keys over all positions and
+  enhances the ``a`` fraction of least confident positions of the whole map, so it runs in
+  two passes (:class:`StreamedECR`): the first accumulates the keys' per-channel maximum and
+  sum of exponentials and the ``Ck x Cv`` key-value context band by band (an online softmax),
+  and keeps the running ``n`` smallest top-2 margins with their feature vectors; the second
+  applies the queries to those ``n`` positions and overwrites their logits. ``F_in``
+  (``d`` channels at the output stride) never exists whole;
 * a :class:`~lrss_ds.models.base.SegmentationModel` returns its logits at the output stride
   (``defer_upsampling``), and :class:`RowLogits` upsamples them to pixels a band of rows at a
   time with the losses' :func:`~lrss_ds.models.losses.upsample_rows`, which mirrors
   ``F.interpolate``'s bilinear kernel. The ``K x H x W`` logits never exist.
 
-Layers with a scene-wide view (HRNet's later stages, EHSNet's ECR, GLNet/GLSNet's global
-branches) run whole at their own, lower, resolution; so do GLNet/GLSNet's ResNet layers.
+HRNet's stages 2-4 run whole on their branch maps (the four branches of W18 hold
+18 + 36/4 + 72/16 + 144/64 = 34 channels' worth of the first branch's grid; EHSNet-W18 at a
+2048 x 7300 slab peaked at 0.13 GiB of live tensors in them against 0.96 GiB in a band of its
+LRD, counted by memory.device_sim's storage ledger);
+so do GLNet/GLSNet's global branches and ResNet layers.
 """
 
 from __future__ import annotations
@@ -35,11 +47,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.memory.banded_stem import BandedStem
 from lrss_ds.memory.large_conv import memory_format_of
 from lrss_ds.models.base import SegmentationModel, run_directly
+from lrss_ds.models.ecr import ECRModule
 from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.hrnet import HRNet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
@@ -178,6 +192,247 @@ def concat_head_in_bands(head: nn.Module, features: list[Tensor], band_rows: int
     return out
 
 
+def multi_rows_in_bands(compute: Callable[[int, int], Sequence[Tensor]], height: int, strides: Sequence[int],
+                        halo: int, band_rows: int) -> list[Tensor]:
+    """Outputs at several row strides of a local computation on input rows ``[lo, hi)``, band by band.
+
+    Band starts are multiples of ``band_rows``; ``halo`` and ``band_rows`` must be multiples of
+    every stride (so each band reads its input from a row on every output's sampling grid), and
+    ``halo`` at least the computation's receptive radius in input rows.
+
+    Args:
+        compute: ``compute(lo, hi)`` -> one map per stride, ``(B, C_i, ceil((hi - lo) / s_i), W_i)``.
+        height: input rows.
+        strides: each output's row stride.
+        halo: input rows read above and below each band.
+        band_rows: input rows each band owns.
+
+    Returns:
+        every output of all ``height`` rows, ``(B, C_i, ceil(height / s_i), W_i)``.
+    """
+    outs: list[Tensor] = []
+    for first in range(0, height, band_rows):
+        last = min(first + band_rows, height)
+        lo, hi = max(0, first - halo), min(height, last + halo)
+        bands = compute(lo, hi)
+        if not outs:
+            outs = [_like_rows(band, -(-height // s)) for band, s in zip(bands, strides)]
+        for out, band, s in zip(outs, bands, strides):
+            a, b = first // s, -(-last // s)
+            out[..., a:b, :] = band[..., a - lo // s : b - lo // s, :]
+    return outs
+
+
+FRONT_BAND_ROWS = 512
+"""Rows of the stem's input per band of an HRNet's front (stem, ``layer1``, ``transition1``).
+
+The front's halo is 39 input rows at output stride 8 (48 once aligned to the 16-row grid of
+``transition1``'s second branch), so 512-row bands compute 1.19x its rows."""
+
+
+def _front_halo(backbone: HRNet) -> int:
+    """Rows of the stem's input that one output row of ``transition1`` reads on each side.
+
+    Counted along the chain: the stem's two convolutions, each Bottleneck's 3x3 (its 1x1
+    shortcut reads no neighbours), then the wider of ``transition1``'s branches.
+    """
+    radius, jump = 0, 1
+    for conv in [backbone.conv1, backbone.conv2, *[block.conv2 for block in backbone.layer1]]:
+        radius += conv.dilation[0] * (conv.kernel_size[0] - 1) // 2 * jump
+        jump *= conv.stride[0]
+    return radius + jump * max(receptive_radius(layer) for layer in backbone.transition1 if layer is not None)
+
+
+def _hrnet_banding(backbone: HRNet, transform_stride: int, band_rows: int,
+                   front_rows: int) -> Callable[..., list[Tensor]]:
+    """An eval forward for ``backbone`` whose front runs in bands of input rows (see the module docstring).
+
+    Args:
+        backbone: the HRNet.
+        transform_stride: rows of the raw input per row of the input transform's output (the
+            owning model's ``pad_multiple / total_stride``: 1, or HRNet-FCN's ``downsample``).
+            The transform must be row-local: it normalises, pads the bottom and right with
+            zeros to a multiple of ``pad_multiple`` and pools ``transform_stride`` rows into one.
+        band_rows: output rows per band of ``layer1`` within a front band.
+        front_rows: rows of the stem's input per front band.
+    """
+    t = transform_stride
+    pad_multiple = t * backbone.total_stride
+    strides = [t * backbone.output_stride, 2 * t * backbone.output_stride]  # transition1's two branches
+    align = strides[-1]
+    halo = t * _front_halo(backbone)
+    halo += -halo % align
+    front_rows = max(align, (t * front_rows) // align * align)
+    layer1_stride = backbone.output_stride // 4
+    layer1_halo = receptive_radius(backbone.layer1)
+    layer1_halo += -layer1_halo % layer1_stride
+
+    def forward(x: Tensor, input_transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        height = x.shape[-2]
+        padded = -(-height // pad_multiple) * pad_multiple
+
+        def front(lo: int, hi: int) -> list[Tensor]:
+            # the transform of raw rows [lo, hi); the rows past the input are its zero padding
+            stop, rows = min(hi, height), (hi - lo) // t
+            if stop > lo:
+                raw = x[..., lo:stop, :]
+                z = (raw if input_transform is None else input_transform(raw))[..., :rows, :]
+            else:  # a band wholly in the padding: only the transform's channels and width are needed
+                raw = x[..., :t, :]
+                z = (raw if input_transform is None else input_transform(raw))[..., :0, :]
+            if z.shape[-2] < rows:
+                z = F.pad(z, (0, 0, 0, rows - z.shape[-2]))
+            stem = backbone._stem(z, None)
+            y = run_in_row_bands(backbone._layer1, stem, layer1_stride, layer1_halo, band_rows)
+            return backbone.run_transition(1, y)
+
+        ys = multi_rows_in_bands(front, padded, strides, halo, front_rows)
+        for module in backbone.stage2:
+            ys = module(*ys)
+        for t_next in (2, 3):
+            ys = backbone._stage(t_next, *ys)
+        return list(ys)
+
+    return forward
+
+
+class StreamedECR:
+    """EHSNet's ECR in eval mode, fed band by band: first pass accumulates, :meth:`finish` applies.
+
+    The unbanded module (:class:`~lrss_ds.models.ecr.ECRModule`) selects the ``n`` positions of
+    the smallest top-2 margin of the auxiliary logits, and enhances them by efficient attention
+    whose keys are normalised over *all* positions (a softmax per key channel). Both are
+    scene-wide, and both stream:
+
+    * the key softmax and its context ``sum_p softmax(k)[p, c] v[p, :]`` are the online
+      softmax: per key channel a running maximum ``m`` and ``s = sum exp(k - m)``, and the
+      unnormalised context ``sum exp(k - m) v``, rescaled by ``exp(m_old - m_new)`` when a band
+      raises the maximum (accumulated in float64; the bands are summed in another order than
+      the whole map, so results agree to float rounding);
+    * the hard set is the running ``n`` smallest margins with their flat positions and ``F_in``
+      vectors (``n x C`` values: 10 % of the positions); ties at the threshold may resolve
+      differently than one ``topk`` over the whole map, as ``topk``'s own order of ties is
+      unspecified.
+
+    Args:
+        ecr: the module (its projections and ``hard_ratio``).
+        valid: ``(hv, wv)``, the positions the ECR runs on (those covering the input).
+    """
+
+    def __init__(self, ecr: ECRModule, valid: tuple[int, int]) -> None:
+        self.ecr, self.valid = ecr, valid
+        self.n = ecr.num_hard(valid[0] * valid[1])
+        self.margin: Tensor | None = None  # (B, <= n) float32
+        self.index: Tensor | None = None  # (B, <= n) long, flat positions in hv x wv
+        self.hard: Tensor | None = None  # (B, C, <= n) F_in vectors
+        self.key_max: Tensor | None = None  # (B, Ck) float64
+        self.key_sum: Tensor | None = None  # (B, Ck) float64
+        self.context: Tensor | None = None  # (B, Ck, Cv) float64, unnormalised
+        self.value_dtype = torch.float32
+
+    def add(self, features: Tensor, aux_logits: Tensor, first: int) -> None:
+        """Take rows ``first..`` of the valid region: ``features (B, C, r, wv)``, ``aux_logits (B, K, r, wv)``."""
+        top2 = aux_logits.float().topk(2, dim=1).values
+        margin = (top2[:, 0] - top2[:, 1]).flatten(1)  # (B, r * wv)
+        flat = features.flatten(2)  # (B, C, r * wv)
+        index = torch.arange(first * self.valid[1], first * self.valid[1] + margin.shape[1], device=margin.device)
+        index = index.expand(margin.shape[0], -1)
+        if self.margin is not None:
+            assert self.index is not None and self.hard is not None
+            margin, index = torch.cat([self.margin, margin], 1), torch.cat([self.index, index], 1)
+            flat = torch.cat([self.hard, flat], 2)
+        keep = margin.topk(min(self.n, margin.shape[1]), dim=1, largest=False, sorted=False).indices
+        self.margin, self.index = margin.gather(1, keep), index.gather(1, keep)
+        self.hard = flat.gather(2, keep.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+        values = self.ecr.value(features).flatten(2)  # (B, Cv, N)
+        self.value_dtype = values.dtype
+        compute = torch.promote_types(values.dtype, torch.float32)
+        keys = self.ecr.key(features).flatten(2).to(compute)  # (B, Ck, N)
+        band_max = keys.amax(dim=-1).double()
+        new_max = band_max if self.key_max is None else torch.maximum(self.key_max, band_max)
+        weights = (keys - new_max.to(compute).unsqueeze(-1)).exp_()
+        band_context = (weights @ values.to(compute).transpose(1, 2)).double()  # (B, Ck, Cv)
+        band_sum = weights.sum(dim=-1).double()
+        if self.key_max is None:
+            self.key_sum, self.context = band_sum, band_context
+        else:
+            assert self.key_sum is not None and self.context is not None
+            rescale = (self.key_max - new_max).exp()
+            self.key_sum = self.key_sum * rescale + band_sum
+            self.context = self.context * rescale.unsqueeze(-1) + band_context
+        self.key_max = new_max
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """The hard positions and their enhanced features.
+
+        Returns:
+            ``(index (B, n) long`` flat positions in ``hv x wv``, ``enhanced (B, C, n)`` in
+            the features' dtype).
+        """
+        assert self.hard is not None and self.index is not None
+        assert self.context is not None and self.key_sum is not None
+        hard = self.hard.transpose(1, 2)  # (B, n, C)
+        queries = self.ecr.query(hard)  # (B, n, Ck)
+        compute = torch.promote_types(self.value_dtype, torch.float32)
+        context = (self.context / self.key_sum.unsqueeze(-1)).to(compute)  # softmax_pos(k)^T v
+        heads = self.ecr.heads
+        batch, n, key_channels = queries.shape
+        q = queries.to(compute).view(batch, n, heads, key_channels // heads).softmax(dim=-1).view(batch, n, -1)
+        if heads > 1:  # each head's queries read only its own block of keys and values
+            value_channels = context.shape[-1]
+            blocks = torch.block_diag(*[torch.ones(key_channels // heads, value_channels // heads)] * heads)
+            context = context * blocks.to(context)
+        attended = (q @ context).to(self.value_dtype)  # (B, n, Cv)
+        enhanced = hard + self.ecr.reproject(attended)
+        return self.index, enhanced.transpose(1, 2).to(hard.dtype)
+
+
+def _ehsnet_banding(model: EHSNet, band_rows: int) -> Callable[[Tensor], Any]:
+    """An eval forward for EHSNet: the banded backbone, then the tail in one pass of bands (module docstring)."""
+    lrd = model.lrd
+    if isinstance(lrd, LRDModule):
+        # reduce and increase are 1x1 and the unit's branches run side by side, each a single
+        # "same" convolution: the widest kernel sets the reach (receptive_radius would add them up)
+        halo = max(receptive_radius(conv) for conv in lrd.modules() if isinstance(conv, (nn.Conv2d, DepthwiseConv2d)))
+
+        def f_in(features: Sequence[Tensor], lo: int, hi: int) -> Tensor:
+            return LRDModule.forward(lrd, *_branch_rows(features, lo, hi), merge=lambda *maps: torch.cat(maps, dim=1))
+    else:
+        halo = receptive_radius(lrd)
+
+        def f_in(features: Sequence[Tensor], lo: int, hi: int) -> Tensor:
+            return lrd(torch.cat(_branch_rows(features, lo, hi), dim=1))
+
+    def forward(x: Tensor) -> Any:
+        input_size, padded = model.sizes(x)
+        features = model.backbone(x, input_transform=model.prepare_input)
+        height = features[0].shape[-2]
+        valid = (-(-input_size[0] // model.output_stride), -(-input_size[1] // model.output_stride))
+        ecr = StreamedECR(model.ecr, valid) if model.ecr is not None else None
+        logits: Tensor | None = None
+        for first in range(0, height, band_rows):
+            last = min(first + band_rows, height)
+            lo = max(0, first - halo)
+            band = f_in(features, lo, min(height, last + halo))[..., first - lo : last - lo, :]
+            out = model.head(band)
+            if logits is None:
+                logits = _like_rows(out, height)
+            logits[..., first:last, :] = out
+            if ecr is not None and first < valid[0]:
+                inner = band[..., : min(last, valid[0]) - first, : valid[1]]
+                ecr.add(inner, model.aux_head(inner), first)
+        assert logits is not None
+        if ecr is not None:
+            index, enhanced = ecr.finish()
+            hard_logits = model.head(enhanced.unsqueeze(-1))[..., 0]  # (B, K, n)
+            for b in range(logits.shape[0]):
+                logits[b, :, index[b] // valid[1], index[b] % valid[1]] = hard_logits[b]
+        return model.outputs(logits, [], input_size, padded)
+
+    return forward
+
+
 class _BandingRunner:
     """A segment runner that bands the named segments and passes the others to the previous runner."""
 
@@ -190,52 +445,6 @@ class _BandingRunner:
         return self.previous(name, fn, *args)
 
 
-def _layer1_banding(backbone: HRNet, band_rows: int) -> Callable[..., Tensor]:
-    stride = backbone.output_stride // 4
-    halo = receptive_radius(backbone.layer1)
-    halo += -halo % stride  # whole strides, so band starts stay on the sampling grid
-
-    def banded(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        return run_in_row_bands(fn, x, stride, halo, band_rows)
-
-    return banded
-
-
-def _per_band(head: nn.Module, band_rows: int) -> Callable[..., Tensor]:
-    """Run a local head segment (``fn(x)``, stride 1) in row bands with its receptive halo."""
-    halo = receptive_radius(head)
-
-    def banded(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        return run_in_row_bands(fn, x, 1, halo, band_rows)
-
-    return banded
-
-
-def _lrd_banding(lrd: LRDModule, band_rows: int) -> Callable[..., Tensor]:
-    """A forward for EHSNet's LRD module that merges the branches and runs the module band by band.
-
-    EHSNet calls the LRD with ``merge`` = upsample + concatenate the HRNet branches
-    (``concat_branches``); each band builds those rows of the merged map itself.
-    """
-    original = lrd.forward
-    # reduce and increase are 1x1 and the unit's branches run side by side, each a single
-    # "same" convolution: the widest kernel sets the reach (receptive_radius would add them up)
-    halo = max(receptive_radius(branch) for branch in lrd.modules()
-               if isinstance(branch, (nn.Conv2d, DepthwiseConv2d)))
-
-    def banded(*features: Tensor, merge: Callable[..., Tensor] | None = None) -> Tensor:
-        if merge is None:
-            return rows_in_bands(lambda lo, hi: original(features[0][..., lo:hi, :]), features[0].shape[-2], 1,
-                                 halo, band_rows)
-
-        def on_rows(lo: int, hi: int) -> Tensor:
-            return original(*_branch_rows(features, lo, hi), merge=lambda *maps: torch.cat(maps, dim=1))
-
-        return rows_in_bands(on_rows, features[0].shape[-2], 1, halo, band_rows)
-
-    return banded
-
-
 def _head_banding(model: HRNetFCN, band_rows: int) -> Callable[..., Tensor]:
     def banded(fn: Callable[..., Tensor], *features: Tensor) -> Tensor:
         return concat_head_in_bands(model.head, list(features), band_rows)
@@ -244,7 +453,8 @@ def _head_banding(model: HRNetFCN, band_rows: int) -> Callable[..., Tensor]:
 
 
 @contextlib.contextmanager
-def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: int | None = None) -> Iterator[None]:
+def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: int | None = None,
+                front_band_rows: int | None = None) -> Iterator[None]:
     """Run ``model``'s eval forward with its high-resolution layers in row bands (see the module docstring).
 
     Inside the context a :class:`SegmentationModel` returns its train-mode dict (logits at the
@@ -253,9 +463,11 @@ def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: 
 
     Args:
         model: an eval-mode model.
-        band_rows: output rows per band of ``layer1`` and of the HRNet-FCN head (None:
-            :data:`BAND_ROWS`).
+        band_rows: output rows per band of ``layer1`` (within a band of the front), of
+            EHSNet's tail and of the HRNet-FCN head (None: :data:`BAND_ROWS`).
         stem_band_rows: half-resolution rows per band of the stems (None: :data:`STEM_BAND_ROWS`).
+        front_band_rows: rows of the stem's input per band of the HRNet fronts (None:
+            :data:`FRONT_BAND_ROWS`; rounded to a multiple of ``transition1``'s coarser stride).
 
     Raises:
         RuntimeError: ``model`` is in train mode (BatchNorm would use batch statistics,
@@ -265,31 +477,33 @@ def banded_eval(model: nn.Module, band_rows: int | None = None, stem_band_rows: 
         raise RuntimeError("banded_eval needs an eval-mode model; call model.eval() first")
     band_rows = BAND_ROWS if band_rows is None else band_rows
     stem_band_rows = STEM_BAND_ROWS if stem_band_rows is None else stem_band_rows
+    front_band_rows = FRONT_BAND_ROWS if front_band_rows is None else front_band_rows
     restore: list[Callable[[], None]] = []
+
+    def replace(module: nn.Module, name: str, value: Any) -> None:
+        if name == "forward":  # an instance attribute over the class's method
+            restore.append(lambda: delattr(module, "forward"))
+        else:
+            restore.append(lambda old=getattr(module, name, None): setattr(module, name, old))
+        setattr(module, name, value)
+
+    # the input transform's row stride of every HRNet owned by a model (HRNet-FCN pools)
+    transform_strides = {id(m.backbone): m.pad_multiple // m.backbone.total_stride for m in model.modules()
+                         if isinstance(m, SegmentationModel) and isinstance(getattr(m, "backbone", None), HRNet)}
     try:
         for module in model.modules():
             if isinstance(module, HRNet):
                 if BandedStem.supports(module.conv1, module.bn1, module.conv2):
-                    restore.append(lambda m=module, core=module.stem_core: setattr(m, "stem_core", core))
-                    module.stem_core = BandedStem(stem_band_rows)
-                banded = {module.segment_prefix + "layer1": _layer1_banding(module, band_rows)}
-            elif isinstance(module, HRNetFCN):
-                banded = {module.segment_prefix + "head": _head_banding(module, band_rows)}
-            elif isinstance(module, EHSNet):
-                banded = {module.segment_prefix + name: _per_band(getattr(module, name), band_rows)
-                          for name in ("aux_head", "head")}
-            else:
-                banded = {}
-            if banded:
-                previous = getattr(module, "_segment_runner", run_directly)
-                restore.append(lambda m=module, r=previous: setattr(m, "_segment_runner", r))
-                module._segment_runner = _BandingRunner(previous, banded)
-            if isinstance(module, LRDModule):
-                restore.append(lambda m=module: delattr(m, "forward"))
-                module.forward = _lrd_banding(module, band_rows)  # type: ignore[method-assign]
+                    replace(module, "stem_core", BandedStem(stem_band_rows))
+                replace(module, "forward", _hrnet_banding(module, transform_strides.get(id(module), 1), band_rows,
+                                                         front_band_rows))
+            if isinstance(module, HRNetFCN):
+                runner = _BandingRunner(getattr(module, "_segment_runner", run_directly), {module.segment_prefix + "head": _head_banding(module, band_rows)})
+                replace(module, "_segment_runner", runner)
+            if isinstance(module, EHSNet):
+                replace(module, "forward", _ehsnet_banding(module, band_rows))
             if isinstance(module, SegmentationModel):
-                restore.append(lambda m=module, d=module.defer_upsampling: setattr(m, "defer_upsampling", d))
-                module.defer_upsampling = True
+                replace(module, "defer_upsampling", True)
         yield
     finally:
         for undo in reversed(restore):
@@ -339,5 +553,5 @@ def row_logits(outputs: Tensor | dict[str, Any]) -> RowLogits:
     return RowLogits(outputs.float(), size, size)
 
 
-__all__ = ["BAND_ROWS", "PIXEL_BAND_ROWS", "RowLogits", "banded_eval", "concat_head_in_bands", "receptive_radius", "row_logits",
-           "run_in_row_bands"]
+__all__ = ["BAND_ROWS", "FRONT_BAND_ROWS", "PIXEL_BAND_ROWS", "RowLogits", "StreamedECR", "banded_eval",
+           "concat_head_in_bands", "multi_rows_in_bands", "receptive_radius", "row_logits", "run_in_row_bands"]

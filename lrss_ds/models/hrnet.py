@@ -244,18 +244,18 @@ class HRNet(Segmented):
             x = self.segment(f"layer1.{first}-{last - 1}", lambda t, a=first, b=last: self._layer1_blocks(a, b, t), x)
         return x
 
-    def _stage(self, t: int, *xs: Tensor) -> list[Tensor]:
+    def run_transition(self, t: int, *ins: Tensor) -> list[Tensor]:
+        """``transition{t}`` on the branch maps ``ins``: the next stage's branch maps."""
         transition: nn.ModuleList = getattr(self, f"transition{t}")
+        # A new branch grows from the lowest-resolution input; old ones map one to one.
+        return [
+            (ins[min(i, len(ins) - 1)] if layer is None else layer(ins[min(i, len(ins) - 1)]))
+            for i, layer in enumerate(transition)
+        ]
+
+    def _stage(self, t: int, *xs: Tensor) -> list[Tensor]:
         stage: nn.Sequential = getattr(self, f"stage{t + 1}")
-
-        def run_transition(*ins: Tensor) -> list[Tensor]:
-            # A new branch grows from the lowest-resolution input; old ones map one to one.
-            return [
-                (ins[min(i, len(ins) - 1)] if layer is None else layer(ins[min(i, len(ins) - 1)]))
-                for i, layer in enumerate(transition)
-            ]
-
-        ys = self.segment(f"transition{t}", run_transition, *xs)
+        ys = self.segment(f"transition{t}", lambda *ins: self.run_transition(t, *ins), *xs)
         for m, module in enumerate(stage):
             ys = self.segment(f"stage{t + 1}.{m}", module, *ys)
         return ys

@@ -42,6 +42,7 @@ def test_banded_holistic_prediction_equals_one_unbanded_forward(
     monkeypatch.setattr(prediction_writer, "BLOCK", 40)
     monkeypatch.setattr(banded_inference, "BAND_ROWS", 8)
     monkeypatch.setattr(banded_inference, "STEM_BAND_ROWS", 8)
+    monkeypatch.setattr(banded_inference, "FRONT_BAND_ROWS", 32)
     model = eval_model(name)
     path = _scene(tmp_path, 157, 131)
     classes, probs = _strips(Predictor(model=model, num_classes=5, ignore_index=255), path)
