@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lrss_ds.errors import ConfigError
 from lrss_ds.models import MODEL_BUILDERS, build_model
 from lrss_ds.sizes import parse_size
 

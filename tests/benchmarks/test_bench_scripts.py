@@ -43,7 +43,7 @@ def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[d
     reports = {}
     try:
         for name, (proc, out) in running.items():
-            log, _ = proc.communicate(timeout=1200)
+            log, _ = proc.communicate(timeout=2700)  # memory_time --quick runs every method: ~20 min beside the suite
             reports[name] = (proc.returncode, log, out)
     finally:
         for proc, _ in running.values():  # a timeout must not leave scripts running

@@ -155,12 +155,12 @@ def test_trains_under_deepspeed_with_checkpointing(name: str, options: dict[str,
     """Two DeepSpeed training steps (the planner's probe: the trainer's step and memory mode) in a
     fresh process; stage checkpointing keeps fewer saved activations than none."""
     skip_if_unavailable(name)
-    from lrss_ds.engine.plan import run_isolated
+    from lrss_ds.engine.isolated import run_isolated
 
     saved = {}
     for mode in ("none", "ckpt_stage"):
         run = run_isolated(
-            "lrss_ds.engine.plan:probe_training_step",
+            "lrss_ds.engine.probe:probe_training_step",
             {"model": name, "height": 63, "width": 65, "mode": mode, "steps": 2, "bands": BANDS,
              "num_classes": CLASSES, "model_options": options},
             timeout_s=600,
