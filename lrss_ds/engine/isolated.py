@@ -27,8 +27,9 @@ from typing import Any, Sequence
 from lrss_ds.engine.temporaries import write_text_atomically
 
 # Repository root (the folder holding ``lrss_ds/``), so that a fresh child process imports the
-# same checkout as its parent even when the package is not installed into the interpreter.
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# same checkout as its parent even when the package is not installed into the interpreter; the
+# probe's memory modes also name their DeepSpeed JSONs relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass
 class IsolatedRun:
@@ -65,7 +66,7 @@ class IsolatedRun:
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     """Environment for a child: ours, the checkout on ``PYTHONPATH``, plus ``extra``."""
     env = dict(os.environ)
-    paths = [str(_PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     if not has_cuda_cheap():
         env.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probe warning
@@ -146,7 +147,7 @@ def run_isolated(
                 env=_child_env(env),
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
-                cwd=str(_PACKAGE_ROOT),
+                cwd=str(REPO_ROOT),
             )
             killed_for: str | None = None
             watched = psutil.Process(proc.pid)

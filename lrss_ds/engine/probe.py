@@ -20,13 +20,11 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
+from lrss_ds.engine.isolated import REPO_ROOT
 from lrss_ds.errors import ConfigError
 
-# Repository root: the memory modes' DeepSpeed JSONs are named relative to it.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
