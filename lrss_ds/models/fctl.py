@@ -54,7 +54,6 @@ statistics, so train-mode outputs depend on ``crop_batch``; eval-mode outputs do
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
@@ -62,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, refuse_unknown_options
 from lrss_ds.models.glnet import FPN
 from lrss_ds.models.tiling import TILE_MULTIPLE, Tiling, plan_tiling, stitch
 from lrss_ds.models.multiscale import Window, cut_windows, window_transform
@@ -304,8 +303,5 @@ def build_fctl(
     Raises:
         ConfigError: for an unknown option or a value out of range.
     """
-    known = set(list(inspect.signature(FCtL.__init__).parameters)[5:])
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"model.options.{unknown[0]}", f"unknown FCtL option; known: {sorted(known)}")
+    refuse_unknown_options(FCtL, options)
     return FCtL(num_classes, in_channels, band_mean, band_std, **options)

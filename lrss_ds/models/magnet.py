@@ -64,7 +64,6 @@ statistics, so train-mode outputs depend on ``crop_batch``; eval-mode outputs do
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any, Sequence
 
@@ -73,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, refuse_unknown_options
 from lrss_ds.models.glnet import FPN, window_grid
 from lrss_ds.models.tiling import TILE_MULTIPLE, Tiling, plan_tiling, stitch
 from lrss_ds.models.multiscale import cut_windows, fit_longer_side, window_transform
@@ -376,8 +375,5 @@ def build_magnet(
     Raises:
         ConfigError: for an unknown option or a value out of range.
     """
-    known = set(list(inspect.signature(MagNet.__init__).parameters)[5:])
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"model.options.{unknown[0]}", f"unknown MagNet option; known: {sorted(known)}")
+    refuse_unknown_options(MagNet, options)
     return MagNet(num_classes, in_channels, band_mean, band_std, **options)
