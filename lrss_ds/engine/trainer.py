@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, TextIO
 import torch
 import torch.distributed as dist
 
-from lrss_ds.engine import checkpoints
+from lrss_ds.engine import training_checkpoints as checkpoints
 from lrss_ds.engine.batchnorm_recalibration import recalibrate_run
 from lrss_ds.engine.budget import TrainingBudget
 from lrss_ds.engine.comm import all_gather_bytes, any_rank
