@@ -31,11 +31,11 @@ _HOME = {
     "MemoryContext": "apply",
     "apply_memory_mode": "apply",
     "prepare_model": "apply",
-    "DeepSpeedCheckpointRunner": "checkpointing",
-    "TorchCheckpointRunner": "checkpointing",
-    "batchnorm_modules": "checkpointing",
-    "configure_deepspeed_checkpointing": "checkpointing",
-    "frozen_batchnorm_statistics": "checkpointing",
+    "DeepSpeedCheckpointRunner": "activation_checkpointing",
+    "TorchCheckpointRunner": "activation_checkpointing",
+    "batchnorm_modules": "activation_checkpointing",
+    "configure_deepspeed_checkpointing": "activation_checkpointing",
+    "frozen_batchnorm_statistics": "activation_checkpointing",
     "SavedTensorLedger": "ledger",
     "CHECKPOINTING": "modes",
     "MEMORY_PRESETS": "modes",
@@ -58,7 +58,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from lrss_ds.memory.apply import MemoryContext, apply_memory_mode, prepare_model
-    from lrss_ds.memory.checkpointing import (
+    from lrss_ds.memory.activation_checkpointing import (
         DeepSpeedCheckpointRunner,
         TorchCheckpointRunner,
         batchnorm_modules,
