@@ -420,7 +420,7 @@ def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path
     import json
 
     from lrss_ds.engine.config import DataConfig, SynthConfig
-    from lrss_ds.engine.prepare import prepare_synthetic_store
+    from lrss_ds.engine.synthetic_store import prepare_synthetic_store
     from tests.engine.test_engine_launcher import TINY, launch, read_log
 
     store = tmp_path / "store"

@@ -19,7 +19,7 @@ import torch
 from lrss_ds.engine import training_checkpoints
 from lrss_ds.engine.config import DataConfig, SynthConfig, load_config
 from lrss_ds.engine.demo import launcher_env
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 from lrss_ds.errors import ConfigError, TrainingError
 from tests.engine.test_engine_units import experiment, stand_in_run
 
