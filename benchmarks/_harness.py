@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywh
 
 from lrss_ds.engine.isolated import IsolatedRun, run_isolated  # noqa: E402
 from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
-from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
+from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
 from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 
 GIB = 1024**3
@@ -112,7 +112,7 @@ def benchmark_parser(
         quick: help of ``--quick`` (tiny sizes for the test suite); ``None``: no ``--quick``.
         cap: ``(default GiB, help)`` of ``--cap``, the RSS cap per configuration; ``None``: no ``--cap``.
         model: add ``--model`` (default ``ehsnet``).
-        modes: add ``--modes``, comma-separated ``PLAN_MODES`` names.
+        modes: add ``--modes``, comma-separated ``PLAN_SETUPS`` names.
         conditions: add ``--conditions``, text added to the report's conditions line.
 
     Returns:
@@ -125,7 +125,7 @@ def benchmark_parser(
     if model:
         parser.add_argument("--model", default="ehsnet")
     if modes:
-        parser.add_argument("--modes", default=None, help=f"comma-separated memory modes of {', '.join(PLAN_MODES)}")
+        parser.add_argument("--modes", default=None, help=f"comma-separated memory modes of {', '.join(PLAN_SETUPS)}")
     if cap is not None:
         parser.add_argument("--cap", type=float, default=cap[0], help=cap[1])
     if conditions:
@@ -148,17 +148,17 @@ def parse_benchmark_args(
         default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given.
 
     Returns:
-        The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_MODES`` names.
+        The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_SETUPS`` names.
         An unknown mode ends the program with the parser's one-line error.
     """
     args = parser.parse_args(argv)
     if hasattr(args, "modes"):
-        quick_modes, full_modes = default_modes or (list(PLAN_MODES), list(PLAN_MODES))
+        quick_modes, full_modes = default_modes or (list(PLAN_SETUPS), list(PLAN_SETUPS))
         default = quick_modes if getattr(args, "quick", False) else full_modes
         args.modes = [m for m in args.modes.split(",") if m] if args.modes else list(default)
         for mode in args.modes:
-            if mode not in PLAN_MODES:
-                parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+            if mode not in PLAN_SETUPS:
+                parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_SETUPS)}")
     set_child_threads(args.threads)
     return args
 

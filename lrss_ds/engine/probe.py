@@ -28,7 +28,7 @@ from lrss_ds.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class PlanMode:
+class PlanSetup:
     """A memory mode as the planner and the benchmarks run it.
 
     Attributes:
@@ -51,24 +51,24 @@ class PlanMode:
 
 # Ordered from the least to the most memory machinery. "Cheapest" in a recommendation is decided
 # by the predicted step time (measured), not by this order.
-PLAN_MODES: dict[str, PlanMode] = {
+PLAN_SETUPS: dict[str, PlanSetup] = {
     mode.name: mode
     for mode in (
         # ds_configs/cpu.json is the project's CPU default: ZeRO-2 with the optimizer on the host.
-        PlanMode("none", "none", "ds_configs/cpu.json", "plain training (no checkpointing, no offload)"),
-        PlanMode("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
-        PlanMode("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
+        PlanSetup("none", "none", "ds_configs/cpu.json", "plain training (no checkpointing, no offload)"),
+        PlanSetup("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
+        PlanSetup("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
                  "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
         # These JSONs say cpu_checkpointing false; the memory mode and the JSON must agree.
-        PlanMode("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
+        PlanSetup("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
                  "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
                  {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanMode("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
+        PlanSetup("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
                  "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
                  {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
+        PlanSetup("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
                  "fine checkpoints (layer1 in halves) + stem and loss in row bands + channels-last, fp32"),
-        PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
+        PlanSetup("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
                  "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)"),
     )
 }
@@ -107,7 +107,7 @@ def probe_step_parts(
 
     Args:
         model: a ``MODEL_BUILDERS`` name.
-        mode: a ``PLAN_MODES`` name.
+        mode: a ``PLAN_SETUPS`` name.
         bands: input bands C.
         num_classes: classes K.
         model_options: extra ``build_model`` options (e.g. ``{"mode": "holistic"}``).
@@ -133,9 +133,9 @@ def probe_step_parts(
     from lrss_ds.engine.setup import build_step_parts, init_distributed, load_deepspeed_json
     from lrss_ds.models import build_model, default_loss
 
-    if mode not in PLAN_MODES:
-        raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
-    plan_mode = PLAN_MODES[mode]
+    if mode not in PLAN_SETUPS:
+        raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_SETUPS)}")
+    plan_mode = PLAN_SETUPS[mode]
     torch.manual_seed(seed)
     init_distributed()
     config = ExperimentConfig(
@@ -247,7 +247,7 @@ def probe_training_step(
         model: a ``MODEL_BUILDERS`` name.
         height: sample height H.
         width: sample width W.
-        mode: a ``PLAN_MODES`` name.
+        mode: a ``PLAN_SETUPS`` name.
         steps: training steps (see :func:`measure_steps`).
         bands: input bands C.
         num_classes: classes K.

@@ -15,7 +15,7 @@ changes nothing, and check its value in ``MemoryMode.validate``; the experiment 
 ``memory:`` section (``lrss_ds.engine.config.MemoryConfig``) is generated from those fields.
 Then make it act in ``apply.py``: in :func:`prepare_model` if it changes the model once before
 ``deepspeed.initialize``, in :func:`apply_memory_mode` if it wraps every step. Name useful
-combinations in ``MEMORY_PRESETS``; the planner (``PLAN_MODES`` in ``lrss_ds/engine/plan.py``,
+combinations in ``MEMORY_PRESETS``; the planner (``PLAN_SETUPS`` in ``lrss_ds/engine/plan.py``,
 which pairs a preset with a DeepSpeed JSON) and the benchmarks choose presets by name.
 """
 
