@@ -226,8 +226,8 @@ def _band_stats(scenes: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float
     return mean.tolist(), std.tolist()
 
 
-def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
-             window: int | None, overlap: int) -> dict[str, Any]:
+def score_scenes(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+                 window: int | None, overlap: int) -> dict[str, Any]:
     """Predict ``scenes`` with ``lrss_ds.engine.inference.Predictor`` and score them.
 
     Args:
@@ -380,7 +380,7 @@ def short_train(
     bn_cpu = cpu_seconds() - bn_start
     net.eval()
     window = patch if spec.sampling == "patch" else None
-    scores = evaluate(net, val, num_classes, window, patch // 4 if window else 0)
+    scores = score_scenes(net, val, num_classes, window, patch // 4 if window else 0)
     if state_out:
         torch.save({"config": net.config(), "state_dict": net.state_dict()}, state_out)
     river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]
@@ -454,7 +454,7 @@ def infer(
     data = synthetic_scenes(scenes, size, bands, seed, water_scale)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model and scenes loaded
     window = patch if view == "local" else None
-    scores = evaluate(net, data, num_classes, window, patch // 4 if window else 0)
+    scores = score_scenes(net, data, num_classes, window, patch // 4 if window else 0)
     if not state:
         scores["miou"] = None
         scores["iou"] = None
@@ -489,7 +489,7 @@ def evaluate_checkpoint(
     predictor = predictor_for(model, meta, device=model_device(model))
     val = synthetic_scenes(val_scenes, size, bands, seed, water_scale)
     window = None if predictor.window is None else int(predictor.window[0])
-    scores = evaluate(model, val, model.num_classes, window, predictor.overlap)
+    scores = score_scenes(model, val, model.num_classes, window, predictor.overlap)
     if state_out:
         torch.save({"config": model.config(), "state_dict": model.state_dict()}, state_out)
     river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]

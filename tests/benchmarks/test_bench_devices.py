@@ -131,7 +131,7 @@ def test_evaluation_predicts_on_the_models_device(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(inference, "Predictor", RecordingPredictor)
     scenes = _workloads.synthetic_scenes(1, 16, 4, seed=0)
-    _workloads.evaluate(_net().to(META).eval(), scenes, 6, None, 0)
+    _workloads.score_scenes(_net().to(META).eval(), scenes, 6, None, 0)
     assert devices == [META]
 
 
@@ -160,7 +160,7 @@ def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(setup, "initialize_engine", initialize_engine)
     monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: _DeviceRecorder())
     monkeypatch.setattr(losses, "build_loss", lambda *args, **kwargs: loss_fn)
-    monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
+    monkeypatch.setattr(_workloads, "score_scenes", _recording_evaluate(evaluated))
     import lrss_ds.engine.trainer as trainer
 
     trainer_steps: list[Any] = []
@@ -181,7 +181,7 @@ def test_inference_probes_run_on_the_accelerator_device(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _FakeAccelerator())
     evaluated: list[torch.device] = []
-    monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
+    monkeypatch.setattr(_workloads, "score_scenes", _recording_evaluate(evaluated))
     _workloads.infer("downsampled HRNet", size=64, patch=32, view="global")
 
     loaded_to: list[torch.device] = []
