@@ -35,9 +35,19 @@ from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 GIB = 1024**3
 MIB = 1024**2
 
+# The --modes defaults, derived from the planner's setups (themselves from
+# lrss_ds.memory.modes.PLANNED_PRESETS), so a new preset reaches every benchmark: all setups;
+# the presets alone, without DeepSpeed's own ZeRO offload on top; the two a --quick run takes.
+ALL_MODES: list[str] = list(PLAN_SETUPS)
+PRESET_MODES: list[str] = [name for name, setup in PLAN_SETUPS.items() if name == setup.memory_preset]
+QUICK_MODES: list[str] = ["none", "ckpt_stage"]
+
 __all__ = [
     "GIB",
     "MIB",
+    "ALL_MODES",
+    "PRESET_MODES",
+    "QUICK_MODES",
     "IsolatedRun",
     "benchmark_parser",
     "parse_benchmark_args",
@@ -145,7 +155,8 @@ def parse_benchmark_args(
     Args:
         parser: from :func:`benchmark_parser`.
         argv: the arguments (``None``: ``sys.argv[1:]``).
-        default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given.
+        default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given
+            (default: ``ALL_MODES`` for both).
 
     Returns:
         The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_SETUPS`` names.
@@ -153,7 +164,7 @@ def parse_benchmark_args(
     """
     args = parser.parse_args(argv)
     if hasattr(args, "modes"):
-        quick_modes, full_modes = default_modes or (list(PLAN_SETUPS), list(PLAN_SETUPS))
+        quick_modes, full_modes = default_modes or (ALL_MODES, ALL_MODES)
         default = quick_modes if getattr(args, "quick", False) else full_modes
         args.modes = [m for m in args.modes.split(",") if m] if args.modes else list(default)
         for mode in args.modes:

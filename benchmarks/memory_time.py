@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _papers  # noqa: E402
 from _harness import (  # noqa: E402
+    ALL_MODES,
     GIB,
     MIB,
     Column,
@@ -52,16 +53,18 @@ from _harness import (  # noqa: E402
 )
 from _workloads import METHODS, options_for, unavailable  # noqa: E402
 
+from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
+from lrss_ds.memory.modes import get_memory_mode  # noqa: E402
 
-EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
+
+EHSNET_MODES = ALL_MODES
 QUICK_EHSNET_MODES = ["none", "ckpt_stage"]
-# Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
-# helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
 TWO_VIEW_MODELS = {"glnet", "glsnet"}
 # MagNet and FCtL cut their own windows too (scales / contexts): no sliding-window "local" view.
 TWO_VIEW_MODELS |= {"magnet", "fctl"}
-FP32_EQUAL = {"none", "ckpt_stage", "ckpt_block", "ckpt_fine", "ckpt_offload", "zero2_offload", "zero3_offload",
-              "fullres_fp32"}
+# Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
+# helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
+FP32_EQUAL = {name for name, setup in PLAN_SETUPS.items() if not get_memory_mode(setup.memory_preset).bf16}
 
 COLUMNS = [
     Column("method", "Method"),

@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 from lrss_ds.engine.isolated import REPO_ROOT
 from lrss_ds.errors import ConfigError
+from lrss_ds.memory.modes import PLANNED_PRESETS
 
 
 
 @dataclass(frozen=True)
 class PlanSetup:
-    """A memory mode as the planner and the benchmarks run it.
+    """A memory preset paired with the DeepSpeed JSON the planner and the benchmarks run it with.
 
     Attributes:
         name: the planner's name for it (a column in every table).
@@ -49,30 +50,33 @@ class PlanSetup:
         return hash(self.name)
 
 
-# Ordered from the least to the most memory machinery. "Cheapest" in a recommendation is decided
-# by the predicted step time (measured), not by this order.
-PLAN_SETUPS: dict[str, PlanSetup] = {
-    mode.name: mode
-    for mode in (
-        # ds_configs/cpu.json is the project's CPU default: ZeRO-2 with the optimizer on the host.
-        PlanSetup("none", "none", "ds_configs/cpu.json", "plain training (no checkpointing, no offload)"),
-        PlanSetup("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
-        PlanSetup("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
-                 "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
-        # These JSONs say cpu_checkpointing false; the memory mode and the JSON must agree.
-        PlanSetup("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
-                 "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
-                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanSetup("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
-                 "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
-                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanSetup("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
-                 "fine checkpoints (layer1 in halves) + stem and loss in row bands + channels-last, fp32"),
-        PlanSetup("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
-                 "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)"),
-    )
-}
+# The project's CPU default DeepSpeed JSON: ZeRO-2 with the optimizer on the host.
+CPU_DS_CONFIG = "ds_configs/cpu.json"
 
+# DeepSpeed's own offload on top of a preset. Their JSONs say cpu_checkpointing false; the
+# memory mode and the JSON must agree, hence the override.
+ZERO_OFFLOAD_SETUPS: tuple[PlanSetup, ...] = (
+    PlanSetup("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
+              "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
+              {"activation_checkpointing": {"cpu_checkpointing": True}}),
+    PlanSetup("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
+              "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
+              {"activation_checkpointing": {"cpu_checkpointing": True}}),
+)
+
+
+def _plan_setups() -> dict[str, PlanSetup]:
+    """One setup per planned memory preset on the CPU JSON, each followed by its ZeRO-offload setups."""
+    setups: dict[str, PlanSetup] = {}
+    for preset, summary in PLANNED_PRESETS.items():
+        setups[preset] = PlanSetup(preset, preset, CPU_DS_CONFIG, summary)
+        setups.update((zero.name, zero) for zero in ZERO_OFFLOAD_SETUPS if zero.memory_preset == preset)
+    return setups
+
+
+# Ordered from the least to the most memory machinery (``PLANNED_PRESETS``' order). "Cheapest" in
+# a recommendation is decided by the predicted step time (measured), not by this order.
+PLAN_SETUPS: dict[str, PlanSetup] = _plan_setups()
 
 
 def _cpu_seconds() -> float:

@@ -15,8 +15,10 @@ changes nothing, and check its value in ``MemoryMode.validate``; the experiment 
 ``memory:`` section (``lrss_ds.engine.config.MemoryConfig``) is generated from those fields.
 Then make it act in ``apply.py``: in :func:`prepare_model` if it changes the model once before
 ``deepspeed.initialize``, in :func:`apply_memory_mode` if it wraps every step. Name useful
-combinations in ``MEMORY_PRESETS``; the planner (``PLAN_SETUPS`` in ``lrss_ds/engine/plan.py``,
-which pairs a preset with a DeepSpeed JSON) and the benchmarks choose presets by name.
+combinations in ``MEMORY_PRESETS``, and give a preset the planner should measure a one-line
+summary in ``PLANNED_PRESETS`` beside it: the planner's setups (``PLAN_SETUPS`` in
+``lrss_ds/engine/probe.py``, each a preset on a DeepSpeed JSON) and every benchmark's ``--modes``
+are derived from that list.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ _HOME = {
     "SavedTensorLedger": "ledger",
     "CHECKPOINTING": "modes",
     "MEMORY_PRESETS": "modes",
+    "PLANNED_PRESETS": "modes",
     "MemoryMode": "modes",
     "get_memory_mode": "modes",
     "SavedTensorHooks": "offload",
@@ -66,5 +69,5 @@ if TYPE_CHECKING:
         frozen_batchnorm_statistics,
     )
     from lrss_ds.memory.ledger import SavedTensorLedger
-    from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, MemoryMode, get_memory_mode
+    from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, PLANNED_PRESETS, MemoryMode, get_memory_mode
     from lrss_ds.memory.offload import SavedTensorHooks
