@@ -60,6 +60,7 @@ __all__ = [
     "parse_size",
     "parse_bytes",
     "write_report",
+    "write_json_and_markdown",
     "write_text_atomically",
     "fmt",
 ]
@@ -109,6 +110,7 @@ def benchmark_parser(
     model: bool = False,
     modes: bool = False,
     conditions: bool = True,
+    out_help: str = "output folder",
 ) -> argparse.ArgumentParser:
     """A parser with the options benchmarks share, each added where the benchmark uses it.
 
@@ -124,12 +126,13 @@ def benchmark_parser(
         model: add ``--model`` (default ``ehsnet``).
         modes: add ``--modes``, comma-separated ``PLAN_SETUPS`` names.
         conditions: add ``--conditions``, text added to the report's conditions line.
+        out_help: the help of ``--out`` (a benchmark writing named files says what it names).
 
     Returns:
         The parser; the script adds its own options.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, required=out is None, default=out, help="output folder")
+    parser.add_argument("--out", type=Path, required=out is None, default=out, help=out_help)
     if quick is not None:
         parser.add_argument("--quick", action="store_true", help=quick)
     if model:
@@ -368,8 +371,6 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         parts += ["", f"## {title}", "", markdown_table(columns, rows)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
-    md_path = out_dir / f"{report.name}.md"
-    write_text_atomically(md_path, "\n".join(parts) + "\n")
 
     csv_path = out_dir / f"{report.name}.csv"
     buffer = io.StringIO()
@@ -383,7 +384,6 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
             writer.writerow({k: _csv_cell(row.get(k)) for k in keys})
     write_text_atomically(csv_path, buffer.getvalue())
 
-    json_path = out_dir / f"{report.name}.json"
     payload = {
         "title": report.title,
         "header": report.header,
@@ -392,8 +392,29 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         "notes": report.notes,
         **report.data,
     }
-    write_text_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    json_path, md_path = write_json_and_markdown(out_dir / f"{report.name}.json", payload, "\n".join(parts) + "\n")
     return [md_path, csv_path, json_path]
+
+
+def write_json_and_markdown(json_path: Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``payload`` as ``json_path`` and ``markdown`` beside it (``.md``), each atomically.
+
+    For reports whose Markdown is prose around their own tables; :func:`write_report` writes
+    row tables through it.
+
+    Args:
+        json_path: the JSON file (its folder is created).
+        payload: JSON-able result (values JSON cannot hold are written as ``str``).
+        markdown: the Markdown text.
+
+    Returns:
+        ``(json path, markdown path)``.
+    """
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path = json_path.with_suffix(".md")
+    write_text_atomically(md_path, markdown)
+    write_text_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    return json_path, md_path
 
 
 def _csv_cell(value: Any) -> Any:
