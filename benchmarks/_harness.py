@@ -111,6 +111,7 @@ def benchmark_parser(
     modes: bool = False,
     conditions: bool = True,
     out_help: str = "output folder",
+    threads: int | None = None,
 ) -> argparse.ArgumentParser:
     """A parser with the options benchmarks share, each added where the benchmark uses it.
 
@@ -127,6 +128,7 @@ def benchmark_parser(
         modes: add ``--modes``, comma-separated ``PLAN_SETUPS`` names.
         conditions: add ``--conditions``, text added to the report's conditions line.
         out_help: the help of ``--out`` (a benchmark writing named files says what it names).
+        threads: the default of ``--threads`` (``None``: torch's own).
 
     Returns:
         The parser; the script adds its own options.
@@ -143,8 +145,9 @@ def benchmark_parser(
         parser.add_argument("--cap", type=float, default=cap[0], help=cap[1])
     if conditions:
         parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
+    default_threads = "torch's" if threads is None else str(threads)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"intra-op threads per configuration (default: {default_threads}); 1 on a shared machine")
     return parser
 
 
