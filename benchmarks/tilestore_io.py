@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     import zarr
     from zarr.codecs import BloscCodec
 
-    from lrss_ds.data.store import ChunkReader, TileStore
+    from lrss_ds.data.chunk_reader import ChunkReader
+    from lrss_ds.data.store import TileStore
     from lrss_ds.data.synth import make_layout, write_scene
     from lrss_ds.sizes import parse_size
 
