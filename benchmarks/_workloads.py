@@ -201,6 +201,7 @@ def product_train(
     patch_batch: int = 8,
     state_out: str | None = None,
     max_steps: int = 1_000_000,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` with ``lrss-ds train`` on a synthetic tile store for a CPU-time budget, then score it.
 
@@ -231,6 +232,8 @@ def product_train(
         patch_batch: patches per step of patch methods.
         state_out: if given, the trained weights in the format the inference probes load.
         max_steps: ``train.iterations``, the cap behind the budget.
+        store: the synthetic tile store (default ``run_dir/store``); methods trained one after
+            another can share one, the trainer makes it once for the same ``data.synthetic``.
 
     Returns:
         :func:`evaluate_checkpoint`'s scores plus ``steps``, ``train_cpu_s``, ``train_wall_s``
@@ -250,7 +253,7 @@ def product_train(
     experiment = {
         "model": {"name": spec.model, "options": options},
         "data": {
-            "store": str(out / "store"),
+            "store": store or str(out / "store"),
             "synthetic": {"train_scenes": train_scenes, "val_scenes": 1, "height": scene_size, "width": scene_size,
                           "bands": bands, "seed": seed, "water_scale": water_scale},
             "mode": "patch" if patch_sampling else "whole",

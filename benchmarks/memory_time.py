@@ -197,6 +197,7 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
         "_workloads:product_train",
         {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
          "run_dir": str(args.out / "memory_time_runs" / _slug(label)),
+         "store": str(args.out / "memory_time_runs" / "store"),  # one synthetic store for every method
          "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
          "state_out": str(state), "water_scale": args.water_scale, "bn_scenes": 2.0 if args.quick else 8.0},
     )
