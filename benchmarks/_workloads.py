@@ -66,6 +66,7 @@ METHODS: dict[str, Method] = {
         Method("FCN", "tv_fcn", {"backbone": "resnet50"}, "patch", "ce"),
         Method("SegNet", "segnet", {}, "patch", "ce"),
         Method("ICNet", "icnet", {}, "patch", "ce"),
+        Method("FCN-8s", "fcn8s", {}, "patch", "ce"),
     )
 }
 

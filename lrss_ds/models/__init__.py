@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel
 from lrss_ds.models.ehsnet import EHSNet
+from lrss_ds.models.fcn8s import FCN8s
 from lrss_ds.models.fctl import build_fctl
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
@@ -43,6 +44,7 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "tv_fcn": TorchvisionFCN,
     "segnet": SegNet,
     "icnet": ICNet,
+    "fcn8s": FCN8s,
 }
 
 
@@ -73,7 +75,7 @@ def build_model(
 
     Args:
         name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
-            ``magnet``, ``fctl``, ``smp``, ``tv_fcn``, ``segnet``, ``icnet``).
+            ``magnet``, ``fctl``, ``smp``, ``tv_fcn``, ``segnet``, ``icnet``, ``fcn8s``).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

@@ -31,6 +31,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "tv_fcn": {},
     "segnet": {"width": 16},
     "icnet": {"backbone": "resnet18"},
+    "fcn8s": {"width": 16, "fc_channels": 64},
 }
 BANDS = 4
 
