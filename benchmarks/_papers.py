@@ -160,8 +160,7 @@ PAPER_METHODS: dict[str, PaperMethod] = {
     "Mask2Former": PaperMethod(not_built="mask classification with a multi-scale deformable-attention pixel decoder, "
                                "a masked-attention query decoder and a Hungarian-matched set loss: more than a day "
                                "to write faithfully, and no library that builds it imports here"),
-    "TransUNet": PaperMethod(not_built="not built yet: an R50-ViT-B/16 hybrid (105 M parameters) whose position "
-                             "embeddings are fixed to the training size; it needs its own size handling"),
+    "TransUNet": PaperMethod(("TransUNet",)),
     "GLSNet": PaperMethod(("GLSNet",)),
 }
 

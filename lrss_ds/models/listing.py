@@ -39,6 +39,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("segnet", {}),
     ("icnet", {}),
     ("fcn8s", {}),
+    ("transunet", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only
