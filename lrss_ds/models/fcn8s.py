@@ -63,8 +63,8 @@ class FCN8s(SegmentationModel):
       fc6's valid 7x7, and crops the upsampled scores back with fixed offsets. Here the
       normalised input is padded at the bottom/right to a multiple of 32 (five poolings), fc6
       is padded by 3, every skip map then has exactly twice the size of the coarser one (no
-      offsets), and the logits are cropped to the input. This costs no 100 px margin (FCN's
-      margin adds ~40% to a 512 px patch's pixels) and gives the same receptive field.
+      offsets), and the logits are cropped to the input. This saves the margin's work (a 512 px
+      patch becomes 712 px with it: 93% more pixels) and keeps the network's receptive field.
     * BatchNorm after every encoder convolution (VGG-16-BN): the paper fine-tunes ImageNet
       VGG-16 without BN; trained from scratch at small batches, as here (nothing is
       downloaded), plain VGG-16 does not train reliably. fc6/fc7 keep the paper's bias, ReLU
