@@ -66,3 +66,20 @@ def test_position_embedding_matters_and_is_learned() -> None:
 def test_transunet_refuses_bad_options(options: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^model.{key}: "):
         build_model("transunet", 3, 4, **options)
+
+
+def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path) -> None:
+    """A torchvision-named ResNet-18 file loads under ``backbone.``; its layer4 and fc are reported
+    as unexpected (the hybrid has no layer4), nothing of the backbone is missing."""
+    from lrss_ds.models import load_pretrained
+    from lrss_ds.models.resnet import ResNet
+
+    torch.manual_seed(1)
+    state = ResNet(18, 3).state_dict()
+    state["fc.weight"] = torch.zeros(1000, 512)
+    torch.save(state, tmp_path / "resnet18.pth")
+    model = build_model("transunet", 3, 4, **LIGHT)
+    report = load_pretrained(model, tmp_path / "resnet18.pth")
+    assert report.prefix == "backbone." and report.adapted == ["backbone.conv1.weight"]
+    assert not report.missing and report.unexpected and all(k.startswith(("layer4.", "fc.")) for k in report.unexpected)
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
