@@ -67,6 +67,8 @@ METHODS: dict[str, Method] = {
         Method("FCN", "tv_fcn", {"backbone": "resnet50"}, "patch", "ce"),
         Method("SegNet", "segnet", {}, "patch", "ce"),
         Method("ICNet", "icnet", {}, "patch", "ce"),
+        Method("FCN-8s", "fcn8s", {}, "patch", "ce"),
+        Method("TransUNet", "transunet", {}, "patch", "ce"),
     )
 }
 
@@ -88,6 +90,9 @@ def options_for(method: Method, patch: int) -> dict[str, Any]:
         # As in GLNet: the global view is the whole image downsampled to one patch's size.
         options["crop_size"] = patch
         options["global_size"] = patch
+    elif method.model == "transunet":
+        # One position-embedding vector per token of a training patch, as at the paper's 224 px.
+        options["pos_grid"] = max(1, patch // 16)
     elif method.model in ("magnet", "fctl"):
         # MagNet: full-resolution crops, the coarsest scale the whole image at one crop's size;
         # FCtL: local crops with their 2x and 3x contexts.

@@ -1,9 +1,11 @@
 """EHSNet's Table 3 measured here: mIoU, device and host memory, training and testing time per image.
 
-Rows: every method (patch HRNet, downsampled HRNet, GLNet, GLSNet, EHSNet) with plain training,
-then EHSNet under each memory mode; all at one image size, each configuration in a fresh
-process. Then the GLSNet-style table (its Tables 3, 5, 6): inference memory and mIoU of local
-(sliding patches) versus global (whole image) inference per model. The papers' own figures are
+Rows: every method of ``_workloads.METHODS`` with plain training, then EHSNet under each memory
+mode; all at one image size, each configuration in a fresh process. Then the GLSNet-style table
+(its Tables 3, 5, 6): inference memory and mIoU of local (sliding patches) versus global (whole
+image) inference per model. Then every method the papers' comparison tables name (EHSNet Tables
+1-3, GLSNet Table 3) with the rows measured for it, or why there are none (a library model that
+does not import here, a method not built: ``_papers.PAPER_METHODS``). The papers' own figures are
 printed alongside, labelled as theirs.
 
     python benchmarks/memory_time.py --out benchmarks/results [--quick] [--size 1024x1024]
@@ -473,6 +475,7 @@ def build_report(args: argparse.Namespace, header: dict[str, Any], rows: list[di
         extra = json.loads((args.target_from / "memory_time_training.json").read_text())["training"]
     target_rows = targets(rows, ratio_rows, extra)
     papers = _papers.paper_tables()
+    method_rows = _papers.paper_method_rows(args.methods, args.not_run)
     return Report(
         name="memory_time",
         title=f"Memory and time per method and memory mode at {size_text} (EHSNet Table 3, measured here)",
@@ -483,6 +486,10 @@ def build_report(args: argparse.Namespace, header: dict[str, Any], rows: list[di
             ("Targets of issue 6 (this run)", TARGET_COLUMNS, target_rows),
             ("Local vs global inference (GLSNet Table 3 style, measured here; memory = peak RSS, CPU)",
              INFERENCE_COLUMNS, inference_rows),
+            ("Every method of the papers' comparison tables: measured here, or why not", _papers.PAPER_METHOD_COLUMNS,
+             method_rows),
+            ("THEIR figures: " + _papers.EHSNET_TABLE1_SOURCE, _papers.EHSNET_MIOU_COLUMNS, _papers.EHSNET_TABLE1),
+            ("THEIR figures: " + _papers.EHSNET_TABLE2_SOURCE, _papers.EHSNET_MIOU_COLUMNS, _papers.EHSNET_TABLE2),
             ("THEIR figures: " + _papers.EHSNET_TABLE3_SOURCE, _papers.EHSNET_TABLE3_COLUMNS, _papers.EHSNET_TABLE3),
             ("THEIR figures: " + _papers.GLSNET_TABLE3_SOURCE, _papers.GLSNET_TABLE3_COLUMNS, _papers.GLSNET_TABLE3),
             ("THEIR figures: " + _papers.GLSNET_TABLE5_SOURCE, _papers.GLSNET_ABLATION_COLUMNS, _papers.GLSNET_TABLE5),
@@ -503,7 +510,7 @@ def build_report(args: argparse.Namespace, header: dict[str, Any], rows: list[di
             *(f"Not run here: {label}: {reason}" for label, reason in args.not_run.items()),
         ],
         data={"papers": papers, "inference_rows": inference_rows, "ratios": ratio_rows, "targets": target_rows,
-              "training": trained, "unavailable": args.not_run},
+              "training": trained, "unavailable": args.not_run, "paper_methods": method_rows},
     )
 
 

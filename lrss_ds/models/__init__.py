@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from lrss_ds.errors import ConfigError
 from lrss_ds.models.base import SegmentationModel
 from lrss_ds.models.ehsnet import EHSNet
+from lrss_ds.models.fcn8s import FCN8s
 from lrss_ds.models.fctl import build_fctl
 from lrss_ds.models.glnet import build_glnet
 from lrss_ds.models.glsnet import build_glsnet
@@ -29,6 +30,7 @@ from lrss_ds.models.pretrained import PretrainedReport, load_pretrained
 from lrss_ds.models.segnet import SegNet
 from lrss_ds.models.smp_adapter import SmpModel, TorchvisionFCN
 from lrss_ds.models.stdc import STDCSeg
+from lrss_ds.models.transunet import TransUNet
 
 # The only registry: model name -> constructor(num_classes, in_channels, band_mean=None,
 # band_std=None, **options) returning a SegmentationModel.
@@ -45,6 +47,8 @@ MODEL_BUILDERS: dict[str, Callable[..., SegmentationModel]] = {
     "tv_fcn": TorchvisionFCN,
     "segnet": SegNet,
     "icnet": ICNet,
+    "fcn8s": FCN8s,
+    "transunet": TransUNet,
 }
 
 
@@ -75,7 +79,8 @@ def build_model(
 
     Args:
         name: a key of :data:`MODEL_BUILDERS` (``ehsnet``, ``hrnet_fcn``, ``glsnet``, ``glnet``,
-            ``magnet``, ``fctl``, ``smp``, ``tv_fcn``, ``segnet``, ``icnet``).
+            ``magnet``, ``fctl``, ``smp``, ``tv_fcn``, ``segnet``, ``icnet``, ``fcn8s``,
+            ``transunet``).
         num_classes: K.
         in_channels: input bands C.
         band_mean: per-band mean of the raw input (kept in the model's state dict).

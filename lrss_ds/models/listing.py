@@ -39,6 +39,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("tv_fcn", {"backbone": "resnet50"}),
     ("segnet", {}),
     ("icnet", {}),
+    ("fcn8s", {}),
+    ("transunet", {}),
 ]
 # Options that change how, not what, a model computes: count the plain convolution (an FFT
 # or decomposed depth-wise conv is the same arithmetic function, but the flop counter only

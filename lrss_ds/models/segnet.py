@@ -19,6 +19,29 @@ def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
+def vgg16_encoder(in_channels: int, width: int) -> tuple[nn.ModuleList, list[int]]:
+    """VGG-16's five convolution blocks with BN (pooling is left to the caller).
+
+    Args:
+        in_channels: input bands (the first convolution takes them all).
+        width: channels of the first block; the others are 2x, 4x, 8x, 8x it (64 = VGG-16).
+
+    Returns:
+        ``(blocks, channels)``: five ``nn.Sequential`` of 3x3 conv-BN-ReLU, and each block's
+        output channels.
+    """
+    channels = [c * int(width) // 64 for _, c in VGG16_BLOCKS]
+    blocks = nn.ModuleList()
+    c_in = in_channels
+    for (convs, _), c_out in zip(VGG16_BLOCKS, channels):
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += conv_bn_relu(c_in if i == 0 else c_out, c_out)
+        blocks.append(nn.Sequential(*layers))
+        c_in = c_out
+    return blocks, channels
+
+
 class SegNet(SegmentationModel):
     """SegNet: encoder = VGG-16's 13 convolutions with BN, each block ending in a 2x2 max-pool
     whose argmax indices are kept; decoder = the mirror image, each block starting with a
@@ -60,21 +83,13 @@ class SegNet(SegmentationModel):
         super().__init__(num_classes, in_channels, band_mean, band_std, width=int(width))
         self.output_stride = 1
         self.pad_multiple = 2 ** len(VGG16_BLOCKS)
-        channels = [c * int(width) // 64 for _, c in VGG16_BLOCKS]
-        c_in = self.in_channels
-        self.encoder = nn.ModuleList()
-        for (convs, _), c_out in zip(VGG16_BLOCKS, channels):
-            layers: list[nn.Module] = []
-            for i in range(convs):
-                layers += conv_bn_relu(c_in if i == 0 else c_out, c_out)
-            self.encoder.append(nn.Sequential(*layers))
-            c_in = c_out
+        self.encoder, channels = vgg16_encoder(self.in_channels, int(width))
         # decoder[i] mirrors encoder[i]: its convolutions keep encoder i's width and the last
         # one maps to encoder i-1's (block 1 stays at its own width, for the classifier).
         self.decoder = nn.ModuleList()
         for i, ((convs, _), c_out) in enumerate(zip(VGG16_BLOCKS, channels)):
             target = channels[i - 1] if i > 0 else c_out
-            layers = []
+            layers: list[nn.Module] = []
             for j in range(convs):
                 layers += conv_bn_relu(c_out, target if j == convs - 1 else c_out)
             self.decoder.append(nn.Sequential(*layers))

@@ -77,7 +77,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     generic = {"U-Net", "PSPNet", "DeepLabv3+", "UPerNet", "FCN"}  # library models: run where they import
     assert methods == set(METHODS) - set(report["unavailable"])  # every compared method that imports here
     assert {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet", "ISDNet", "STDC", "MagNet", "FCtL",
-            "SegNet", "ICNet"} <= methods
+            "SegNet", "ICNet", "FCN-8s"} <= methods
     assert set(report["unavailable"]) <= generic
     assert [r["memory_mode"] for r in rows if r["method"] == "EHSNet"] == ["none", "ckpt_stage"]
     for row in rows:

@@ -179,7 +179,7 @@ data: {{store: {store}, workers: 1}}
 optim: {{type: sgd, lr: 0.01, momentum: 0.9}}
 memory: {{preset: ckpt_stage}}
 deepspeed: {{config: {ds_json}}}
-loss: {{name: {name}}}
+loss: {{name: {loss}}}
 train: {{seed: 3, iterations: 2, checkpoint_every: 0, eval_every: 0}}
 """
 
@@ -189,6 +189,8 @@ train: {{seed: 3, iterations: 2, checkpoint_every: 0, eval_every: 0}}
 @pytest.mark.parametrize("name, options", [
     ("isdnet", "{channels: 32, shallow_base: 16, relation_groups: 4}"),
     ("stdc", "{base: 16, context_channels: 32}"),
+    ("fcn8s", "{width: 16, fc_channels: 64}"),
+    ("transunet", "{resnet_depth: 18, hidden: 32, layers: 2, heads: 2, mlp: 64}"),
 ])
 def test_model_trains_under_the_launcher_with_checkpointing_and_predicts_a_geotiff(
     name: str, options: str, store: Path, tmp_path: Path
@@ -199,10 +201,12 @@ def test_model_trains_under_the_launcher_with_checkpointing_and_predicts_a_geoti
     import numpy as np
     import rasterio
 
+    from lrss_ds.models import default_loss
     from tests.engine.test_predict_helpers import write_geotiff
 
     config = tmp_path / f"{name}.yaml"
-    config.write_text(MODEL_RUN.format(name=name, options=options, store=store, ds_json=REPO / "ds_configs" / "cpu.json"))
+    config.write_text(MODEL_RUN.format(name=name, options=options, loss=default_loss(name), store=store,
+                                      ds_json=REPO / "ds_configs" / "cpu.json"))
     out = tmp_path / "run"
     assert launch(config, out, 1) == 0, read_log(out)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -31,6 +31,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "tv_fcn": {},
     "segnet": {"width": 16},
     "icnet": {"backbone": "resnet18"},
+    "fcn8s": {"width": 16, "fc_channels": 64},
+    "transunet": {"resnet_depth": 18, "hidden": 32, "layers": 2, "heads": 2, "mlp": 64},
 }
 BANDS = 4
 
