@@ -89,4 +89,6 @@ def test_holistic_prediction_never_holds_full_resolution_logits_or_stem_maps(
     with _LargestTensor() as mode:
         for _ in predictor.strips(open_geotiff(path), probabilities=True):
             pass
-    assert mode.largest <= 5 * height * width, f"{mode.largest / (height * width):.1f} values per pixel"
+    # folding BatchNorm into the convolutions makes one folded copy of each folded weight
+    largest_weight = max(p.numel() for p in model.parameters())
+    assert mode.largest <= max(5 * height * width, largest_weight), f"{mode.largest / (height * width):.1f} values per pixel"
