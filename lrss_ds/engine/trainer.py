@@ -185,6 +185,14 @@ def memory_now() -> dict[str, float]:
     }
 
 
+def peak_rss_per_rank() -> list[float]:
+    """Every rank's host peak RSS (GiB), in rank order (a collective)."""
+    import struct
+
+    mine = struct.pack("<d", memory_now()["peak_rss_gib"])
+    return [struct.unpack("<d", part)[0] for part in all_gather_bytes(mine)]
+
+
 def ledger_summary(ledger: Any) -> dict[str, float]:
     """Peak bytes of saved activations kept on the device and offloaded (GiB), from the ledger."""
     return {
@@ -409,8 +417,9 @@ def train(run: Run, resume: bool) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started
     digests = parameter_digests(engine)
+    rank_peaks = peak_rss_per_rank()
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks, rank_peaks)
     if exit_code == 0 and last_eval is not None:
         run.log_line(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -486,7 +495,7 @@ def parameter_digests(engine: Any) -> list[str] | None:
 
 def _write_metrics(
     run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
-    digests: list[str] | None, peaks: PhasePeaks,
+    digests: list[str] | None, peaks: PhasePeaks, rank_peaks: list[float],
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     from lrss_ds.memory.device_sim import simulated_summary
@@ -507,7 +516,7 @@ def _write_metrics(
         "nonfinite_skipped": nonfinite,
         # iterations whose optimizer step the fp16 loss scaler skipped (DeepSpeed's own counter)
         "skipped_steps": run.engine.skipped_steps,
-        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary(),
+        "memory": {**memory_now(), "peak_rss_gib_per_rank": rank_peaks, **ledger_summary(run.ledger), "device": peaks.summary(),
                    **simulated_summary(run.device_sim)},
         "memory_mode": run.memory_mode.to_dict(),
         **(run.budget.summary() if run.budget else {}),
