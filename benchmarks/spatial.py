@@ -50,7 +50,7 @@ LOSSES = {"ehsnet": "ehsnet", "hrnet_fcn": "ce"}
 
 EXPERIMENT = """
 model: {{name: {model}, options: {options}}}
-data: {{store: {store}, workers: 0}}
+data: {{store: {store}, val_split: '', workers: 0}}
 optim: {{type: sgd, lr: 0.01, momentum: 0.9}}
 schedule: {{policy: constant}}
 memory: {{preset: {preset}}}

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = """
 model: {{name: ehsnet, options: {{backbone: hrnet_w18, output_stride: 8, lrd_k: 16, lrd_d: 16, hard_ratio: 0.1}}}}
 data: {{store: {store}, workers: 0}}
-optim: {{type: sgd, lr: 0.01, momentum: 0.0}}
+optim: {{type: sgd, lr: 0.001, momentum: 0.0}}
 schedule: {{policy: constant}}
 memory: {{preset: ckpt_stage}}
 deepspeed: {{config: {ds_json}, override: {{gradient_clipping: 0.0}}}}
@@ -66,11 +66,14 @@ def test_two_spatial_ranks_train_as_one_rank_holding_the_scene(store: Path, tmp_
     assert two["world_size"] == 2 and two["iteration"] == 2 and two["finished"]
     digests = two["parameter_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # float32: the bands sum the same terms in another order; measured losses 1e-7 apart
-    assert [h["loss"] for h in two["history"]] == pytest.approx([h["loss"] for h in one["history"]], rel=1e-5)
     moved = _distance(one_weights[1], one_weights[0])  # the second step
     errors = [_distance(two_weights[i], one_weights[i]) for i in (0, 1)]
-    # gradients averaged over the group instead of summed would leave the weights about half a
-    # step away (error ~ 0.5 x moved); float32 rounding leaves them ~1e-4 of a step apart (measured)
-    assert max(errors) < 1e-2 * moved, (errors, moved)
+    # Gradients averaged over the group instead of summed would leave the weights half a step
+    # away (error ~ 0.5 x moved). float32 alone moves this tiny network's gradients by a few
+    # percent of the largest one (BatchNorm over the few positions of its coarsest branch):
+    # in-process, one rank 1.5% and two spatial ranks 5.9% from the float64 gradients.
+    assert max(errors) < 0.1 * moved, (errors, moved)
+    losses, one_rank_losses = [h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]]
+    assert losses[0] == pytest.approx(one_rank_losses[0], rel=1e-5)  # same weights: forward rounding only
+    assert losses[1] == pytest.approx(one_rank_losses[1], rel=1e-3), (losses, one_rank_losses)
     assert two["final"]["miou"] == pytest.approx(one["final"]["miou"], abs=1e-3)
