@@ -37,7 +37,7 @@ def _world(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
 
 @pytest.mark.parametrize("world, zero, height, words", [
     (3, 2, 256, "2 does not divide the 3 ranks of the job"),
-    (2, 3, 256, "ZeRO-3 gathers each layer's parameters"),
+    (2, 3, 256, "ZeRO-3 with spatial groups trains but does not match one rank"),
     (2, 2, 64, "scene s1: a scene of 64 rows holds 1 bands of 64 rows"),
 ])
 def test_spatial_settings_that_cannot_run_are_refused_before_any_group(
