@@ -537,7 +537,10 @@ def _check_spatial(config: ExperimentConfig, where: Callable[[str], str]) -> Non
         raise ConfigError(key, f"splits whole scenes; data.mode is {config.data.mode!r}; set 1")
     if config.memory.stem_band_rows is not None:
         raise ConfigError(key, "the banded stem (memory.stem_band_rows) does not split over ranks; set one of them off")
-    raise ConfigError(key, "the trainer does not run spatial groups yet (lrss_ds.parallel has the layers); set 1")
+    if config.train.augment != "none":
+        raise ConfigError(key, f"a flip or turn moves pixels between bands; train.augment is {config.train.augment!r}, set none")
+    if config.train.recalibrate_bn:
+        raise ConfigError(key, "train.recalibrate_bn runs the model on rank 0 alone, which a band cannot; set it 0")
 
 
 def _check_train_features(config: ExperimentConfig, where: Callable[[str], str]) -> None:

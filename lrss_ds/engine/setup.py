@@ -441,7 +441,7 @@ def precision_autocast(engine: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any]) -> Any:
+def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any], mpu: Any = None) -> Any:
     """Prepare ``model`` for the memory mode and wrap it in a DeepSpeed engine.
 
     The memory mode (channels-last, checkpoint segment runner) is applied before
@@ -454,6 +454,8 @@ def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dic
         model: the network (on the host; DeepSpeed moves it to the accelerator).
         config: the experiment (optimizer, schedule and memory sections).
         ds_config: from :func:`load_deepspeed_json`.
+        mpu: the process groups DeepSpeed reduces gradients over (``SpatialTopology`` with
+            ``parallel.spatial`` > 1); None: every rank is a data-parallel copy.
 
     Returns:
         The ``DeepSpeedEngine``; the memory mode is ``resolve_memory_mode(config)``.
@@ -474,7 +476,9 @@ def initialize_engine(model: nn.Module, config: ExperimentConfig, ds_config: dic
             ds_config["zero_force_ds_cpu_optimizer"] = False
     optimizer = build_optimizer(param_groups(model, config.optim), config.optim, offloaded)
     scheduler = build_scheduler(optimizer, config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+    )
     if "activation_checkpointing" in ds_config and not mode.cpu_checkpointing:
         configure_deepspeed_checkpointing(False, ds_config)
     return engine
@@ -501,7 +505,8 @@ class StepParts:
 
 
 def build_step_parts(
-    model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any], num_classes: int, ignore_index: int
+    model: nn.Module, config: ExperimentConfig, ds_config: dict[str, Any], num_classes: int, ignore_index: int,
+    mpu: Any = None,
 ) -> StepParts:
     """Build the loss (``loss`` section, banded as the memory mode says) and the engine for ``model``.
 
@@ -511,6 +516,7 @@ def build_step_parts(
         ds_config: from :func:`load_deepspeed_json`.
         num_classes: classes K.
         ignore_index: label value the loss ignores.
+        mpu: passed to :func:`initialize_engine`.
 
     Returns:
         The :class:`StepParts`, with a fresh ledger.
@@ -526,5 +532,5 @@ def build_step_parts(
     if memory_mode.loss_band_rows is not None:
         loss_options["band_rows"] = memory_mode.loss_band_rows
     loss_fn = build_loss(config.loss.name, num_classes, ignore_index, **loss_options)
-    engine = initialize_engine(model, config, ds_config)
+    engine = initialize_engine(model, config, ds_config, mpu)
     return StepParts(engine=engine, loss_fn=loss_fn, memory_mode=memory_mode, ledger=SavedTensorLedger())

@@ -42,6 +42,7 @@ from lrss_ds.engine.setup import (
     resolve_memory_mode,
     seed_everything,
 )
+from lrss_ds.engine.spatial_run import SpatialRun, start_spatial
 from lrss_ds.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:  # the annotations of Run; their modules import late where they are used
@@ -72,6 +73,7 @@ class Run(StepParts):
         class_names / num_classes / ignore_index: from the dataset spec.
         log: rank 0's log file handle (None on other ranks).
         budget: when the loop stops (set by :func:`train`).
+        spatial: this rank's place in spatial parallelism (None with ``parallel.spatial: 1``).
     """
 
     config: ExperimentConfig
@@ -88,6 +90,13 @@ class Run(StepParts):
     device_sim: DeviceMemorySimulator | None = None  # with train.simulate_device_memory
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: TrainingBudget | None = None
+    spatial: SpatialRun | None = None
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(rank, ranks)`` among the data-parallel copies: the ranks of a spatial group read one scene."""
+        if self.spatial is not None:
+            return self.spatial.data_rank, self.spatial.data_size
+        return self.dist.rank, self.dist.world_size
 
     def log_line(self, line: str, console: bool = True) -> None:
         """Write ``line`` to ``log.txt`` (and the console) on rank 0."""
@@ -147,9 +156,7 @@ def validate(run: Run) -> dict[str, Any]:
     """
     started = time.perf_counter()
     matrix = ConfusionMatrix(run.num_classes, run.ignore_index, run.class_names)
-    loader, count = make_eval_loader(
-        run.val_set, run.dist.rank, run.dist.world_size, run.config.data.workers, run.engine.device
-    )
+    loader, count = make_eval_loader(run.val_set, *run.data_shard(), run.config.data.workers, run.engine.device)
     run.engine.eval()
     try:
         with worker_batches(loader) as batches:
@@ -176,6 +183,14 @@ def memory_now() -> dict[str, float]:
         # ru_maxrss is in KiB on Linux.
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
     }
+
+
+def peak_rss_per_rank() -> list[float]:
+    """Every rank's host peak RSS (GiB), in rank order (a collective)."""
+    import struct
+
+    mine = struct.pack("<d", memory_now()["peak_rss_gib"])
+    return [struct.unpack("<d", part)[0] for part in all_gather_bytes(mine)]
 
 
 def ledger_summary(ledger: Any) -> dict[str, float]:
@@ -283,7 +298,7 @@ def train(run: Run, resume: bool) -> int:
             run.history = list(state.get("history", []))
             spent = state.get("budget_spent")
     micro_batch = int(engine.train_micro_batch_size_per_gpu())
-    sampler = train_order(len(run.train_set), run.dist.rank, run.dist.world_size, cfg.seed, data_position, cfg.augment)
+    sampler = train_order(len(run.train_set), *run.data_shard(), cfg.seed, data_position, cfg.augment)
     loader = make_train_loader(
         run.train_set, sampler, micro_batch, run.config.data.workers, run.config.data.prefetch, engine.device
     )
@@ -309,6 +324,8 @@ def train(run: Run, resume: bool) -> int:
         f"{engine.gradient_accumulation_steps()} micro-batch(es) of {micro_batch} per rank per iteration, "
         f"memory mode {run.memory_mode}"
     )
+    if run.spatial is not None:
+        run.log_line(run.spatial.describe())
     batches = _batches(loader)
     budget.start()
     stopped_by = budget.stop_reason(engine.global_steps)
@@ -327,6 +344,8 @@ def train(run: Run, resume: bool) -> int:
             skipped_before = engine.skipped_steps
             with peaks.phase("train"), simulating(run.device_sim):
                 loss = train_step(run, batch)
+            if loss is not None and run.spatial is not None:
+                loss = run.spatial.scene_loss(loss)  # the step returned this band's share
             if loss is None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
@@ -398,8 +417,9 @@ def train(run: Run, resume: bool) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
     seconds = time.perf_counter() - started
     digests = parameter_digests(engine)
+    rank_peaks = peak_rss_per_rank()
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks, rank_peaks)
     if exit_code == 0 and last_eval is not None:
         run.log_line(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -475,7 +495,7 @@ def parameter_digests(engine: Any) -> list[str] | None:
 
 def _write_metrics(
     run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
-    digests: list[str] | None, peaks: PhasePeaks,
+    digests: list[str] | None, peaks: PhasePeaks, rank_peaks: list[float],
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     from lrss_ds.memory.device_sim import simulated_summary
@@ -496,7 +516,7 @@ def _write_metrics(
         "nonfinite_skipped": nonfinite,
         # iterations whose optimizer step the fp16 loss scaler skipped (DeepSpeed's own counter)
         "skipped_steps": run.engine.skipped_steps,
-        "memory": {**memory_now(), **ledger_summary(run.ledger), "device": peaks.summary(),
+        "memory": {**memory_now(), "peak_rss_gib_per_rank": rank_peaks, **ledger_summary(run.ledger), "device": peaks.summary(),
                    **simulated_summary(run.device_sim)},
         "memory_mode": run.memory_mode.to_dict(),
         **(run.budget.summary() if run.budget else {}),
@@ -554,14 +574,21 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
                        int(ds_config.get("train_micro_batch_size_per_gpu", 1)))
     if config.model.pretrained:
         load_pretrained(model, config.model.pretrained)
-    parts = build_step_parts(model, config, ds_config, len(spec.classes), spec.ignore_index)
+    spatial = start_spatial(config, model, ds_config, [(s, store.shape(s)[1]) for s in train_scenes + val_scenes])
+    parts = build_step_parts(model, config, ds_config, len(spec.classes), spec.ignore_index,
+                             mpu=spatial.topology if spatial else None)
+    if spatial is not None:
+        parts.loss_fn = spatial.loss(parts.loss_fn)
 
     patch = {"patch_size": config.data.patch_size, "patches_per_scene": config.data.patches_per_scene}
     train_set = SceneSamples(
         config.data.store, config.data.train_split, mode=config.data.mode, seed=config.train.seed,
         **(patch if config.data.mode == "patch" else {}),
-    )
-    val_set = SceneSamples(config.data.store, config.data.val_split, mode="whole") if val_scenes else None
+    ) if spatial is None else spatial.samples(config.data.store, config.data.train_split)
+    val_set = None
+    if val_scenes:
+        val_set = (SceneSamples(config.data.store, config.data.val_split, mode="whole") if spatial is None
+                   else spatial.samples(config.data.store, config.data.val_split))
     meta = {
         "model": model.config(),
         "dataset": spec.to_dict(),
@@ -580,6 +607,7 @@ def build_run(config: ExperimentConfig, out: Path) -> Run:
         engine=parts.engine, loss_fn=parts.loss_fn, memory_mode=parts.memory_mode, ledger=parts.ledger,
         config=config, dist=dist_info, out=out, train_set=train_set, val_set=val_set, meta=meta,
         class_names=list(spec.classes), num_classes=len(spec.classes), ignore_index=spec.ignore_index, log=log,
+        spatial=spatial,
     )
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import Resize, SegmentationModel, run_directly
+from lrss_ds.models.base import Resize, SegmentationModel, crop_to, run_directly
 from lrss_ds.models.ecr import ECRModule
 from lrss_ds.models.large_kernel import DepthwiseConv2d
 from lrss_ds.parallel.batchnorm import SpatialBatchNorm2d
@@ -64,7 +64,8 @@ def spatialize(model: SegmentationModel, group: SpatialGroup) -> SegmentationMod
     the model's parameters and buffers (the state dict is unchanged). A forward pre-hook tells
     the group each forward's band heights. Each rank then gets its band of the scene
     (:func:`band_bounds` with ``model.pad_multiple``); the train-mode output holds the band's
-    logits, ``input_size`` / ``padded_size`` being the band's.
+    logits, ``input_size`` / ``padded_size`` being the band's, and the eval-mode output the
+    band's rows of the one-rank logits (upsampled with row halos, :func:`_band_outputs`).
 
     Args:
         model: a model in :data:`SUPPORTED`, on this rank.
@@ -86,7 +87,26 @@ def spatialize(model: SegmentationModel, group: SpatialGroup) -> SegmentationMod
         group.begin(int(args[0].shape[-2]))
 
     model.register_forward_pre_hook(begin)
+    _band_outputs(model, group)
     return model
+
+
+def _band_outputs(model: SegmentationModel, group: SpatialGroup) -> None:
+    """Make the eval forward upsample the band's logits with row halos (a collective).
+
+    The model's own eval output interpolates its band alone, so the rows next to a band
+    boundary would be clamped at the boundary instead of reading the neighbour's logits. The
+    train-mode dict (and ``defer_upsampling``, whose caller upsamples) is left as it is.
+    """
+    resize = SpatialResize(group)
+    one_rank_outputs = model.outputs
+
+    def outputs(logits: Tensor, aux: list[Tensor], input_size: tuple[int, int], padded: tuple[int, int]) -> object:
+        if model.training or model.defer_upsampling:
+            return one_rank_outputs(logits, aux, input_size, padded)
+        return crop_to(resize(logits, padded), input_size)
+
+    model.outputs = outputs  # type: ignore[method-assign]
 
 
 def gradient_sum(model: nn.Module, reduce: Callable[[Tensor], Tensor]) -> None:

@@ -14,17 +14,24 @@ model: {{name: {model}, options: {{{options}}}}}
 data: {{store: stores/x, mode: {mode}}}
 deepspeed: {{config: cpu.json}}
 parallel: {{spatial: {spatial}}}
+{extra}
 """
 
 
-def _load(tmp_path: Path, spatial: object, model: str = "hrnet_fcn", options: str = "", mode: str = "whole") -> object:
+def _load(
+    tmp_path: Path, spatial: object, model: str = "hrnet_fcn", options: str = "", mode: str = "whole", extra: str = ""
+) -> object:
     path = tmp_path / "exp.yaml"
-    path.write_text(BASE.format(model=model, options=options, mode=mode, spatial=spatial))
+    path.write_text(BASE.format(model=model, options=options, mode=mode, spatial=spatial, extra=extra))
     return load_config(path)
 
 
 def test_one_rank_per_scene_is_the_default(tmp_path: Path) -> None:
     assert _load(tmp_path, 1).parallel.spatial == 1  # type: ignore[attr-defined]
+
+
+def test_spatial_runs_with_a_supported_model_on_whole_scenes(tmp_path: Path) -> None:
+    assert _load(tmp_path, 2, "ehsnet").parallel.spatial == 2  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("spatial, model, options, mode, words", [
@@ -33,11 +40,20 @@ def test_one_rank_per_scene_is_the_default(tmp_path: Path) -> None:
     (2, "glsnet", "", "whole", "model 'glsnet' has no spatial version"),
     (2, "hrnet_fcn", "mode: downsampled", "whole", "needs model mode holistic"),
     (2, "ehsnet", "", "patch", "data.mode is 'patch'"),
-    (2, "ehsnet", "", "whole", "the trainer does not run spatial groups yet"),
 ])
 def test_bad_spatial_settings_are_refused_naming_the_key(
     tmp_path: Path, spatial: object, model: str, options: str, mode: str, words: str
 ) -> None:
     with pytest.raises(ConfigError, match=words) as error:
         _load(tmp_path, spatial, model, options, mode)
+    assert "parallel.spatial" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("train, words", [
+    ("{augment: d4}", "train.augment is 'd4'"),
+    ("{recalibrate_bn: 2}", "train.recalibrate_bn runs the model on rank 0"),
+])
+def test_training_features_that_need_the_whole_scene_on_one_rank_are_refused(tmp_path: Path, train: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words) as error:
+        _load(tmp_path, 2, "ehsnet", extra=f"train: {train}")
     assert "parallel.spatial" in str(error.value) and "\n" not in str(error.value)

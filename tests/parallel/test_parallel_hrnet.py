@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 from lrss_ds.engine.demo import free_port, launcher_env
-from tests.parallel.spatial_cases import Case, build, reference, spatial_run, spawned
+from lrss_ds.parallel import SpatialGroup, band_bounds, spatialize
+from tests.parallel.spatial_cases import Case, build, reference, scene, spatial_run, spawned
 from tests.parallel.threads import run_threads
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +101,24 @@ def test_two_ranks_under_the_deepspeed_launcher_in_float32(tmp_path: Path) -> No
     done = subprocess.run(command, env=launcher_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _assert_within_rounding(_read(tmp_path, 2), case)
+
+
+def test_eval_logits_of_the_bands_are_the_one_rank_logits() -> None:
+    # the eval forward upsamples band logits with row halos; alone, rows at a boundary differ by ~1e-2
+    case = Case(height=80, dtype="float64")  # bands 64 and 16 (+16 rows of padding)
+    model = build(case).eval()
+    image, _ = scene(case)
+    with torch.no_grad():
+        truth = model(image)
+    models = [copy.deepcopy(model) for _ in range(2)]
+
+    def band_logits(rank: int, comm: Any) -> torch.Tensor:
+        group = SpatialGroup(comm, rank, 2)
+        spatialize(models[rank], group)
+        start, stop = band_bounds(case.height, 2, models[rank].pad_multiple)[rank]
+        with torch.no_grad():
+            return models[rank](image[..., start:stop, :])
+
+    logits = torch.cat(run_threads(2, band_logits), dim=2)
+    assert logits.shape == truth.shape
+    assert float((logits - truth).abs().max()) < 1e-10

@@ -1,0 +1,165 @@
+"""Per-rank peak RSS and step time of training one scene on one rank and split over spatial ranks.
+
+Each configuration is a real training run: ``lrss-ds train`` under the ``deepspeed`` launcher
+(ZeRO-2 with the optimizer on the host, ``ds_configs/cpu.json``) on the same synthetic scene,
+first on one rank, then with ``parallel.spatial: N`` on N ranks. Each rank's peak RSS comes
+from the run's ``metrics.json`` (``memory.peak_rss_gib_per_rank``); the step time is the
+training loop's wall time per iteration after the first (from the log's iteration stamps when
+there are at least two, else the loop's mean).
+
+    python benchmarks/spatial.py --out benchmarks/results [--quick] [--size 2048x2048] [--ranks 1,2]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # noqa: E402
+    Column,
+    Report,
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    parse_size,
+    write_report,
+)
+
+from lrss_ds.engine.config import DataConfig, SynthConfig  # noqa: E402
+from lrss_ds.engine.demo import deepspeed_command, launcher_env  # noqa: E402
+from lrss_ds.engine.prepare import prepare_synthetic_store  # noqa: E402
+from lrss_ds.models import build_model  # noqa: E402
+from lrss_ds.parallel import band_bounds  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The main job's EHSNet-W18 (ds_configs/ehsnet_synthetic.yaml) for the full run; a tiny HRNet-FCN
+# for --quick, which only checks that the script measures and reports.
+MODELS: dict[str, dict[str, Any]] = {
+    "ehsnet": {"backbone": "hrnet_w18", "output_stride": 8, "lrd_k": 64, "lrd_d": 64},
+    "hrnet_fcn": {"backbone": "hrnet_w18", "output_stride": 4},
+}
+LOSSES = {"ehsnet": "ehsnet", "hrnet_fcn": "ce"}
+
+EXPERIMENT = """
+model: {{name: {model}, options: {options}}}
+data: {{store: {store}, val_split: '', workers: 0}}
+optim: {{type: sgd, lr: 0.01, momentum: 0.9}}
+schedule: {{policy: constant}}
+memory: {{preset: {preset}}}
+deepspeed: {{config: {ds_json}}}
+loss: {{name: {loss}}}
+train: {{seed: 0, iterations: {iterations}, checkpoint_every: 0, eval_every: 0}}
+parallel: {{spatial: {spatial}}}
+"""
+
+COLUMNS = [
+    Column("ranks", "Ranks (spatial)", 0),
+    Column("rank", "Rank", 0),
+    Column("band_rows", "Band rows", 0),
+    Column("peak_rss_gib", "Peak RSS GiB", 3),
+    Column("peak_vs_one_rank", "Peak / one rank", 2),
+    Column("step_s", "Step s (wall)", 2),
+    Column("loss_last", "Last loss", 5),
+    Column("job_cpu_s", "Job CPU-s (all ranks)", 1),
+]
+
+
+def step_seconds(log: Path, metrics: dict[str, Any]) -> float:
+    """Wall seconds per iteration after the first (log stamps, 1 s resolution), else the loop's mean."""
+    stamps = []
+    for line in log.read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[1] == "it":
+            h, m, s = (int(v) for v in parts[0].split(":"))
+            stamps.append(h * 3600 + m * 60 + s)
+    if len(stamps) >= 3:
+        return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    return metrics["seconds"] / max(1, metrics["iteration"])
+
+
+def train_once(root: Path, store: Path, spatial: int, args: Any) -> tuple[dict[str, Any], float, float]:
+    """One training run on ``spatial`` ranks; returns ``(metrics.json, step seconds, job CPU seconds)``."""
+    config = root / f"spatial{spatial}.yaml"
+    config.write_text(EXPERIMENT.format(
+        model=args.model, options=json.dumps(MODELS[args.model]), store=store, preset=args.preset, ds_json=REPO / "ds_configs" / "cpu.json",
+        loss=LOSSES[args.model], iterations=args.iterations, spatial=spatial,
+    ))
+    out = root / f"run{spatial}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(f"{out}.log", "w") as log:
+        done = subprocess.run(deepspeed_command(config, spatial, ["--output", str(out)]), env=launcher_env(),
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"training on {spatial} rank(s) failed (status {done.returncode}); see {out}.log")
+    metrics = json.loads((out / "metrics.json").read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return metrics, step_seconds(out / "log.txt", metrics), cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the spatial benchmark and write ``spatial.{md,csv,json}``."""
+    parser = benchmark_parser(__doc__.splitlines()[0], out=REPO / "benchmarks" / "results",
+                              quick="a tiny HRNet-FCN on a 128x64 scene, 2 iterations (the test suite)")
+    parser.add_argument("--size", default="2048x2048", help="scene HEIGHTxWIDTH")
+    parser.add_argument("--ranks", default="1,2", help="comma-separated spatial group sizes (1 first)")
+    parser.add_argument("--model", default="ehsnet", choices=sorted(MODELS))
+    parser.add_argument("--preset", default="ckpt_stage", help="memory preset of every run")
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per training run")
+    args = parse_benchmark_args(parser, argv)
+    if args.quick:
+        args.size, args.model, args.preset, args.iterations = "128x64", "hrnet_fcn", "none", 2
+    height, width = parse_size(args.size)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    work = args.out / "spatial_work"
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / f"store_{height}x{width}"
+    synth = SynthConfig(train_scenes=1, val_scenes=0, height=height, width=width, bands=4, seed=0)
+    prepare_synthetic_store(DataConfig(store=str(store), synthetic=synth), log=lambda line: None)
+    conditions = (f"{args.model} on one synthetic {height}x{width} 4-band scene, memory preset {args.preset}, "
+                  f"ZeRO-2 + CPU optimizer offload, SGD, {args.iterations} iterations, spatial groups {ranks}; "
+                  + args.conditions)
+    header = machine_header(conditions, {"model": args.model, "height": height, "width": width})
+    rows: list[dict[str, Any]] = []
+    one_rank_peak = None
+    multiple = build_model(args.model, num_classes=5, in_channels=4, **MODELS[args.model]).pad_multiple
+    started = time.perf_counter()
+    for spatial in ranks:
+        metrics, step, cpu = train_once(work, store, spatial, args)
+        bands = band_bounds(height, spatial, multiple)
+        for rank, peak in enumerate(metrics["memory"]["peak_rss_gib_per_rank"]):
+            one_rank_peak = peak if spatial == 1 else one_rank_peak
+            rows.append({
+                "ranks": spatial, "rank": rank, "band_rows": bands[rank][1] - bands[rank][0], "peak_rss_gib": peak,
+                "peak_vs_one_rank": peak / one_rank_peak if one_rank_peak else None, "step_s": step,
+                "loss_last": metrics["loss_last"], "job_cpu_s": cpu,
+            })
+    report = Report(
+        name="spatial",
+        title=f"Spatial parallelism: one {height}x{width} scene on 1 vs {ranks[-1]} ranks ({args.model})",
+        header=header,
+        tables=[("Per rank", COLUMNS, rows)],
+        notes=[
+            "Peak RSS is each rank process's own peak (ru_maxrss), DeepSpeed and the model included.",
+            "Step s is wall time per iteration after the first; on a shared CPU it depends on the load, "
+            "compare CPU-s. Ranks on one host share its cores.",
+            f"Band rows: multiples of {multiple} (the network's total stride), the last band uneven.",
+            f"Total benchmark wall time {time.perf_counter() - started:.0f} s.",
+        ],
+    )
+    for path in write_report(report, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""benchmarks/spatial.py --quick trains one scene on 1 and 2 spatial ranks and reports every rank's peak and step time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.launcher
+def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spatial.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "spatial.json").read_text())
+    rows = report["rows"]
+    assert [(r["ranks"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert [r["band_rows"] for r in rows] == [128, 64, 64]
+    for row in rows:
+        assert 0.1 < row["peak_rss_gib"] < 4 and row["step_s"] >= 0 and row["job_cpu_s"] > 0
+    assert rows[0]["peak_vs_one_rank"] == 1.0
+    # the same scene and weights: the spatial run's loss is the one-rank loss (float32 rounding)
+    assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-3)
+    assert "| 2 | 1 | 64 |" in (tmp_path / "spatial.md").read_text()
