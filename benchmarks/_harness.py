@@ -29,15 +29,25 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywh
 
 from lrss_ds.engine.isolated import IsolatedRun, run_isolated  # noqa: E402
 from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
-from lrss_ds.engine.probe import PLAN_MODES  # noqa: E402
+from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
 from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 
 GIB = 1024**3
 MIB = 1024**2
 
+# The --modes defaults, derived from the planner's setups (themselves from
+# lrss_ds.memory.modes.PLANNED_PRESETS), so a new preset reaches every benchmark: all setups;
+# the presets alone, without DeepSpeed's own ZeRO offload on top; the two a --quick run takes.
+ALL_MODES: list[str] = list(PLAN_SETUPS)
+PRESET_MODES: list[str] = [name for name, setup in PLAN_SETUPS.items() if name == setup.memory_preset]
+QUICK_MODES: list[str] = ["none", "ckpt_stage"]
+
 __all__ = [
     "GIB",
     "MIB",
+    "ALL_MODES",
+    "PRESET_MODES",
+    "QUICK_MODES",
     "IsolatedRun",
     "benchmark_parser",
     "parse_benchmark_args",
@@ -50,6 +60,7 @@ __all__ = [
     "parse_size",
     "parse_bytes",
     "write_report",
+    "write_json_and_markdown",
     "write_text_atomically",
     "fmt",
 ]
@@ -99,6 +110,8 @@ def benchmark_parser(
     model: bool = False,
     modes: bool = False,
     conditions: bool = True,
+    out_help: str = "output folder",
+    threads: int | None = None,
 ) -> argparse.ArgumentParser:
     """A parser with the options benchmarks share, each added where the benchmark uses it.
 
@@ -112,26 +125,29 @@ def benchmark_parser(
         quick: help of ``--quick`` (tiny sizes for the test suite); ``None``: no ``--quick``.
         cap: ``(default GiB, help)`` of ``--cap``, the RSS cap per configuration; ``None``: no ``--cap``.
         model: add ``--model`` (default ``ehsnet``).
-        modes: add ``--modes``, comma-separated ``PLAN_MODES`` names.
+        modes: add ``--modes``, comma-separated ``PLAN_SETUPS`` names.
         conditions: add ``--conditions``, text added to the report's conditions line.
+        out_help: the help of ``--out`` (a benchmark writing named files says what it names).
+        threads: the default of ``--threads`` (``None``: torch's own).
 
     Returns:
         The parser; the script adds its own options.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, required=out is None, default=out, help="output folder")
+    parser.add_argument("--out", type=Path, required=out is None, default=out, help=out_help)
     if quick is not None:
         parser.add_argument("--quick", action="store_true", help=quick)
     if model:
         parser.add_argument("--model", default="ehsnet")
     if modes:
-        parser.add_argument("--modes", default=None, help=f"comma-separated memory modes of {', '.join(PLAN_MODES)}")
+        parser.add_argument("--modes", default=None, help=f"comma-separated memory modes of {', '.join(PLAN_SETUPS)}")
     if cap is not None:
         parser.add_argument("--cap", type=float, default=cap[0], help=cap[1])
     if conditions:
         parser.add_argument("--conditions", default="", help="text added to the conditions line")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads per configuration (default: torch's); 1 on a shared machine")
+    default_threads = "torch's" if threads is None else str(threads)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"intra-op threads per configuration (default: {default_threads}); 1 on a shared machine")
     return parser
 
 
@@ -145,20 +161,21 @@ def parse_benchmark_args(
     Args:
         parser: from :func:`benchmark_parser`.
         argv: the arguments (``None``: ``sys.argv[1:]``).
-        default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given.
+        default_modes: ``(quick, full)`` mode lists used when ``--modes`` is not given
+            (default: ``ALL_MODES`` for both).
 
     Returns:
-        The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_MODES`` names.
+        The arguments; ``modes`` (when the parser has it) is a list of ``PLAN_SETUPS`` names.
         An unknown mode ends the program with the parser's one-line error.
     """
     args = parser.parse_args(argv)
     if hasattr(args, "modes"):
-        quick_modes, full_modes = default_modes or (list(PLAN_MODES), list(PLAN_MODES))
+        quick_modes, full_modes = default_modes or (ALL_MODES, ALL_MODES)
         default = quick_modes if getattr(args, "quick", False) else full_modes
         args.modes = [m for m in args.modes.split(",") if m] if args.modes else list(default)
         for mode in args.modes:
-            if mode not in PLAN_MODES:
-                parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+            if mode not in PLAN_SETUPS:
+                parser.error(f"--modes: unknown memory mode {mode!r}; use some of {list(PLAN_SETUPS)}")
     set_child_threads(args.threads)
     return args
 
@@ -357,8 +374,6 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         parts += ["", f"## {title}", "", markdown_table(columns, rows)]
     if report.notes:
         parts += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
-    md_path = out_dir / f"{report.name}.md"
-    write_text_atomically(md_path, "\n".join(parts) + "\n")
 
     csv_path = out_dir / f"{report.name}.csv"
     buffer = io.StringIO()
@@ -372,7 +387,6 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
             writer.writerow({k: _csv_cell(row.get(k)) for k in keys})
     write_text_atomically(csv_path, buffer.getvalue())
 
-    json_path = out_dir / f"{report.name}.json"
     payload = {
         "title": report.title,
         "header": report.header,
@@ -381,8 +395,29 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         "notes": report.notes,
         **report.data,
     }
-    write_text_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    json_path, md_path = write_json_and_markdown(out_dir / f"{report.name}.json", payload, "\n".join(parts) + "\n")
     return [md_path, csv_path, json_path]
+
+
+def write_json_and_markdown(json_path: Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``payload`` as ``json_path`` and ``markdown`` beside it (``.md``), each atomically.
+
+    For reports whose Markdown is prose around their own tables; :func:`write_report` writes
+    row tables through it.
+
+    Args:
+        json_path: the JSON file (its folder is created).
+        payload: JSON-able result (values JSON cannot hold are written as ``str``).
+        markdown: the Markdown text.
+
+    Returns:
+        ``(json path, markdown path)``.
+    """
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path = json_path.with_suffix(".md")
+    write_text_atomically(md_path, markdown)
+    write_text_atomically(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    return json_path, md_path
 
 
 def _csv_cell(value: Any) -> Any:

@@ -31,7 +31,7 @@ def patch_training_step(
         model: a ``MODEL_BUILDERS`` name.
         height: image height H.
         width: image width W.
-        mode: a ``PLAN_MODES`` name.
+        mode: a ``PLAN_SETUPS`` name.
         patch_size: tile side; edge tiles are cut to the image.
         steps: passes over the tiles (see ``measure_steps``).
         bands: input bands C.

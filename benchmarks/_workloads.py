@@ -1,4 +1,4 @@
-"""What a benchmark child process runs: short synthetic training, and local/global inference.
+"""What a benchmark child process runs: `lrss-ds train` on a synthetic tile store, scoring, and local/global inference.
 
 Each public function here is the target of one fresh process (``_harness.run_config``): it
 takes JSON-able arguments and returns a JSON-able dict. The parent measures the process's peak
@@ -8,14 +8,15 @@ The synthetic task is ``lrss_ds.data.synth``'s: river and lake share one spectra
 and texture and differ only by extent (the river crosses the scene, a lake is a blob), so a
 patch model cannot tell them apart from inside and a holistic model can. That holds only where
 a patch is smaller than a lake and than the river's width; ``water_scale`` widens both (see
-``make_layout``). Scenes are rendered in memory (the same pixels the ``synth`` CLI writes) so
-the benchmark does not time GeoTIFF I/O.
+``make_layout``). Training goes through the product (``product_train``: the trainer makes its
+tile store); the scenes scored and predicted are rendered in memory (the same pixels the
+``synth`` CLI writes) so the benchmark does not time GeoTIFF I/O.
 """
 
 from __future__ import annotations
 
+import json
 import resource
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,12 +102,6 @@ def unavailable(method: Method) -> str | None:
     return library_problem(method.model) if method.model in LIBRARY_MODELS else None
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def synthetic_scenes(count: int, size: int, bands: int, seed: int,
                      water_scale: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Render ``count`` synthetic scenes of ``size x size`` in memory.
@@ -124,78 +119,6 @@ def synthetic_scenes(count: int, size: int, bands: int, seed: int,
     from lrss_ds.data.synth import make_layout, render_scene
 
     return [render_scene(make_layout(seed, index, size, size, water_scale), bands) for index in range(count)]
-
-
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random one of the 8 flips/right-angle turns (``lrss_ds.data.augment.dihedral``), drawn from ``rng``.
-
-    They keep what tells river from lake (extent and shape), so they add views of the same
-    task; every method gets them, so the patch model's many crop positions are not its only
-    source of variety.
-    """
-    from lrss_ds.data.augment import dihedral
-
-    turns, mirror = int(rng.integers(4)), bool(rng.integers(2))
-    return dihedral(image, label, turns + 4 * mirror)
-
-
-def sample(scenes: list[tuple[np.ndarray, np.ndarray]], patch: int | None,
-           rng: np.random.Generator, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """A training batch: random scenes, whole or random ``patch`` crops, randomly turned/flipped.
-
-    Returns:
-        ``(images (B, C, h, w), labels (B, h, w))``; whole scenes must share one size.
-    """
-    images, labels = [], []
-    for _ in range(batch):
-        image, label = scenes[int(rng.integers(len(scenes)))]
-        if patch is not None:
-            height, width = label.shape
-            r = int(rng.integers(0, height - patch + 1))
-            c = int(rng.integers(0, width - patch + 1))
-            image, label = image[:, r : r + patch, c : c + patch], label[r : r + patch, c : c + patch]
-        image, label = augment(image, label, rng)
-        images.append(image)
-        labels.append(label)
-    return np.stack(images), np.stack(labels)
-
-
-def recalibrate_batchnorm(net: Any, scenes: list[tuple[np.ndarray, np.ndarray]], patch: int | None,
-                          pixels: int, rng: np.random.Generator, batch: int = 1) -> int:
-    """Recompute every BatchNorm's running statistics with the final weights ("precise BN").
-
-    The trainer's own recalibration (``lrss_ds.engine.batchnorm_recalibration``, which says why
-    and what it measured) over ``pixels`` pixels of training samples drawn as in training, the
-    same rule for every method. At the default workload (512 px, 64 scenes, 480 CPU-s) it
-    matters less than after a short run: patch HRNet mIoU 63.8 with, 56.6 without; EHSNet
-    river+lake 81.8 with, 87.1 without (memory_time_target_training.json); it is kept, the
-    choice kinder to the patch baseline.
-
-    Args:
-        net: the model (its modes are restored afterwards); samples go to its parameters' device.
-        scenes: training scenes.
-        patch: patch side for patch-trained models, ``None`` for whole scenes.
-        pixels: how many input pixels to forward (whole scenes or patches of them).
-        rng: sampling generator.
-        batch: samples per forward, as in training.
-
-    Returns:
-        Batches forwarded.
-    """
-    import torch
-
-    from lrss_ds.engine.batchnorm_recalibration import recalibrate_batchnorm as recalibrate
-
-    device = model_device(net)
-
-    def batches() -> Any:
-        seen = 0
-        while seen < pixels:
-            image, label = sample(scenes, patch, rng, batch)
-            seen += label.size
-            yield torch.from_numpy(image).to(device)
-
-    return recalibrate(net, batches()) if pixels > 0 else 0
 
 
 def model_device(net: Any) -> Any:
@@ -218,16 +141,8 @@ def _class_names() -> list[str]:
     return list(get_dataset("synthetic").classes)
 
 
-def _band_stats(scenes: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float], list[float]]:
-    """Per-band mean and std over the training scenes (what the model's normaliser gets)."""
-    stacked = np.stack([image.reshape(image.shape[0], -1) for image, _ in scenes]).astype(np.float64)
-    mean = stacked.mean(axis=(0, 2))
-    std = stacked.std(axis=(0, 2)) + 1e-6
-    return mean.tolist(), std.tolist()
-
-
-def evaluate(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
-             window: int | None, overlap: int) -> dict[str, Any]:
+def score_scenes(model: Any, scenes: list[tuple[np.ndarray, np.ndarray]], num_classes: int,
+                 window: int | None, overlap: int) -> dict[str, Any]:
     """Predict ``scenes`` with ``lrss_ds.engine.inference.Predictor`` and score them.
 
     Args:
@@ -270,140 +185,120 @@ def _pct(value: Any) -> float | None:
     return None if np.isnan(value) else 100.0 * value
 
 
-def short_train(
+def product_train(
     method: str,
     budget_cpu_s: float,
     scene_size: int,
     patch: int,
-    train_scenes: int = 6,
+    run_dir: str,
+    train_scenes: int = 64,
     val_scenes: int = 3,
     bands: int = 4,
     seed: int = 0,
     lr: float = 1e-3,
-    state_out: str | None = None,
-    max_steps: int = 100000,
     water_scale: float = 1.0,
     bn_scenes: float = 8.0,
     patch_batch: int = 8,
+    state_out: str | None = None,
+    max_steps: int = 1_000_000,
+    store: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` on synthetic scenes for a budget of process CPU seconds, then evaluate.
+    """Train ``method`` with ``lrss-ds train`` on a synthetic tile store for a CPU-time budget, then score it.
 
-    CPU seconds (not wall-clock) bound the training so that methods compared on a shared,
-    contended machine get the same amount of computation; on an idle machine with all cores
-    busy the two are proportional. Sampling: a random training scene per step, whole
-    (holistic methods) or ``patch_batch`` random ``patch`` crops (patch methods: a mini-batch,
-    as patch baselines are trained; one 64 px patch per step leaves HRNet's stride-32 branch
-    2x2 positions for BatchNorm and its river/lake IoU near 0 after 90 CPU-s), randomly
-    flipped or turned by right angles (``augment``). The engine and the step are the trainer's
-    (``lrss_ds.engine.setup.build_step_parts``: AdamW at ``lr``, ``ds_configs/cpu.json``, memory
-    mode ``none``; ``lrss_ds.engine.trainer.train_step``), the same for every method. After training, BatchNorm statistics are recomputed
-    with the final weights over ``bn_scenes`` scenes' worth of training pixels
-    (``recalibrate_batchnorm``, the trainer's ``train.recalibrate_bn`` mechanism; its CPU time is reported apart, ``bn_cpu_s``, and is a few
-    percent of the budget). Many training scenes matter for the holistic methods: each step
-    sees one whole scene, and with 4 scenes they memorised them (HRNet-FCN holistic, 256 px:
-    river/lake IoU 94/88 on its training scenes, 41/0 on unseen ones).
+    The product's own run (``lrss_ds.cli.main(["train", ...])``, what a user's ``lrss-ds train``
+    executes): the trainer makes the synthetic store (``data.synthetic``), samples whole scenes
+    or ``patch_batch`` random ``patch`` crops per step (``data.mode: patch``, DeepSpeed's micro
+    batch), flips/turns every sample (``train.augment: d4``), stops at ``budget_cpu_s`` CPU
+    seconds (``train.budget_cpu_s``), recomputes BatchNorm statistics with the final weights
+    over ``bn_scenes`` scenes' worth of training samples (``train.recalibrate_bn``) and saves
+    the checkpoint. AdamW at ``lr``, ``ds_configs/cpu.json``, memory mode ``none``, constant
+    learning rate: the same for every method. The checkpoint is then scored by
+    :func:`evaluate_checkpoint` on ``val_scenes`` in-memory scenes of other layouts (seed 1000),
+    predicted as the checkpoint says (sliding windows for patch methods).
 
     Args:
         method: a ``METHODS`` label.
-        budget_cpu_s: CPU seconds of training (setup and evaluation excluded).
+        budget_cpu_s: CPU seconds of the training loop (``train.budget_cpu_s``).
         scene_size: square scene side.
         patch: patch side for patch training / local inference / GLNet-GLSNet crops.
-        train_scenes: scenes trained on (rendered before the budget starts).
-        val_scenes: scenes evaluated on (other seeds' layouts than the training scenes).
+        run_dir: the run's folder (store, experiment YAML, checkpoints, metrics.json).
+        train_scenes: synthetic training scenes.
+        val_scenes: scenes scored after training.
         bands: input bands.
-        seed: data and torch seed.
+        seed: ``data.synthetic.seed`` and ``train.seed``.
         lr: learning rate.
-        state_out: if given, the trained state dict and its ``config`` are saved there.
-        max_steps: stop after this many steps even if budget remains.
         water_scale: ``make_layout``'s factor on river width and lake radii.
-        bn_scenes: scenes' worth of pixels forwarded to recompute BatchNorm statistics (0: keep
-            the running averages of training).
+        bn_scenes: scenes' worth of pixels for the BatchNorm recalibration (0: off).
         patch_batch: patches per step of patch methods.
+        state_out: if given, the trained weights in the format the inference probes load.
+        max_steps: ``train.iterations``, the cap behind the budget.
+        store: the synthetic tile store (default ``run_dir/store``); methods trained one after
+            another can share one, the trainer makes it once for the same ``data.synthetic``.
 
     Returns:
-        ``miou``, ``iou`` per class, ``river_lake_miou`` (mean of the two), ``steps``,
-        ``train_cpu_s``, ``train_wall_s``, ``train_s_per_image`` (wall per image-equivalent),
-        ``bn_cpu_s``, ``bn_samples``, ``test_s``, ``inference`` (``"local"``/``"global"``),
-        ``final_loss``, ``loss_curve`` (mean loss per tenth of the steps).
+        :func:`evaluate_checkpoint`'s scores plus ``steps``, ``train_cpu_s``, ``train_wall_s``
+        (the trainer's budget clock), ``stopped_by``, ``final_loss``, ``loss_curve``,
+        ``run_dir`` and the options trained with.
     """
-    import torch
+    import yaml
 
-    from lrss_ds.engine.config import (
-        DeepSpeedConfigRef,
-        ExperimentConfig,
-        LossConfig,
-        ModelConfig,
-        OptimConfig,
-        TrainConfig,
-    )
-    from lrss_ds.engine.setup import build_step_parts, init_distributed, load_deepspeed_json
-    from lrss_ds.engine.trainer import train_step
-    from lrss_ds.models import build_model
+    from lrss_ds.cli import main as lrss_ds_main
 
     spec = METHODS[method]
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    train = synthetic_scenes(train_scenes, scene_size, bands, seed, water_scale)
-    val = synthetic_scenes(val_scenes, scene_size, bands, seed + 1000, water_scale)
-    mean, std = _band_stats(train)
-    num_classes = len(_class_names())
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patch_sampling = spec.sampling == "patch"
+    sample_pixels = patch * patch if patch_sampling else scene_size * scene_size
     options = options_for(spec, patch)
-    init_distributed()
-    repo = Path(__file__).resolve().parents[1]
-    config = ExperimentConfig(
-        model=ModelConfig(name=spec.model, options=options),
-        optim=OptimConfig(type="adamw", lr=lr, weight_decay=1e-4),
-        loss=LossConfig(name=spec.loss),
-        deepspeed=DeepSpeedConfigRef(config=str(repo / "ds_configs" / "cpu.json"),
-                                     override={"csv_monitor": {"enabled": False}}),  # writes no files
-        train=TrainConfig(output=tempfile.gettempdir()),
-    )
-    net = build_model(spec.model, num_classes, bands, band_mean=mean, band_std=std, **options)
-    parts = build_step_parts(net, config, load_deepspeed_json(config), num_classes, 255)
-    parts.engine.train()
-    start_cpu, start_wall = cpu_seconds(), time.perf_counter()
-    steps, pixels, losses = 0, 0, []
-    sample_patch = patch if spec.sampling == "patch" else None
-    while cpu_seconds() - start_cpu < budget_cpu_s and steps < max_steps:
-        batch = patch_batch if sample_patch is not None else 1
-        image, label = sample(train, sample_patch, rng, batch)
-        loss = train_step(parts, {"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
-        if loss is not None:  # a non-finite loss: the step dropped the micro-batch
-            losses.append(loss)
-        steps += 1
-        pixels += int(label.size)
-    train_cpu, train_wall = cpu_seconds() - start_cpu, time.perf_counter() - start_wall
-    net = parts.engine.module
-    bn_start = cpu_seconds()
-    bn_samples = recalibrate_batchnorm(net, train, sample_patch, int(bn_scenes * scene_size * scene_size), rng,
-                                       patch_batch if sample_patch is not None else 1)
-    bn_cpu = cpu_seconds() - bn_start
-    net.eval()
-    window = patch if spec.sampling == "patch" else None
-    scores = evaluate(net, val, num_classes, window, patch // 4 if window else 0)
-    if state_out:
-        torch.save({"config": net.config(), "state_dict": net.state_dict()}, state_out)
-    river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]
-    images_seen = pixels / float(scene_size * scene_size)
+    experiment = {
+        "model": {"name": spec.model, "options": options},
+        "data": {
+            "store": store or str(out / "store"),
+            "synthetic": {"train_scenes": train_scenes, "val_scenes": 1, "height": scene_size, "width": scene_size,
+                          "bands": bands, "seed": seed, "water_scale": water_scale},
+            "mode": "patch" if patch_sampling else "whole",
+            "patch_size": patch,
+            "patches_per_scene": patch_batch,
+        },
+        "optim": {"type": "adamw", "lr": lr, "weight_decay": 1e-4},
+        "memory": {"preset": "none"},
+        "deepspeed": {"config": str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu.json"),
+                      "override": {"train_micro_batch_size_per_gpu": patch_batch if patch_sampling else 1}},
+        "loss": {"name": spec.loss},
+        "train": {
+            "seed": seed, "iterations": max_steps, "eval_every": 0, "checkpoint_every": 0, "keep_last": 1,
+            "log_every": 10, "output": str(out / "run"), "augment": "d4",
+            "recalibrate_bn": int(round(bn_scenes * scene_size * scene_size / sample_pixels)),
+            "budget_cpu_s": budget_cpu_s,
+        },
+    }
+    config_path = out / "experiment.yaml"
+    config_path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    code = lrss_ds_main(["train", "--config", str(config_path)])
+    if code != 0:
+        raise RuntimeError(f"lrss-ds train of {method} exited with {code} (log in {out / 'run'})")
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    losses = [h["loss"] for h in metrics["history"] if h.get("loss") is not None]
+    spent = metrics.get("budget", {}).get("spent", {})
+    scores = evaluate_checkpoint(str(out / "run"), scene_size, patch, bands, val_scenes, state_out=state_out,
+                                 water_scale=water_scale)
     return {
         **scores,
         "method": method,
-        "river_lake_miou": None if None in river_lake else float(np.mean(river_lake)),
-        "steps": steps,
-        "train_cpu_s": train_cpu,
-        "train_wall_s": train_wall,
-        "train_s_per_image": train_wall / max(images_seen, 1e-9),
-        "inference": "local" if window else "global",
+        "steps": metrics["iteration"],
+        "train_cpu_s": spent.get("cpu_s"),
+        "train_wall_s": spent.get("wall_s"),
+        "stopped_by": metrics.get("stopped_by"),
         "final_loss": losses[-1] if losses else float("nan"),
         "loss_curve": [float(np.mean(part)) for part in np.array_split(np.asarray(losses), min(10, len(losses)))]
         if losses else [],
-        "bn_cpu_s": bn_cpu,
-        "bn_samples": bn_samples,
+        "recalibrate_bn": experiment["train"]["recalibrate_bn"],
         "water_scale": water_scale,
-        "patch_batch": patch_batch if sample_patch is not None else None,
+        "patch_batch": patch_batch if patch_sampling else None,
         "scene_size": scene_size,
         "patch": patch,
         "options": options,
+        "run_dir": str(out / "run"),
     }
 
 
@@ -426,7 +321,7 @@ def infer(
         patch: window side of local inference (and the model's patch/crop option).
         view: ``"local"`` (sliding ``patch`` windows, overlap ``patch // 4``) or ``"global"``
             (the whole scene in one forward).
-        state: ``short_train``'s saved state; without it the weights are random and ``miou``
+        state: ````product_train``'s saved state; without it the weights are random and ``miou``
             is ``None``.
         scenes: scenes predicted (the time is per scene).
         bands: input bands.
@@ -454,7 +349,7 @@ def infer(
     data = synthetic_scenes(scenes, size, bands, seed, water_scale)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # model and scenes loaded
     window = patch if view == "local" else None
-    scores = evaluate(net, data, num_classes, window, patch // 4 if window else 0)
+    scores = score_scenes(net, data, num_classes, window, patch // 4 if window else 0)
     if not state:
         scores["miou"] = None
         scores["iou"] = None
@@ -475,7 +370,7 @@ def evaluate_checkpoint(
 
     The model predicts as its checkpoint says (``predictor_for``: sliding windows for patch
     models, whole scene otherwise). Its weights are re-saved to ``state_out`` in
-    ``short_train``'s format so the inference probes can load them.
+    ``product_train``'s format so the inference probes can load them.
 
     Returns:
         ``miou``, ``iou`` per class, ``river_lake_miou``, ``test_s``, ``inference``.
@@ -489,7 +384,7 @@ def evaluate_checkpoint(
     predictor = predictor_for(model, meta, device=model_device(model))
     val = synthetic_scenes(val_scenes, size, bands, seed, water_scale)
     window = None if predictor.window is None else int(predictor.window[0])
-    scores = evaluate(model, val, model.num_classes, window, predictor.overlap)
+    scores = score_scenes(model, val, model.num_classes, window, predictor.overlap)
     if state_out:
         torch.save({"config": model.config(), "state_dict": model.state_dict()}, state_out)
     river_lake = [scores["iou"].get(name) for name in RIVER_LAKE]

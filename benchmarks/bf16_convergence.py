@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -34,7 +33,14 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:  # run as `python benchmarks/bf16_convergence.py`
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from benchmarks._harness import Column, Report, machine_header, write_report  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
+    Column,
+    Report,
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    write_report,
+)
 
 REPO_ROOT = BENCH_DIR.parent
 EXPERIMENT = REPO_ROOT / "ds_configs" / "ehsnet_synthetic.yaml"
@@ -158,16 +164,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder (report + runs/ + store/)")
-    parser.add_argument("--quick", action="store_true", help="tiny scenes and 4 iterations, for the test suite")
+    parser = benchmark_parser(__doc__.splitlines()[0], out=None, quick="tiny scenes and 4 iterations, for the test suite",
+                              out_help="output folder (report + runs/ + store/)", threads=2)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1; quick: 0)")
     parser.add_argument("--iterations", type=int, default=None, help="train.iterations (default: the experiment's)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads per run (default 2)")
-    parser.add_argument("--conditions", default="", help="text added to the conditions line")
     parser.add_argument("--reuse", action="store_true", help="read finished runs in OUT/runs instead of retraining")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more experiment overrides")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
 
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",") if s.strip()]
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)

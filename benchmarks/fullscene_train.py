@@ -38,6 +38,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/fullscene_train.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._harness import (  # noqa: E402
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    write_json_and_markdown,
+)
+
 GIB = float(1 << 30)
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fullscene_train.json"
 PRESETS = {"bf16": "fullres_bf16", "fp32": "fullres_fp32"}
@@ -393,7 +400,8 @@ def _read_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (parent) or one step (``--child``); returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0], out=RESULTS,
+                              out_help="result JSON path (the Markdown note is written beside it)")
     parser.add_argument("--size", default="6908x7300", help="HxW of the scene (default: a whole FBP scene)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=sorted(PRESETS))
@@ -405,11 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-allocator", action="store_true", help="do not set MALLOC_MMAP_THRESHOLD_")
     parser.add_argument("--no-simulate-device", dest="simulate_device", action="store_false",
                         help="skip the simulated device peak (lrss_ds.memory.device_sim) of the first step")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", type=Path, default=None,
                         help="keep this earlier result file's runs of the precisions not run now")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     args.height, args.width = (int(v) for v in args.size.lower().split("x"))
     if args.child:
         print(json.dumps(run_step(args)), flush=True)
@@ -422,9 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         for record in kept:  # the ZeRO JSON is the same for every precision; records carry it
             record.setdefault("ds_config", earlier.get("ds_config"))
         records = sorted(kept + records, key=lambda r: ["bf16", "fp32"].index(r["dtype"]))
-    from benchmarks._harness import machine_header
-
-    header = machine_header(f"whole-scene step at {args.height}x{args.width}, precisions {args.precision}")
+    conditions = f"whole-scene step at {args.height}x{args.width}, precisions {args.precision}"
+    header = machine_header(f"{conditions}. {args.conditions}" if args.conditions else conditions)
     write_results(records, header, args.out)
     return 0
 
@@ -446,11 +452,7 @@ def write_results(records: list[dict[str, Any]], header: dict[str, Any], out: Pa
         "ds_config": records[0]["ds_config"],
         "runs": [{k: v for k, v in r.items() if k != "ds_config"} for r in records],
     }
-    from lrss_ds.engine.temporaries import write_text_atomically
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
-    write_text_atomically(out.with_suffix(".md"), _markdown(records, header))
+    write_json_and_markdown(out, result, _markdown(records, header))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -17,10 +17,8 @@ Writes ``lrd_kernels.json`` and ``lrd_kernels.md`` into ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
+from _harness import (  # noqa: E402
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    write_json_and_markdown,
+    write_text_atomically,
+)
 from lrss_ds.models.large_kernel import depthwise_conv2d  # noqa: E402
 from lrss_ds.models.lrd import LRDModule  # noqa: E402
 
@@ -112,17 +116,10 @@ def bench_lrd(in_channels: int, channels: int, height: int, width: int, dtype: t
     }
 
 
-def machine() -> dict:
-    """Where and under what load the numbers were taken."""
-    from _harness import cpu_model
-
-    from lrss_ds.engine.setup import accelerator_summary
-
-    return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "accelerator": accelerator_summary(),
-    }
+def machine(conditions: str) -> dict:
+    """Where and under what load the numbers were taken: the shared machine header, plus the
+    ``cores`` and ``threads`` keys this report has always shown."""
+    return machine_header(conditions, extra={"cores": os.cpu_count(), "threads": torch.get_num_threads()})
 
 
 def _accelerator_text(mach: dict) -> str:
@@ -209,7 +206,7 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0], out=Path(__file__).resolve().parent / "results")
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--height", type=int, default=213)
     parser.add_argument("--width", type=int, default=225)
@@ -223,15 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         "--lrd-runs", nargs="+", default=None,
         help="LRD configurations as dtype:variant, variant direct|fast|fast-cl (default: all, every dtype)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--render", type=Path, default=None, help="only re-write the .md from this .json")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     if args.render is not None:
         result = json.loads(args.render.read_text())
-        _write(args.out, "lrd_kernels.md", to_markdown(result))
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(args.out / "lrd_kernels.md", to_markdown(result))
         return 0
-    if args.threads is not None:
+    if args.threads is not None:  # this benchmark times in its own process
         torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()[0]
@@ -266,19 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         "size": {"channels": args.channels, "height": args.height, "width": args.width},
         "note": f"{area:.3g} of the area of the stride-8 map of a 6800x7200 scene, 850 x 900",
         "lrd_in_channels": args.lrd_in_channels,
-        "machine": machine(), "load_before": load_before, "load_after": os.getloadavg()[0],
+        "machine": machine(args.conditions), "load_before": load_before, "load_after": os.getloadavg()[0],
     }
     result = {"runs": [run], "depthwise": depthwise, "lrd": lrd}
-    _write(args.out, "lrd_kernels.json", json.dumps(result, indent=2))
-    _write(args.out, "lrd_kernels.md", to_markdown(result))
+    write_json_and_markdown(args.out / "lrd_kernels.json", result, to_markdown(result))
     print(to_markdown(result))
     return 0
-
-
-def _write(folder: Path, name: str, text: str) -> None:
-    """Write ``folder/name`` under a temporary name, then rename it into place."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(folder / name, text)
 
 
 if __name__ == "__main__":

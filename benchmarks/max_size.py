@@ -17,6 +17,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    PRESET_MODES,
+    QUICK_MODES,
     GIB,
     MIB,
     Column,
@@ -29,8 +31,6 @@ from _harness import (  # noqa: E402
 )
 
 
-DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
-QUICK_MODES = ["none", "ckpt_stage"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", type=float, default=2.0, help="growth factor before bisection (default 2)")
     parser.add_argument("--starts", default="", help="per-mode first sides, e.g. none=768,fullres_bf16=2048")
     parser.add_argument("--bands", type=int, default=4)
-    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, PRESET_MODES))
     cap = args.cap if args.cap is not None else (1.0 if args.quick else 3.0)
     start = args.start or (128 if args.quick else 1024)
     resolution = args.resolution or 64

@@ -13,7 +13,7 @@ Columns: device memory is the accelerator allocator's peak where a GPU ran ("mea
 simulated device peak of ``lrss_ds.memory.device_sim`` ("simulated"); each cell says which (JSON:
 ``device_peak_mib`` measured or null, ``simulated_device_peak_mib``), and the saved-activation
 ledger's peak stands beside it. Host memory is the
-process's peak RSS. mIoU comes from a given checkpoint, else from a short training on the
+process's peak RSS. mIoU comes from a given checkpoint, else from an `lrss-ds train` run on the
 synthetic river/lake task (same CPU-second budget per method); ``miou_source`` says which.
 
 The training workload (defaults) is built so that the papers' thesis can show: 512 px scenes
@@ -21,8 +21,10 @@ whose water is widened (``--water-scale 2.5``: the river 61-84 px wide, lakes ~1
 across) and 64 px patches, so a patch inside a lake or the river sees only water; 64 training
 scenes with random flips/turns for every method (with a handful of whole scenes the holistic
 methods memorise them); BatchNorm statistics recomputed with the final weights for every method
-(``_workloads.recalibrate_batchnorm``: batch-1 running averages lag the weights). The same
-budget, optimizer (AdamW 1e-3) and one intra-op thread (``--threads 1``) for every method.
+(batch-1 running averages lag the weights). Each method is trained by ``lrss-ds train`` itself
+(``_workloads.product_train``: the trainer's store, sampling, ``train.augment: d4``,
+``train.recalibrate_bn`` and ``train.budget_cpu_s``; the runs stay in ``OUT/memory_time_runs/``).
+The same budget, optimizer (AdamW 1e-3) and one intra-op thread (``--threads 1``) for every method.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _papers  # noqa: E402
 from _harness import (  # noqa: E402
+    ALL_MODES,
     GIB,
     MIB,
     Column,
@@ -52,16 +55,18 @@ from _harness import (  # noqa: E402
 )
 from _workloads import METHODS, options_for, unavailable  # noqa: E402
 
+from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
+from lrss_ds.memory.modes import get_memory_mode  # noqa: E402
 
-EHSNET_MODES = ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload", "fullres_fp32", "fullres_bf16"]
+
+EHSNET_MODES = ALL_MODES
 QUICK_EHSNET_MODES = ["none", "ckpt_stage"]
-# Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
-# helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
 TWO_VIEW_MODELS = {"glnet", "glsnet"}
 # MagNet and FCtL cut their own windows too (scales / contexts): no sliding-window "local" view.
 TWO_VIEW_MODELS |= {"magnet", "fctl"}
-FP32_EQUAL = {"none", "ckpt_stage", "ckpt_block", "ckpt_fine", "ckpt_offload", "zero2_offload", "zero3_offload",
-              "fullres_fp32"}
+# Modes that keep fp32 loss and gradients equal to plain training (tested by the memory
+# helper), so they share plain EHSNet's mIoU; bf16 does not and says so.
+FP32_EQUAL = {name for name, setup in PLAN_SETUPS.items() if not get_memory_mode(setup.memory_preset).bf16}
 
 COLUMNS = [
     Column("method", "Method"),
@@ -173,7 +178,7 @@ def infer_probe(label: str, size: int, patch: int, view: str, cap: float | None,
 
 
 def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tuple[dict[str, Any], str | None]:
-    """mIoU of ``label`` from its checkpoint, else from a short synthetic training (fresh process).
+    """mIoU of ``label`` from its checkpoint, else from an `lrss-ds train` run on a synthetic store (fresh process).
 
     Returns:
         (scores incl. ``miou_source``, path of a state the inference probes can load or None).
@@ -189,21 +194,23 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
             states_dir / f"{_slug(label)}.pt")
     state = states_dir / f"{_slug(label)}.pt"
     run = run_config(
-        "_workloads:short_train",
+        "_workloads:product_train",
         {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
+         "run_dir": str(args.out / "memory_time_runs" / _slug(label)),
+         "store": str(args.out / "memory_time_runs" / "store"),  # one synthetic store for every method
          "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
          "state_out": str(state), "water_scale": args.water_scale, "bn_scenes": 2.0 if args.quick else 8.0},
     )
     if not run.fits:
-        print(f"[memory_time] short training of {label} failed: {run.status}\n{run.error}", flush=True)
-        return {"miou": None, "miou_source": f"short training failed ({run.status})", "error": run.error[-500:]}, None
+        print(f"[memory_time] lrss-ds train of {label} failed: {run.status}\n{run.error}", flush=True)
+        return {"miou": None, "miou_source": f"lrss-ds train failed ({run.status})", "error": run.error[-500:]}, None
     res = run.result
     print(f"[memory_time] trained {label:>18}: {res['steps']} steps, {res['train_cpu_s']:.0f} CPU-s, "
           f"mIoU {res['miou']:.1f}, river+lake {res['river_lake_miou']}", flush=True)
-    source = (f"short synthetic training: {res['steps']} steps in {res['train_cpu_s']:.0f} CPU-s "
-              f"({res['train_wall_s']:.0f} s wall) + BatchNorm recalibration {res['bn_cpu_s']:.0f} CPU-s, "
-              f"{args.train_scenes} scenes of {args.scene_size}px (water scale {args.water_scale:g}), "
-              f"{res['inference']} inference on {args.val_scenes} val scenes")
+    source = (f"lrss-ds train on a synthetic tile store: {res['steps']} steps in {res['train_cpu_s']:.0f} CPU-s "
+              f"({res['train_wall_s']:.0f} s wall, stopped by {res['stopped_by']}), augment d4, BatchNorm "
+              f"recalibrated over {res['recalibrate_bn']} samples, {args.train_scenes} scenes of {args.scene_size}px "
+              f"(water scale {args.water_scale:g}); {res['inference']} inference on {args.val_scenes} val scenes")
     return {**res, "miou_source": source}, str(state)
 
 
@@ -288,7 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoints", action="append", default=[], metavar="METHOD=PATH",
                         help="trained checkpoint per method (DeepSpeed tag dir or weights file); repeatable")
     parser.add_argument("--train-budget", type=float, default=None,
-                        help="CPU seconds of short training per method (default 480; quick 2)")
+                        help="CPU seconds of `lrss-ds train` (train.budget_cpu_s) per method (default 480; quick 2)")
     parser.add_argument("--scene-size", type=int, default=None, help="synthetic scene side (default 512; quick 128)")
     parser.add_argument("--patch", type=int, default=None, help="patch/crop side (default 64; quick 64)")
     parser.add_argument("--water-scale", type=float, default=None,
@@ -340,9 +347,9 @@ def conditions_text(args: argparse.Namespace) -> str:
         f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.inference.Predictor (global for "
         f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
         + ("" if args.phase == "measure" or args.training_from else
-           f"short training budget {args.train_budget:.0f} CPU-s per method on {args.train_scenes} synthetic scenes "
+           f"`lrss-ds train` budget {args.train_budget:.0f} CPU-s per method on a tile store of {args.train_scenes} synthetic scenes "
            f"of {args.scene_size}px, water scale {args.water_scale:g} (river {2 * 0.028 * 0.85 * args.scene_size * args.water_scale:.0f}-"
-           f"{2 * 0.028 * 1.2 * args.scene_size * args.water_scale:.0f}px wide, patch {args.patch}px), random flips/turns, "
+           f"{2 * 0.028 * 1.2 * args.scene_size * args.water_scale:.0f}px wide, patch {args.patch}px), train.augment d4, "
            f"AdamW 1e-3 for every method, BatchNorm statistics recomputed after training, evaluated on "
            f"{args.val_scenes} unseen scenes. ") + args.conditions
     )

@@ -19,6 +19,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    PRESET_MODES,
+    QUICK_MODES,
     GIB,
     MIB,
     Column,
@@ -33,8 +35,6 @@ from _harness import (  # noqa: E402
 
 from lrss_ds.engine.plan import fit_modes, make_plan, measure, relative_error  # noqa: E402
 
-DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
-QUICK_MODES = ["none", "ckpt_stage"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-mem", default="24G", help="device budget of the recommendation")
     parser.add_argument("--host-mem", default="20G", help="host budget of the recommendation")
     parser.add_argument("--cache", type=Path, default=None, help="measurement cache (default: none, measure afresh)")
-    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, PRESET_MODES))
     fit_sides = [int(s) for s in (args.fit_sides or ("128,160" if args.quick else "256,384,512")).split(",")]
     check_sides = [int(s) for s in (args.check_sides or ("192,224" if args.quick else "768,1024")).split(",")]
     modes = args.modes

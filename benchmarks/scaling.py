@@ -18,6 +18,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    PRESET_MODES,
+    QUICK_MODES,
     GIB,
     MIB,
     Column,
@@ -32,8 +34,6 @@ from lrss_ds.engine.plan import fit_linear, measure  # noqa: E402
 
 FULL_SIDES = [256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192]
 QUICK_SIDES = [128, 192]
-QUICK_MODES = ["none", "ckpt_stage"]
-DEFAULT_MODES = ["none", "ckpt_stage", "ckpt_offload", "fullres_fp32", "fullres_bf16"]
 
 COLUMNS = [
     Column("memory_mode", "Memory mode"),
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure the larger sides of a mode after one does not fit (a size-specific spike)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="planner measurement cache to fill and reuse (plan_accuracy.py --cache reads it)")
-    args = parse_benchmark_args(parser, argv, (QUICK_MODES, DEFAULT_MODES))
+    args = parse_benchmark_args(parser, argv, (QUICK_MODES, PRESET_MODES))
     modes = args.modes
     sides = [int(s) for s in args.sides.split(",")] if args.sides else (QUICK_SIDES if args.quick else FULL_SIDES)
     conditions = (f"{args.model}, batch 1, {args.bands} bands uint8, random labels; each point a fresh process "

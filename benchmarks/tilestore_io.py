@@ -15,10 +15,8 @@ Writes ``<out>.json`` and ``<out>.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _harness import benchmark_parser, machine_header, parse_benchmark_args, write_json_and_markdown  # noqa: E402
 
 GDAL_CACHE_MB = 64
 WINDOW = 512
@@ -143,34 +143,25 @@ print(base * 1024, peak * 1024, elapsed)
 
 
 def _machine() -> dict:
+    """The shared machine header, plus the storage libraries' versions and the keys this report shows."""
     import numcodecs
     import rasterio
     import zarr
 
-    from _harness import cpu_model
-
-    from lrss_ds.engine.setup import accelerator_summary
-
-    mem = "unknown"
-    try:
-        import psutil
-
-        mem = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
-    except ImportError:
-        pass
-    return {
-        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "memory": mem, "python": platform.python_version(),
-        "numpy": np.__version__, "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+    header = machine_header("", extra={
+        "logical_cpus": os.cpu_count(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
         "rasterio": rasterio.__version__, "gdal": rasterio.__gdal_version__,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        # the node's accelerator, for comparing reports; this benchmark reads on the host only
-        "accelerator": accelerator_summary(),
-    }
+    })
+    # the node's accelerator (in the header) is for comparing reports; this benchmark reads on the host only
+    header["memory"] = f"{header['ram_gib']:.1f} GiB"
+    return header
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON and Markdown results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0], out=ROOT / "benchmarks" / "results" / "tilestore_io",
+                              conditions=False, out_help="results path without suffix (writes <out>.json and <out>.md)")
     parser.add_argument("--size", default="6800x7200")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--windows", type=int, default=200)
@@ -179,21 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scene", choices=["synthetic", "landsat"], default="synthetic",
                         help="synthetic (lrss-ds synth) or real Landsat pixels mirrored to --size "
                              "(needs ../shared/realdata)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tilestore_io")
     parser.add_argument("--rerender", type=Path, default=None,
                         help="only rewrite <out>.md (and the targets) from an existing results JSON")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     if args.rerender:
         result = json.loads(args.rerender.read_text())
         result["targets"] = _targets(result["rows"])
-        args.rerender.write_text(json.dumps(result, indent=2) + "\n")
-        args.rerender.with_suffix(".md").write_text(_markdown(result))
+        write_json_and_markdown(args.rerender, result, _markdown(result))
         return 0
 
     import zarr
     from zarr.codecs import BloscCodec
 
-    from lrss_ds.data.store import ChunkReader, TileStore
+    from lrss_ds.data.chunk_reader import ChunkReader
+    from lrss_ds.data.store import TileStore
     from lrss_ds.data.synth import make_layout, write_scene
     from lrss_ds.sizes import parse_size
 
@@ -329,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "targets": _targets(rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(result))
+    write_json_and_markdown(args.out.with_suffix(".json"), result, _markdown(result))
     print(json.dumps(result["targets"], indent=2))
     return 0
 

@@ -1,4 +1,9 @@
-"""Data layer: GeoTIFF -> Zarr tile store -> samples (``TileStore``; torch lives in ``samples``)."""
+"""Data layer: GeoTIFF -> Zarr tile store -> samples (``TileStore``; torch lives in ``samples``).
+
+Adding a dataset: write its description (classes, palette, bands, label encoding, splits; the
+fields of :class:`DatasetSpec`) as a YAML file and pass its path wherever a dataset name goes, or
+make it built in with one entry of ``BUILTIN_DATASETS`` in ``catalog.py``.
+"""
 
 from __future__ import annotations
 

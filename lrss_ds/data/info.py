@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lrss_ds.data.store import PARTIAL_DIR, TileStore
+from lrss_ds.data.store import TileStore
+from lrss_ds.data.store_format import PARTIAL_DIR
 from lrss_ds.data.store_check import check_store
 from lrss_ds.data.store_lock import describe_holder, live_holder
 from lrss_ds.errors import StoreError

@@ -28,17 +28,8 @@ from typing import Callable
 import numpy as np
 
 from lrss_ds.data.catalog import DatasetSpec, get_dataset
-from lrss_ds.data.store import (
-    CODECS,
-    DEFAULT_TILE,
-    PARTIAL_DIR,
-    REPLACED_PREFIX,
-    BandStats,
-    StoreWriter,
-    check_scene_id,
-    disk_errors,
-    scene_attributes,
-)
+from lrss_ds.data.store_format import CODECS, DEFAULT_TILE, PARTIAL_DIR, REPLACED_PREFIX, BandStats, check_scene_id
+from lrss_ds.data.store_writer import StoreWriter, disk_errors, scene_attributes
 from lrss_ds.errors import ConfigError, InputFileError, StoreError, underlying_cause
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp", ".gif"}

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 import zarr
 
-from lrss_ds.data.store import ATTR_KEY, PARTIAL_DIR, ChunkReader, TileStore, missing_chunks
+from lrss_ds.data.chunk_reader import ChunkReader
+from lrss_ds.data.store import TileStore
+from lrss_ds.data.store_format import ATTR_KEY, PARTIAL_DIR, missing_chunks
 from lrss_ds.errors import StoreError
 
 

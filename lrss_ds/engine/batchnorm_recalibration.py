@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lrss_ds.engine import comm
-from lrss_ds.memory.checkpointing import batchnorm_modules, frozen_batchnorm_statistics
+from lrss_ds.memory.activation_checkpointing import batchnorm_modules, frozen_batchnorm_statistics
 
 
 def _average_across_ranks(norms: list[_BatchNorm]) -> None:

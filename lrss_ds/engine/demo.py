@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         TrainingError: the launched training failed.
     """
     from lrss_ds.engine.config import load_config
-    from lrss_ds.engine.prepare import prepare_synthetic_store
+    from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 
     out: Path = args.output
     if args.ranks < 1:

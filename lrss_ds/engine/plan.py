@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lrss_ds.engine.isolated import json_default, run_isolated
-from lrss_ds.engine.probe import PLAN_MODES, REPO_ROOT
+from lrss_ds.engine.probe import PLAN_SETUPS, REPO_ROOT
 from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import ConfigError
 
@@ -45,7 +45,7 @@ class Measurement:
     """One measured training step (one mode, one size), as the planner uses it.
 
     Attributes:
-        mode: ``PLAN_MODES`` name.
+        mode: ``PLAN_SETUPS`` name.
         side: square side in pixels.
         status: ``IsolatedRun.status`` (only ``"ok"`` rows are fitted).
         device_bytes: accelerator allocator peak; on CPU the simulated device peak.
@@ -187,7 +187,7 @@ def measure(
     Args:
         model: model name.
         side: square side in pixels.
-        mode: ``PLAN_MODES`` name.
+        mode: ``PLAN_SETUPS`` name.
         bands: input bands.
         num_classes: classes.
         model_options: extra ``build_model`` options.
@@ -375,7 +375,7 @@ class Prediction:
     """The planner's prediction for one mode at the asked size.
 
     Attributes:
-        mode: ``PLAN_MODES`` name.
+        mode: ``PLAN_SETUPS`` name.
         device_bytes: predicted device peak (on CPU: the simulated device peak).
         host_bytes: predicted peak RSS.
         step_s: predicted step wall-clock time (on the measuring machine, as loaded as it was).
@@ -415,7 +415,7 @@ def predict_modes(
         host_mem: host budget in bytes (``None``: unlimited).
 
     Returns:
-        One ``Prediction`` per mode, in ``PLAN_MODES`` order.
+        One ``Prediction`` per mode, in ``PLAN_SETUPS`` order.
     """
     pixels = float(height) * float(width)
     out = []
@@ -429,14 +429,14 @@ def predict_modes(
             limits.append(per_metric["host_bytes"].pixels_for(host_mem))
         max_pixels = min(limits)
         fits_both = (device_mem is None or device <= device_mem) and (host_mem is None or host <= host_mem)
-        plan_mode = PLAN_MODES[mode]
+        plan_mode = PLAN_SETUPS[mode]
         out.append(Prediction(
             mode=mode, device_bytes=device, host_bytes=host, step_s=per_metric["step_s"](pixels),
             step_cpu_s=per_metric["step_cpu_s"](pixels),
             fits=fits_both, max_side=-1 if math.isinf(max_pixels) else int(math.isqrt(int(max_pixels))),
             ds_config=plan_mode.ds_config, memory_preset=plan_mode.memory_preset,
         ))
-    order = list(PLAN_MODES)
+    order = list(PLAN_SETUPS)
     return sorted(out, key=lambda p: order.index(p.mode))
 
 
@@ -503,7 +503,7 @@ def make_plan(
         device_mem: the card's memory in bytes (the margin of ``device_sim`` is taken off
             before the fitted peaks are compared), ``None`` = unlimited.
         host_mem: host budget in bytes, ``None`` = unlimited.
-        modes: ``PLAN_MODES`` names to consider.
+        modes: ``PLAN_SETUPS`` names to consider.
         fit_sides: square sides measured for the fit.
         bands: input bands.
         num_classes: classes.
@@ -527,8 +527,8 @@ def make_plan(
     if model not in MODEL_BUILDERS:
         raise ConfigError("--model", f"unknown model {model!r}; known models: {', '.join(sorted(MODEL_BUILDERS))}")
     for mode in modes:
-        if mode not in PLAN_MODES:
-            raise ConfigError("--modes", f"unknown memory mode {mode!r}; use some of {list(PLAN_MODES)}")
+        if mode not in PLAN_SETUPS:
+            raise ConfigError("--modes", f"unknown memory mode {mode!r}; use some of {list(PLAN_SETUPS)}")
     say = progress or (lambda line: None)
     params = {
         (mode, side): _probe_params(model, side, mode, bands, num_classes, model_options, PROBE_STEPS)
@@ -548,7 +548,7 @@ def make_plan(
             measurements.append(cached[job])
             continue
         (mode, side), index = job, len(seconds) + 1
-        say(f"probe {index}/{len(todo)}: {mode} ({PLAN_MODES[mode].summary}) at {side}x{side} px ...")
+        say(f"probe {index}/{len(todo)}: {mode} ({PLAN_SETUPS[mode].summary}) at {side}x{side} px ...")
         start = time.perf_counter()
         found = measure(model, side, mode, bands=bands, num_classes=num_classes, model_options=model_options,
                         cap_bytes=probe_cap, cache_dir=cache_dir, refresh=refresh)
@@ -571,7 +571,7 @@ def make_plan(
         from lrss_ds.engine.config import merge
 
         ds_config = merge(json.loads((REPO_ROOT / best.ds_config).read_text()),
-                          PLAN_MODES[best.mode].ds_override)
+                          PLAN_SETUPS[best.mode].ds_override)
     return {
         "model": model,
         "size": [height, width],
@@ -590,7 +590,7 @@ def make_plan(
         "recommendation": None if best is None else best.mode,
         "memory_preset": None if best is None else best.memory_preset,
         "ds_config_path": None if best is None else best.ds_config,
-        "ds_override": None if best is None else PLAN_MODES[best.mode].ds_override,
+        "ds_override": None if best is None else PLAN_SETUPS[best.mode].ds_override,
         "ds_config": ds_config,
     }
 

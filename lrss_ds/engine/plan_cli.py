@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.isolated import json_default
 from lrss_ds.engine.plan import CARDS_GIB, GIB, default_cache_dir, make_plan
-from lrss_ds.engine.probe import PLAN_MODES
+from lrss_ds.engine.probe import PLAN_SETUPS
 from lrss_ds import sizes
 from lrss_ds.errors import ConfigError
 
@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=6, help="classes (default 6)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra model option, repeatable (e.g. mode=holistic)")
-    parser.add_argument("--modes", default=",".join(PLAN_MODES),
-                        help=f"comma-separated memory modes (default all: {','.join(PLAN_MODES)})")
+    parser.add_argument("--modes", default=",".join(PLAN_SETUPS),
+                        help=f"comma-separated memory modes (default all: {','.join(PLAN_SETUPS)})")
     parser.add_argument("--fit-sides", default="256,384,512",
                         help="square sides measured for the fit (default 256,384,512)")
     parser.add_argument("--probe-cap", default="6G", help="RSS cap per measuring probe (default 6G)")

@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 from lrss_ds.engine.isolated import REPO_ROOT
 from lrss_ds.errors import ConfigError
+from lrss_ds.memory.modes import PLANNED_PRESETS
 
 
 
 @dataclass(frozen=True)
-class PlanMode:
-    """A memory mode as the planner and the benchmarks run it.
+class PlanSetup:
+    """A memory preset paired with the DeepSpeed JSON the planner and the benchmarks run it with.
 
     Attributes:
         name: the planner's name for it (a column in every table).
@@ -49,30 +50,33 @@ class PlanMode:
         return hash(self.name)
 
 
-# Ordered from the least to the most memory machinery. "Cheapest" in a recommendation is decided
-# by the predicted step time (measured), not by this order.
-PLAN_MODES: dict[str, PlanMode] = {
-    mode.name: mode
-    for mode in (
-        # ds_configs/cpu.json is the project's CPU default: ZeRO-2 with the optimizer on the host.
-        PlanMode("none", "none", "ds_configs/cpu.json", "plain training (no checkpointing, no offload)"),
-        PlanMode("ckpt_stage", "ckpt_stage", "ds_configs/cpu.json", "activation checkpointing per stage"),
-        PlanMode("ckpt_offload", "ckpt_offload", "ds_configs/cpu.json",
-                 "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host"),
-        # These JSONs say cpu_checkpointing false; the memory mode and the JSON must agree.
-        PlanMode("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
-                 "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
-                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanMode("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
-                 "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
-                 {"activation_checkpointing": {"cpu_checkpointing": True}}),
-        PlanMode("fullres_fp32", "fullres_fp32", "ds_configs/cpu.json",
-                 "fine checkpoints (layer1 in halves) + stem and loss in row bands + channels-last, fp32"),
-        PlanMode("fullres_bf16", "fullres_bf16", "ds_configs/cpu.json",
-                 "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)"),
-    )
-}
+# The project's CPU default DeepSpeed JSON: ZeRO-2 with the optimizer on the host.
+CPU_DS_CONFIG = "ds_configs/cpu.json"
 
+# DeepSpeed's own offload on top of a preset. Their JSONs say cpu_checkpointing false; the
+# memory mode and the JSON must agree, hence the override.
+ZERO_OFFLOAD_SETUPS: tuple[PlanSetup, ...] = (
+    PlanSetup("zero2_offload", "ckpt_offload", "ds_configs/zero2_offload.json",
+              "ckpt_offload + ZeRO-2, optimizer offloaded (DeepSpeedCPUAdam), pinned, overlapped",
+              {"activation_checkpointing": {"cpu_checkpointing": True}}),
+    PlanSetup("zero3_offload", "ckpt_offload", "ds_configs/zero3_offload.json",
+              "ckpt_offload + ZeRO-3, parameters and optimizer offloaded",
+              {"activation_checkpointing": {"cpu_checkpointing": True}}),
+)
+
+
+def _plan_setups() -> dict[str, PlanSetup]:
+    """One setup per planned memory preset on the CPU JSON, each followed by its ZeRO-offload setups."""
+    setups: dict[str, PlanSetup] = {}
+    for preset, summary in PLANNED_PRESETS.items():
+        setups[preset] = PlanSetup(preset, preset, CPU_DS_CONFIG, summary)
+        setups.update((zero.name, zero) for zero in ZERO_OFFLOAD_SETUPS if zero.memory_preset == preset)
+    return setups
+
+
+# Ordered from the least to the most memory machinery (``PLANNED_PRESETS``' order). "Cheapest" in
+# a recommendation is decided by the predicted step time (measured), not by this order.
+PLAN_SETUPS: dict[str, PlanSetup] = _plan_setups()
 
 
 def _cpu_seconds() -> float:
@@ -100,7 +104,7 @@ def probe_step_parts(
 
     Args:
         model: a ``MODEL_BUILDERS`` name.
-        mode: a ``PLAN_MODES`` name.
+        mode: a ``PLAN_SETUPS`` name.
         bands: input bands C.
         num_classes: classes K.
         model_options: extra ``build_model`` options (e.g. ``{"mode": "holistic"}``).
@@ -126,9 +130,9 @@ def probe_step_parts(
     from lrss_ds.engine.setup import build_step_parts, init_distributed, load_deepspeed_json
     from lrss_ds.models import build_model, default_loss
 
-    if mode not in PLAN_MODES:
-        raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_MODES)}")
-    plan_mode = PLAN_MODES[mode]
+    if mode not in PLAN_SETUPS:
+        raise ConfigError("mode", f"unknown memory mode {mode!r}; use one of {list(PLAN_SETUPS)}")
+    plan_mode = PLAN_SETUPS[mode]
     torch.manual_seed(seed)
     init_distributed()
     config = ExperimentConfig(
@@ -279,7 +283,7 @@ def probe_training_step(
         model: a ``MODEL_BUILDERS`` name.
         height: sample height H.
         width: sample width W.
-        mode: a ``PLAN_MODES`` name.
+        mode: a ``PLAN_SETUPS`` name.
         steps: training steps (see :func:`measure_steps`).
         bands: input bands C.
         num_classes: classes K.

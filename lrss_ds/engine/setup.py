@@ -28,7 +28,7 @@ from torch import nn
 from lrss_ds.engine.config import ExperimentConfig, OptimConfig, ScheduleConfig, deepspeed_json_path, merge
 from lrss_ds.engine.rendezvous import free_port
 from lrss_ds.errors import ConfigError
-from lrss_ds.memory.checkpointing import configure_deepspeed_checkpointing
+from lrss_ds.memory.activation_checkpointing import configure_deepspeed_checkpointing
 
 # JSON sections the YAML owns: saying them twice would leave two sources of truth.
 _YAML_OWNED = ("optimizer", "scheduler")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, TextIO
 import torch
 import torch.distributed as dist
 
-from lrss_ds.engine import checkpoints
+from lrss_ds.engine import training_checkpoints as checkpoints
 from lrss_ds.engine.batchnorm_recalibration import recalibrate_run
 from lrss_ds.engine.budget import TrainingBudget
 from lrss_ds.engine.comm import all_gather_bytes, any_rank
@@ -30,7 +30,7 @@ from lrss_ds.engine.config import ExperimentConfig, save_config
 from lrss_ds.engine.device_peaks import PhasePeaks
 from lrss_ds.engine.loaders import make_eval_loader, make_train_loader, train_order, worker_batches
 from lrss_ds.engine.metrics import ConfusionMatrix
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 from lrss_ds.engine.setup import (
     DistInfo,
     StepParts,

@@ -15,8 +15,10 @@ changes nothing, and check its value in ``MemoryMode.validate``; the experiment 
 ``memory:`` section (``lrss_ds.engine.config.MemoryConfig``) is generated from those fields.
 Then make it act in ``apply.py``: in :func:`prepare_model` if it changes the model once before
 ``deepspeed.initialize``, in :func:`apply_memory_mode` if it wraps every step. Name useful
-combinations in ``MEMORY_PRESETS``; the planner (``PLAN_MODES`` in ``lrss_ds/engine/plan.py``,
-which pairs a preset with a DeepSpeed JSON) and the benchmarks choose presets by name.
+combinations in ``MEMORY_PRESETS``, and give a preset the planner should measure a one-line
+summary in ``PLANNED_PRESETS`` beside it: the planner's setups (``PLAN_SETUPS`` in
+``lrss_ds/engine/probe.py``, each a preset on a DeepSpeed JSON) and every benchmark's ``--modes``
+are derived from that list.
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ _HOME = {
     "MemoryContext": "apply",
     "apply_memory_mode": "apply",
     "prepare_model": "apply",
-    "DeepSpeedCheckpointRunner": "checkpointing",
-    "TorchCheckpointRunner": "checkpointing",
-    "batchnorm_modules": "checkpointing",
-    "configure_deepspeed_checkpointing": "checkpointing",
-    "frozen_batchnorm_statistics": "checkpointing",
+    "DeepSpeedCheckpointRunner": "activation_checkpointing",
+    "TorchCheckpointRunner": "activation_checkpointing",
+    "batchnorm_modules": "activation_checkpointing",
+    "configure_deepspeed_checkpointing": "activation_checkpointing",
+    "frozen_batchnorm_statistics": "activation_checkpointing",
     "SavedTensorLedger": "ledger",
     "CHECKPOINTING": "modes",
     "MEMORY_PRESETS": "modes",
+    "PLANNED_PRESETS": "modes",
     "MemoryMode": "modes",
     "get_memory_mode": "modes",
     "SavedTensorHooks": "offload",
@@ -58,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from lrss_ds.memory.apply import MemoryContext, apply_memory_mode, prepare_model
-    from lrss_ds.memory.checkpointing import (
+    from lrss_ds.memory.activation_checkpointing import (
         DeepSpeedCheckpointRunner,
         TorchCheckpointRunner,
         batchnorm_modules,
@@ -66,5 +69,5 @@ if TYPE_CHECKING:
         frozen_batchnorm_statistics,
     )
     from lrss_ds.memory.ledger import SavedTensorLedger
-    from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, MemoryMode, get_memory_mode
+    from lrss_ds.memory.modes import CHECKPOINTING, MEMORY_PRESETS, PLANNED_PRESETS, MemoryMode, get_memory_mode
     from lrss_ds.memory.offload import SavedTensorHooks

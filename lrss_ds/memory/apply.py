@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lrss_ds.errors import ConfigError, TrainingError
-from lrss_ds.memory.checkpointing import (
+from lrss_ds.memory.activation_checkpointing import (
     DeepSpeedCheckpointRunner,
     TorchCheckpointRunner,
     batchnorm_modules,

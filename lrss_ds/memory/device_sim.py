@@ -28,7 +28,7 @@ see, and what a card therefore has to hold on top of it (see :func:`device_bytes
 * workspaces cuDNN/cuBLAS take from the allocator for a convolution or GEMM algorithm, and
   NCCL's communication buffers — on CPU these kernels do not exist;
 * buffers DeepSpeed's ``cpu_checkpointing`` moves to the host: on the CPU accelerator DeepSpeed
-  does not move them (:func:`lrss_ds.memory.checkpointing.configure_deepspeed_checkpointing`), so
+  does not move them (:func:`lrss_ds.memory.activation_checkpointing.configure_deepspeed_checkpointing`), so
   the checkpointed segments' inputs stay counted on the device (an over-estimate by at most the
   ledger's offloaded checkpoint-input bytes);
 * storages shrunk in place by ``UntypedStorage.resize_`` outside any operation (ZeRO-3's

@@ -141,6 +141,17 @@ MEMORY_PRESETS: dict[str, MemoryMode] = {
 }
 """Named memory modes; ``MemoryMode.from_dict({"preset": name, ...})`` starts from one."""
 
+PLANNED_PRESETS: dict[str, str] = {
+    "none": "plain training (no checkpointing, no offload)",
+    "ckpt_stage": "activation checkpointing per stage",
+    "ckpt_offload": "stage checkpointing + checkpoint inputs and saved tensors offloaded to the host",
+    "fullres_fp32": "fine checkpoints (layer1 in halves) + stem and loss in row bands + channels-last, fp32",
+    "fullres_bf16": "fullres_fp32 levers under bf16 autocast (weights and BN statistics fp32)",
+}
+"""The presets the planner measures and the benchmarks' ``--modes`` offer, from the least to the
+most memory machinery, each with its one-line summary for tables. The planner's setups
+(``lrss_ds.engine.probe.PLAN_SETUPS``) and the benchmarks' mode lists are derived from it."""
+
 
 def get_memory_mode(name: str) -> MemoryMode:
     """Look up a preset by name.

@@ -3,10 +3,12 @@
 Adding a model: write a :class:`SegmentationModel` subclass (``base.py`` says what the engine
 asks of one: ``config()``, ``checkpoint_plan``, ``pad_multiple``) whose constructor takes
 ``(num_classes, in_channels, band_mean=None, band_std=None, **options)`` and refuses unknown
-options with a ``ConfigError``, and add one line to :data:`MODEL_BUILDERS`. ``lrss-ds models``
-lists it once it has a row in ``listing.py``; the benchmarks give it options in
-``benchmarks/_workloads.options_for``, and the planner's probe picks its loss in
-``lrss_ds/engine/plan.py``.
+options with a ``ConfigError``, and add one line to :data:`MODEL_BUILDERS`; experiments,
+``lrss-ds models`` (with its default options) and the planner's probe reach it by name. Its
+paper's loss, if not plain cross-entropy, is one line of :data:`DEFAULT_LOSS`. Optionally: variants
+worth listing separately are rows of ``listing.VARIANTS``; a row of
+``benchmarks/_workloads.METHODS`` puts it in the comparison tables (``options_for`` there sets
+crop sizes that depend on the benchmark's patch).
 """
 
 from __future__ import annotations

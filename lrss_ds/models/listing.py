@@ -15,7 +15,8 @@ from lrss_ds.models import MODEL_BUILDERS, build_model
 from lrss_ds.sizes import parse_size
 
 # The rows of the listing: (model name, options). The patch and downsampled HRNet-FCN
-# baselines are rows of their own because they do different work on the same scene.
+# baselines are rows of their own because they do different work on the same scene. A model
+# without a row here is listed with its default options (``listed_variants``).
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("ehsnet", {}),
     ("ehsnet", {"backbone": "hrnet_w48"}),
@@ -46,6 +47,12 @@ COUNTING_OPTIONS: dict[str, dict[str, Any]] = {"ehsnet": {"dw_method": "direct"}
 # A model whose forward reads tensor data (so it cannot run on meta tensors) is counted in a
 # real run instead, if the input is at most this many pixels (a few seconds of CPU).
 REAL_RUN_PIXELS = 1024 * 1024
+
+
+def listed_variants() -> list[tuple[str, dict[str, Any]]]:
+    """The listing's rows: ``VARIANTS``, then every other ``MODEL_BUILDERS`` model with its defaults."""
+    named = {name for name, _ in VARIANTS}
+    return VARIANTS + [(name, {}) for name in MODEL_BUILDERS if name not in named]
 
 
 @dataclass
@@ -157,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
           "(GFLOPs of one eval forward; multiply-add = 2 FLOPs; conv/matmul/attention only; counted on meta tensors;"
           " each model works on its input padded to its stride, and the count includes the padding)")
     print(f"{'model':<10} {'options':<42} {'params (M)':>10} {'os':>3} {'GFLOPs':>10}")
-    for name, options in VARIANTS:
+    for name, options in listed_variants():
         if name not in MODEL_BUILDERS:
             continue
         shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(defaults)"

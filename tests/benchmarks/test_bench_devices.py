@@ -1,8 +1,9 @@
 """Benchmarks follow the accelerator they run on: every copy goes to the engine's or accelerator's device.
 
 No GPU is needed: the ``meta`` device stands in for the accelerator (a ``meta`` tensor meeting a
-``cpu`` one raises, so a copy left on the host shows), and recording stand-ins for the engine, the
-loss, the predictor and the checkpoint loader say which device each one was handed.
+``cpu`` one raises, so a copy left on the host shows), and recording stand-ins for the predictor
+and the checkpoint loader say which device each one was handed. Training runs through
+``lrss-ds train``, whose devices the engine's own tests check.
 """
 
 from __future__ import annotations
@@ -39,55 +40,11 @@ def _net(bands: int = 4, classes: int = 6) -> nn.Sequential:
     return nn.Sequential(_Float(), nn.Conv2d(bands, classes, 1), nn.BatchNorm2d(classes))
 
 
-class _DeviceRecorder(nn.Module):
-    """A model whose weight sits on ``meta`` and which records the device of every input.
-
-    Its BatchNorm stays on the host, so recalibration can run (BatchNorm cannot update running
-    statistics on ``meta``); what is checked is where the benchmark puts the inputs.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1, device=META))
-        self.norm = nn.BatchNorm2d(1)
-        self.input_devices: list[torch.device] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.input_devices.append(x.device)
-        return x.float()
-
-
 class _FakeAccelerator:
     """What ``deepspeed.accelerator.get_accelerator()`` answers on a node whose device is ``meta``."""
 
     def current_device_name(self) -> str:
         return "meta"
-
-
-class _RecordingEngine:
-    """A DeepSpeed engine stand-in on the ``meta`` device that records its inputs' devices."""
-
-    def __init__(self, module: _DeviceRecorder) -> None:
-        self.module = module
-        self.device = META
-
-    def train(self) -> None:
-        self.module.train()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        pass
-
-    def step(self) -> None:
-        pass
-
-    def bfloat16_enabled(self) -> bool:
-        return False
-
-    def fp16_enabled(self) -> bool:
-        return False
 
 
 def _recording_evaluate(seen: list[torch.device]) -> Any:
@@ -110,13 +67,6 @@ def test_cuda_probe_sees_any_nvidia_device_index(tmp_path: Path, monkeypatch: py
     assert not isolated.has_cuda_cheap(tmp_path / "missing")
 
 
-def test_batchnorm_recalibration_forwards_on_the_models_device() -> None:
-    scenes = _workloads.synthetic_scenes(2, 16, 4, seed=0)
-    net = _DeviceRecorder()
-    assert _workloads.recalibrate_batchnorm(net, scenes, None, 2 * 16 * 16, np.random.default_rng(0)) == 2
-    assert net.input_devices == [META, META]
-
-
 def test_evaluation_predicts_on_the_models_device(monkeypatch: pytest.MonkeyPatch) -> None:
     import lrss_ds.engine.inference as inference
 
@@ -131,48 +81,8 @@ def test_evaluation_predicts_on_the_models_device(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(inference, "Predictor", RecordingPredictor)
     scenes = _workloads.synthetic_scenes(1, 16, 4, seed=0)
-    _workloads.evaluate(_net().to(META).eval(), scenes, 6, None, 0)
+    _workloads.score_scenes(_net().to(META).eval(), scenes, 6, None, 0)
     assert devices == [META]
-
-
-def test_short_training_feeds_the_engines_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lrss_ds.engine.setup as setup
-    import lrss_ds.models as models
-    import lrss_ds.models.losses as losses
-
-    engines: list[_RecordingEngine] = []
-    loss_devices: list[tuple[torch.device, torch.device]] = []
-    evaluated: list[torch.device] = []
-
-    def initialize_engine(net: nn.Module, config: Any, ds_config: Any) -> _RecordingEngine:
-        from lrss_ds.memory import prepare_model
-
-        prepare_model(net, setup.resolve_memory_mode(config), ds_config)  # as the real one does
-        engines.append(_RecordingEngine(net))
-        return engines[-1]
-
-    def loss_fn(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        loss_devices.append((logits.device, label.device))
-        return torch.zeros(())
-
-    monkeypatch.setattr(setup, "init_distributed", lambda: None)
-    monkeypatch.setattr(setup, "load_deepspeed_json", lambda config: {})
-    monkeypatch.setattr(setup, "initialize_engine", initialize_engine)
-    monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: _DeviceRecorder())
-    monkeypatch.setattr(losses, "build_loss", lambda *args, **kwargs: loss_fn)
-    monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
-    import lrss_ds.engine.trainer as trainer
-
-    trainer_steps: list[Any] = []
-    real_step = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", lambda parts, batch: trainer_steps.append(batch) or real_step(parts, batch))
-    result = _workloads.short_train("EHSNet", budget_cpu_s=1e9, scene_size=16, patch=8, train_scenes=2,
-                                    val_scenes=1, max_steps=3, bn_scenes=1.0)
-    assert result["steps"] == 3 and result["bn_samples"] == 1
-    assert len(trainer_steps) == 3  # the trainer's own step, not a copy of it
-    assert engines[0].module.input_devices == [META] * 3 + [META]  # 3 steps, 1 recalibration batch
-    assert loss_devices == [(META, META)] * 3
-    assert evaluated == [META]
 
 
 def test_inference_probes_run_on_the_accelerator_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -181,7 +91,7 @@ def test_inference_probes_run_on_the_accelerator_device(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _FakeAccelerator())
     evaluated: list[torch.device] = []
-    monkeypatch.setattr(_workloads, "evaluate", _recording_evaluate(evaluated))
+    monkeypatch.setattr(_workloads, "score_scenes", _recording_evaluate(evaluated))
     _workloads.infer("downsampled HRNet", size=64, patch=32, view="global")
 
     loaded_to: list[torch.device] = []

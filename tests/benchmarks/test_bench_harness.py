@@ -71,3 +71,11 @@ def test_benchmark_options_check_modes_and_set_child_threads(monkeypatch, capsys
     with pytest.raises(SystemExit):
         parse("--modes", "none,turbo")
     assert "--modes: unknown memory mode 'turbo'" in capsys.readouterr().err
+
+
+def test_benchmark_mode_lists_come_from_the_planner_setups() -> None:
+    from lrss_ds.memory.modes import PLANNED_PRESETS
+
+    assert _harness.ALL_MODES == list(_harness.PLAN_SETUPS)
+    assert _harness.PRESET_MODES == list(PLANNED_PRESETS)
+    assert set(_harness.QUICK_MODES) <= set(_harness.PRESET_MODES)

@@ -16,7 +16,7 @@ from lrss_ds.cli import main
 from lrss_ds.data import TileStore
 from lrss_ds.data.catalog import get_dataset
 from lrss_ds.data.ingest import ingest
-from lrss_ds.data.store import PARTIAL_DIR
+from lrss_ds.data.store_format import PARTIAL_DIR
 from lrss_ds.errors import InputFileError, StoreError
 from tests.data.data_helpers import quiet, realdata, snapshot, synth_scenes, user_dataset_yaml, write_raster
 
@@ -31,7 +31,7 @@ def synth_dir(tmp_path: Path) -> Path:
 # ------------------------------------------------------------------ resume after interruption
 KILL_SCRIPT = """
 import os, signal, sys
-from lrss_ds.data import store as store_mod
+from lrss_ds.data import store_writer as store_mod
 from lrss_ds.data.ingest import ingest
 target, when = sys.argv[4], sys.argv[5]
 original_finish, original_refresh = store_mod.StoreWriter.finish_scene, store_mod.StoreWriter.refresh_root

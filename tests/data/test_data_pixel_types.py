@@ -18,7 +18,7 @@ import yaml
 from lrss_ds.cli import main
 from lrss_ds.data import TileStore
 from lrss_ds.data.ingest import ingest
-from lrss_ds.data.store import StoreWriter
+from lrss_ds.data.store_writer import StoreWriter
 from lrss_ds.errors import StoreError
 from tests.data.data_helpers import user_dataset_yaml, write_raster
 

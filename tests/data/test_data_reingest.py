@@ -10,10 +10,10 @@ import pytest
 import rasterio
 
 from lrss_ds.cli import main
-from lrss_ds.data import store as store_module
+from lrss_ds.data import store_writer as store_module
 from lrss_ds.data import TileStore
 from lrss_ds.data.ingest import ingest, sha256_of
-from lrss_ds.data.store import PARTIAL_DIR
+from lrss_ds.data.store_format import PARTIAL_DIR
 from lrss_ds.errors import InputFileError, StoreError
 from tests.data.data_helpers import quiet, snapshot, synth_scenes, user_dataset_yaml
 

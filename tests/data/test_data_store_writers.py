@@ -15,7 +15,7 @@ import zarr.storage._local as zarr_local
 from lrss_ds.cli import main
 from lrss_ds.data import TileStore
 from lrss_ds.data.ingest import ingest
-from lrss_ds.data.store import PARTIAL_DIR
+from lrss_ds.data.store_format import PARTIAL_DIR
 from lrss_ds.data.store_lock import LOCK_NAME
 from lrss_ds.errors import StoreError
 from tests.data.data_helpers import quiet, snapshot, synth_scenes
@@ -46,7 +46,7 @@ def _wait_for(predicate, what: str) -> None:
 PAUSED_INGEST = """
 import sys, time
 from pathlib import Path
-from lrss_ds.data import store as store_mod
+from lrss_ds.data import store_writer as store_mod
 from lrss_ds.data.ingest import ingest
 store, images, labels, ready, go = sys.argv[1:6]
 original = store_mod.StoreWriter.finish_scene

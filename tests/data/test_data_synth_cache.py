@@ -11,7 +11,7 @@ import pytest
 from lrss_ds.data import TileStore
 from lrss_ds.data.synth import synthesize
 from lrss_ds.engine.config import DataConfig, SynthConfig
-from lrss_ds.engine.prepare import prepare_synthetic_store, raw_dir
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store, raw_dir
 from lrss_ds.errors import ConfigError
 
 

@@ -174,22 +174,22 @@ def rng_accelerator(monkeypatch: pytest.MonkeyPatch) -> RngAccelerator:
 
 
 def test_resume_restores_the_accelerator_rng(rng_accelerator: RngAccelerator, tmp_path: Path) -> None:
-    from lrss_ds.engine import checkpoints
+    from lrss_ds.engine import training_checkpoints
 
-    torch.save(checkpoints.rng_state(), tmp_path / "rng_rank0.pt")
+    torch.save(training_checkpoints.rng_state(), tmp_path / "rng_rank0.pt")
     expected = torch.rand(4, generator=rng_accelerator.generator)
-    checkpoints.set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=False))
+    training_checkpoints.set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=False))
     assert torch.equal(torch.rand(4, generator=rng_accelerator.generator), expected)
 
 
 def test_a_checkpoint_without_the_accelerator_rng_still_resumes(rng_accelerator: RngAccelerator) -> None:
-    from lrss_ds.engine import checkpoints
+    from lrss_ds.engine import training_checkpoints
 
-    state = checkpoints.rng_state()
+    state = training_checkpoints.rng_state()
     old_format = {key: state[key] for key in ("python", "numpy", "torch")}
     expected_cpu = torch.rand(3)
     drawn = torch.rand(2, generator=rng_accelerator.generator)
-    checkpoints.set_rng_state(old_format)
+    training_checkpoints.set_rng_state(old_format)
     assert torch.equal(torch.rand(3), expected_cpu)
     assert not torch.equal(torch.rand(2, generator=rng_accelerator.generator), drawn)  # left as it was
 
@@ -197,12 +197,12 @@ def test_a_checkpoint_without_the_accelerator_rng_still_resumes(rng_accelerator:
 def test_another_accelerators_rng_is_not_restored(
     rng_accelerator: RngAccelerator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lrss_ds.engine import checkpoints
+    from lrss_ds.engine import training_checkpoints
 
-    state = checkpoints.rng_state()
+    state = training_checkpoints.rng_state()
     state["accelerator"]["name"] = "cuda"
     drawn = torch.rand(2, generator=rng_accelerator.generator)
-    checkpoints.set_rng_state(state)
+    training_checkpoints.set_rng_state(state)
     assert not torch.equal(torch.rand(2, generator=rng_accelerator.generator), drawn)
     assert "cuda RNG state is not restored on the meta accelerator" in caplog.text
 
@@ -420,7 +420,7 @@ def test_two_ranks_train_with_cpu_checkpointing_under_a_bf16_json(tmp_path: Path
     import json
 
     from lrss_ds.engine.config import DataConfig, SynthConfig
-    from lrss_ds.engine.prepare import prepare_synthetic_store
+    from lrss_ds.engine.synthetic_store import prepare_synthetic_store
     from tests.engine.test_engine_launcher import TINY, launch, read_log
 
     store = tmp_path / "store"

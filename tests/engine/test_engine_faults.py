@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrss_ds.engine import checkpoints
+from lrss_ds.engine import training_checkpoints
 from lrss_ds.engine.config import DataConfig, SynthConfig, load_config
 from lrss_ds.engine.demo import launcher_env
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 from lrss_ds.errors import ConfigError, TrainingError
 from tests.engine.test_engine_units import experiment, stand_in_run
 
@@ -109,7 +109,7 @@ def test_full_disk_during_checkpoint_save(
     # two files per save (model states, RNG state): the fifth call is the third save's first file
     monkeypatch.setattr(torch, "save", failing_torch_save(5, error))
     # torch's short-write error carries no errno; the device is what says it is full
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: _Usage(free=1 << 20))
+    monkeypatch.setattr(training_checkpoints.shutil, "disk_usage", lambda path: _Usage(free=1 << 20))
     with pytest.raises(TrainingError) as info:
         train(run, resume=False)
     root = tmp_path / "checkpoints"
@@ -117,8 +117,8 @@ def test_full_disk_during_checkpoint_save(
     assert message.startswith(f"{root}: cannot save checkpoint step_0000003: the disk is full") and "\n" not in message
     assert "step_0000002 stays the checkpoint --resume uses" in message
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_0000001", "step_0000002"]
-    assert checkpoints.latest_tag(root) == "step_0000002"
-    assert checkpoints.find_resumable(root) == ("step_0000002", [])
+    assert training_checkpoints.latest_tag(root) == "step_0000002"
+    assert training_checkpoints.find_resumable(root) == ("step_0000002", [])
 
 
 def test_read_only_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +226,7 @@ def test_resume_skips_a_truncated_checkpoint_and_refuses_another_store(tiny_yaml
     first = train_cli(tiny_yaml, out)
     assert first.returncode == 0, first.stderr[-3000:]
     root = out / "checkpoints"
-    assert checkpoints.find_resumable(root) == ("step_0000002", [])
+    assert training_checkpoints.find_resumable(root) == ("step_0000002", [])
     assert not list(root.glob("*.partial"))
     states = root / "step_0000002" / "mp_rank_00_model_states.pt"
     size = states.stat().st_size
@@ -240,10 +240,10 @@ def test_resume_skips_a_truncated_checkpoint_and_refuses_another_store(tiny_yaml
     assert "resumed from step_0000001 (the newest intact one) (iteration 1)" in log
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["iteration"] for h in metrics["history"]] == [1, 2, 3]
-    assert checkpoints.find_resumable(root) == ("step_0000003", [])
+    assert training_checkpoints.find_resumable(root) == ("step_0000003", [])
 
     (root / "step_0000003" / "rng_rank0.pt").unlink()
-    assert checkpoints.find_resumable(root) == ("step_0000002", ["step_0000003 lacks rng_rank0.pt"])
+    assert training_checkpoints.find_resumable(root) == ("step_0000002", ["step_0000003 lacks rng_rank0.pt"])
 
     other = three_band_store(tmp_path)
     refused = train_cli(tiny_yaml, out, "--resume", "train.iterations=4", f"data.store={other}")

@@ -17,7 +17,7 @@ import torch
 from lrss_ds.cli import main
 from lrss_ds.engine.config import DataConfig, SynthConfig
 from lrss_ds.engine.demo import deepspeed_command, launcher_env
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN_JOB = REPO / "ds_configs" / "ehsnet_synthetic.yaml"

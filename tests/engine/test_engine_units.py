@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrss_ds.engine import checkpoints
+from lrss_ds.engine import training_checkpoints
 from lrss_ds.engine.config import ExperimentConfig, ScheduleConfig, load_config
 from lrss_ds.engine.loaders import ResumableSampler
 from lrss_ds.engine.setup import lr_factor
@@ -90,13 +90,13 @@ def test_shipped_deepspeed_jsons_pass_the_checks(tmp_path: Path) -> None:
 
 def test_prune_keeps_last_latest_and_best(tmp_path: Path) -> None:
     for it in (1, 2, 3, 4, 5):
-        (tmp_path / checkpoints.tag_for(it)).mkdir()
+        (tmp_path / training_checkpoints.tag_for(it)).mkdir()
     (tmp_path / "latest").write_text("step_0000005")
-    checkpoints.mark_best(tmp_path, "step_0000002", 0.5)
-    deleted = checkpoints.prune(tmp_path, keep_last=2)
+    training_checkpoints.mark_best(tmp_path, "step_0000002", 0.5)
+    deleted = training_checkpoints.prune(tmp_path, keep_last=2)
     assert deleted == ["step_0000001", "step_0000003"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_0000002", "step_0000004", "step_0000005"]
-    assert checkpoints.read_best(tmp_path) == ("step_0000002", 0.5)
+    assert training_checkpoints.read_best(tmp_path) == ("step_0000002", 0.5)
     assert (tmp_path / "best").read_text() == "step_0000002"
 
 

@@ -149,7 +149,7 @@ def test_encode_label_rgb_and_label_map() -> None:
 
 def _make_store(path: Path, scenes: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     catalog = pytest.importorskip("lrss_ds.data.catalog")
-    store = pytest.importorskip("lrss_ds.data.store")
+    store = pytest.importorskip("lrss_ds.data.store_writer")
     from rasterio.crs import CRS
 
     writer = store.StoreWriter(path, catalog.DatasetSpec.from_dict(DATASET))

@@ -145,3 +145,18 @@ def test_fullscene_phase_recorder_times_and_peaks_the_trainers_step(monkeypatch:
         assert phases.process_peak_bytes >= max(phases.rss_bytes.values())
     assert "backward" not in vars(parts.engine) and "step" not in vars(parts.engine)
     assert parts.engine.global_steps == 1
+
+
+def test_plan_setups_follow_the_planned_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrss_ds.engine import probe
+    from lrss_ds.memory.modes import MEMORY_PRESETS, PLANNED_PRESETS
+
+    assert set(PLANNED_PRESETS) <= set(MEMORY_PRESETS)
+    assert list(probe.PLAN_SETUPS) == ["none", "ckpt_stage", "ckpt_offload", "zero2_offload", "zero3_offload",
+                                       "fullres_fp32", "fullres_bf16"]
+    # A preset added to PLANNED_PRESETS is a setup of its own on the CPU JSON, in its place.
+    monkeypatch.setattr(probe, "PLANNED_PRESETS", {**PLANNED_PRESETS, "ckpt_block": "checkpoint every block"})
+    setups = probe._plan_setups()
+    assert list(setups)[-1] == "ckpt_block"
+    assert setups["ckpt_block"] == probe.PlanSetup("ckpt_block", "ckpt_block", probe.CPU_DS_CONFIG,
+                                                   "checkpoint every block")

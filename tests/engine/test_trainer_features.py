@@ -224,7 +224,7 @@ def test_the_synthetic_store_is_drawn_with_its_water_scale(tmp_path: Path) -> No
     from lrss_ds.data import TileStore
     from lrss_ds.data.synth import make_layout, render_scene
     from lrss_ds.engine.config import DataConfig, SynthConfig
-    from lrss_ds.engine.prepare import prepare_synthetic_store
+    from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 
     synth = SynthConfig(train_scenes=1, val_scenes=0, height=96, width=96, seed=2, water_scale=2.5)
     store = prepare_synthetic_store(DataConfig(store=str(tmp_path / "s"), synthetic=synth), log=lambda _: None)

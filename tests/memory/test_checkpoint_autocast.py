@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lrss_ds.memory import MemoryMode, SavedTensorLedger, apply_memory_mode, prepare_model
-from lrss_ds.memory.checkpointing import AutocastState, checkpoint_device_type
+from lrss_ds.memory.activation_checkpointing import AutocastState, checkpoint_device_type
 from tests.memory.toy import ToySegmented, toy_loss
 
 CPU_CKPT_BF16 = MemoryMode(checkpointing="stage", cpu_checkpointing=True, bf16=True)

@@ -135,7 +135,7 @@ def test_bad_options_are_refused_and_config_rebuilds() -> None:
 @pytest.mark.parametrize("name, options", [("isdnet", SMALL), ("stdc", {"base": 16, "context_channels": 32})])
 def test_checkpointed_segments_give_the_plain_loss_and_gradients(name: str, options: dict) -> None:
     """Every segment of the block plan is recomputable: same loss and gradients, in float64."""
-    from lrss_ds.memory.checkpointing import TorchCheckpointRunner, batchnorm_modules
+    from lrss_ds.memory.activation_checkpointing import TorchCheckpointRunner, batchnorm_modules
     from lrss_ds.models.base import set_segment_runner
 
     x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)

@@ -7,6 +7,7 @@ import torch
 
 from lrss_ds.cli import main
 from lrss_ds.models import MODEL_BUILDERS
+from lrss_ds.models import listing
 from lrss_ds.models.listing import model_cost, patch_count
 from lrss_ds.models.smp_adapter import library_problem
 
@@ -43,3 +44,9 @@ def test_cli_lists_every_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert all("needs" in line for line in out.splitlines()[2:] if "n/a" in line), out
     assert main(["models", "--size", "64by96"]) == 1
     assert "--size" in capsys.readouterr().err
+
+
+def test_a_model_without_a_listing_row_is_listed_with_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(listing.MODEL_BUILDERS, "new_model", MODEL_BUILDERS["segnet"])
+    rows = listing.listed_variants()
+    assert rows[: len(listing.VARIANTS)] == listing.VARIANTS and rows[len(listing.VARIANTS):] == [("new_model", {})]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lrss_ds.engine import comm
-from lrss_ds.memory.checkpointing import TorchCheckpointRunner, batchnorm_modules
+from lrss_ds.memory.activation_checkpointing import TorchCheckpointRunner, batchnorm_modules
 from lrss_ds.models.base import SegmentationModel, set_segment_runner
 from lrss_ds.models.ehsnet import EHSNet
 from lrss_ds.models.hrnet_fcn import HRNetFCN
