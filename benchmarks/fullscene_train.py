@@ -6,7 +6,7 @@ the record names it): ZeRO-2 with the optimizer offloaded to the host
 (``DeepSpeedCPUAdam``), the model prepared with a memory preset of ``lrss_ds.memory``. The step
 is the trainer's (``lrss_ds.engine.trainer.train_step``) on an engine built by the trainer's
 set-up (``lrss_ds.engine.setup.build_step_parts``); its phases are timed around it
-(``phase_clock``). The scene is synthetic (uint8 bands, blocky labels) at the size of a whole FBP
+(``lrss_ds.engine.step_phases``). The scene is synthetic (uint8 bands, blocky labels) at the size of a whole FBP
 scene, 4 x 6908 x 7300.
 
 Usage::
@@ -22,7 +22,6 @@ at the top level plus ``runs``: every record) and a Markdown note beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
@@ -33,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/fullscene_train.py` from anywhere
@@ -70,31 +69,45 @@ def _synthetic_scene(bands: int, height: int, width: int, classes: int, seed: in
     return image, label
 
 
-@contextlib.contextmanager
-def phase_clock(engine: Any) -> Iterator[dict[str, float]]:
-    """Time the phases of the trainer's step run inside the block, without copying the step.
+class PhaseRecorder:
+    """Times and peaks per phase of the trainer's step (``lrss_ds.engine.step_phases``): wall
+    seconds, peak RSS (the resettable high-water mark) and, while simulating, the simulated
+    device peak. Resetting the high-water mark lowers ``ru_maxrss``: :attr:`process_peak_bytes`
+    keeps the peak seen before each reset."""
 
-    ``engine.backward`` and ``engine.step`` are wrapped for the block to stamp when each starts;
-    the yielded dict then holds ``start``, ``backward``, ``step`` and ``end`` (perf_counter seconds).
-    """
-    marks: dict[str, float] = {}
-    backward, step = engine.backward, engine.step
+    def __init__(self, simulator: Any = None) -> None:
+        from lrss_ds.engine.resident_memory import PeakMemory, lifetime_peak_bytes
 
-    def timed_backward(*args: Any, **kwargs: Any) -> Any:
-        marks["backward"] = time.perf_counter()
-        return backward(*args, **kwargs)
+        self.simulator = simulator
+        self.process_peak_bytes = lifetime_peak_bytes()
+        self.rss = PeakMemory()
+        self.seconds: dict[str, float] = {}
+        self.rss_bytes: dict[str, int] = {}
+        self.simulated_device_bytes: dict[str, int] = {}
+        self.simulated_host_bytes: dict[str, int] = {}
+        self.started = time.perf_counter()
 
-    def timed_step(*args: Any, **kwargs: Any) -> Any:
-        marks["step"] = time.perf_counter()
-        return step(*args, **kwargs)
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.started
+        self.started = now
+        peak = self.rss.bytes()
+        self.rss.restart()
+        self.process_peak_bytes = max(self.process_peak_bytes, peak)
+        if self.rss.source == "VmHWM":
+            self.rss_bytes[phase] = max(self.rss_bytes.get(phase, 0), peak)
+        if self.simulator is not None:
+            self.simulated_device_bytes[phase] = max(self.simulated_device_bytes.get(phase, 0),
+                                                     self.simulator.peak_device_bytes)
+            self.simulated_host_bytes[phase] = max(self.simulated_host_bytes.get(phase, 0),
+                                                   self.simulator.peak_host_bytes)
+            self.simulator.reset_peaks()
 
-    engine.backward, engine.step = timed_backward, timed_step
-    marks["start"] = time.perf_counter()
-    try:
-        yield marks
-    finally:
-        marks["end"] = time.perf_counter()
-        del engine.backward, engine.step  # the engine's own methods again
+    def simulated_peaks(self) -> tuple[int, int]:
+        """The simulated device and host peaks over the step (the largest phase's)."""
+        assert self.simulator is not None
+        return (max([self.simulator.peak_device_bytes, *self.simulated_device_bytes.values()]),
+                max([self.simulator.peak_host_bytes, *self.simulated_host_bytes.values()]))
 
 
 def _experiment(args: argparse.Namespace) -> Any:
@@ -137,6 +150,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
 
     from lrss_ds.data.catalog import get_dataset
     from lrss_ds.engine.setup import accelerator_summary, build_step_parts, init_distributed, load_deepspeed_json
+    from lrss_ds.engine.step_phases import step_phases
     from lrss_ds.engine.trainer import train_step
     from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
     from lrss_ds.models import build_model
@@ -169,21 +183,29 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     # (a few seconds at any size); with --steps 2 the reported (last) step is timed without it.
     simulator = DeviceMemorySimulator(engine) if args.simulate_device else None
     steps = []
+    process_peak_bytes = 0
+    simulated_device = simulated_host = None
     for index in range(args.steps):
-        with simulating(simulator if index == 0 else None), phase_clock(engine) as marks:
+        phases = PhaseRecorder(simulator if index == 0 else None)
+        with simulating(phases.simulator), step_phases(engine, phases):
             loss = train_step(parts, {"image": image, "label": label})
+        process_peak_bytes = max(process_peak_bytes, phases.process_peak_bytes, phases.rss.bytes())
+        if phases.simulator is not None:
+            simulated_device, simulated_host = phases.simulated_peaks()
         steps.append(
             {
                 "loss": math.nan if loss is None else loss,
-                "forward_loss_seconds": round(marks["backward"] - marks["start"], 2),
-                "backward_seconds": round(marks["step"] - marks["backward"], 2),
-                "optimizer_step_seconds": round(marks["end"] - marks["step"], 2),
-                "step_seconds": round(marks["end"] - marks["start"], 2),
+                "forward_loss_seconds": round(phases.seconds.get("forward", math.nan), 2),
+                "backward_seconds": round(phases.seconds.get("backward", math.nan), 2),
+                "optimizer_step_seconds": round(phases.seconds.get("step", math.nan), 2),
+                "step_seconds": round(sum(phases.seconds.values()), 2),
+                "phase_peak_rss_gib": {k: round(v / GIB, 3) for k, v in phases.rss_bytes.items()},
+                "phase_simulated_device_gib": {k: round(v / GIB, 3) for k, v in phases.simulated_device_bytes.items()},
                 "ledger_peak_device_gib": round(parts.ledger.peak_device_bytes / GIB, 3),
                 "ledger_peak_offloaded_gib": round(parts.ledger.peak_offloaded_bytes / GIB, 3),
             }
         )
-    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
+    peak_rss_gib = max(process_peak_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GIB
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     device_peaks = {
         "device_peak_allocated_gib": round(accelerator.max_memory_allocated() / GIB, 3) if on_device else None,
@@ -206,8 +228,8 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         **device_peaks,
         # what a GPU run of this step would allocate on the card (lrss_ds.memory.device_sim): the
         # counterpart of max_memory_allocated, without CUDA context, fragmentation and workspaces
-        "simulated_device_peak_gib": None if simulator is None else round(simulator.peak_device_bytes / GIB, 3),
-        "simulated_host_peak_gib": None if simulator is None else round(simulator.peak_host_bytes / GIB, 3),
+        "simulated_device_peak_gib": None if simulated_device is None else round(simulated_device / GIB, 3),
+        "simulated_host_peak_gib": None if simulated_host is None else round(simulated_host / GIB, 3),
         "rss_before_step_gib": round(rss_before, 3),
         "step_seconds": steps[-1]["step_seconds"],
         "steps": steps,

@@ -31,6 +31,11 @@ from lrss_ds.engine.temporaries import write_text_atomically
 # probe's memory modes also name their DeepSpeed JSONs relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+PROCESS_PEAK_KEY = "process_peak_rss_bytes"
+"""Result key of a child that resets its high-water mark: its peak resident set before the resets
+(``run_isolated`` reports the larger of it and ``wait4``'s)."""
+
+
 @dataclass
 class IsolatedRun:
     """Outcome of one function run in a fresh process.
@@ -41,8 +46,9 @@ class IsolatedRun:
             the child, or killed by SIGKILL that the watchdog did not send, i.e. the kernel's
             OOM killer); ``"timeout"``; ``"error"`` (any other exception; see ``error``).
         result: the JSON-able dict the function returned (empty unless ``status == "ok"``).
-        peak_rss_bytes: the child's peak resident set from ``wait4`` (``ru_maxrss``); this
-            is exact, unlike polling, which can miss a short spike.
+        peak_rss_bytes: the child's peak resident set from ``wait4`` (``ru_maxrss``), or the
+            child's own ``PROCESS_PEAK_KEY`` figure when larger; exact, unlike polling, which
+            can miss a short spike.
         wall_s: wall-clock seconds from spawn to exit (includes interpreter and torch import).
         cpu_s: user + system CPU seconds of the child.
         returncode: the child's exit code (negative: killed by that signal).
@@ -202,6 +208,11 @@ def run_isolated(
             run.status = killed_for
         elif payload.get("status") == "ok" and proc.returncode == 0:
             run.result = payload.get("result", {})
+            # A child that resets its high-water mark (per-phase peaks) lowers what wait4
+            # reports; it returns the peak it saw before each reset instead.
+            reported = run.result.get(PROCESS_PEAK_KEY) if isinstance(run.result, dict) else None
+            if reported is not None:
+                run.peak_rss_bytes = peak = max(peak, int(reported))
         elif payload.get("status") in ("oom", "error"):
             run.status = payload["status"]
             run.error = payload.get("error", "")

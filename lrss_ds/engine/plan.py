@@ -52,6 +52,9 @@ class Measurement:
         host_bytes: the process's peak RSS (kernel ``ru_maxrss``).
         step_s: fastest step after the first, wall-clock seconds.
         step_cpu_s: CPU seconds (all threads) of the cheapest step after the first.
+        phase_device_bytes: ``device_bytes`` per phase of the step (``{phase: bytes}``; empty in
+            measurements cached before phases were recorded).
+        phase_host_bytes: peak RSS per phase of the step (empty where it cannot be measured).
         probe: the probe's full result.
     """
 
@@ -62,6 +65,8 @@ class Measurement:
     host_bytes: float = math.nan
     step_s: float = math.nan
     step_cpu_s: float = math.nan
+    phase_device_bytes: dict[str, float] = field(default_factory=dict)
+    phase_host_bytes: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -207,6 +212,10 @@ def measure(
         found.host_bytes = float(run.peak_rss_bytes)
         found.step_s = float(run.result["step_min_s"])
         found.step_cpu_s = float(run.result["step_cpu_min_s"])
+        phases = run.result.get("phase_device_peak_bytes") or run.result.get("phase_simulated_device_peak_bytes")
+        found.phase_device_bytes = {phase: float(value) for phase, value in (phases or {}).items()}
+        found.phase_host_bytes = {phase: float(value) for phase, value in
+                                  (run.result.get("phase_rss_peak_bytes") or {}).items()}
     else:
         found.probe = {"error": run.error, "peak_rss_bytes": run.peak_rss_bytes}
     found.probe["probe_wall_s"] = run.wall_s  # what later estimates of a plan's duration start from
@@ -267,18 +276,97 @@ def fit_linear(pixels: Sequence[float], values: Sequence[float]) -> LinearFit:
     return LinearFit(slope, mean_y - slope * mean_x, n)
 
 
-def fit_modes(measurements: Sequence[Measurement]) -> dict[str, dict[str, LinearFit]]:
+WHOLE_STEP = "whole step"
+"""The :class:`PhasedFit` part fitted on a measurement's headline peak (set-up and every phase)."""
+
+
+@dataclass
+class PhasedFit:
+    """A step's peak memory as the largest of its phases' peaks, each ``a * pixels + b``.
+
+    A step's peak is the largest of the peaks of its phases (forward and loss, backward,
+    optimizer step; :mod:`lrss_ds.engine.step_phases`), and each grows with the pixels at its
+    own rate: a phase that holds the gradients and optimizer buffers (a larger fixed part) can
+    set the peak at the sizes a planner can afford to measure, while a phase with more bytes per
+    pixel overtakes it beyond them. One line through the step's peaks then bends under the truth
+    when extrapolated; the largest of the per-phase lines does not. A line through the headline
+    peak (``WHOLE_STEP``: set-up and anything outside the phases) is one of the parts.
+
+    Attributes:
+        phases: ``{phase: LinearFit}``.
+    """
+
+    phases: dict[str, LinearFit]
+
+    def __call__(self, pixels: float) -> float:
+        """The largest phase's fitted value at ``pixels``."""
+        return max(fit(pixels) for fit in self.phases.values())
+
+    def pixels_for(self, budget: float) -> float:
+        """The largest pixel count at which every phase stays within ``budget``."""
+        return min(fit.pixels_for(budget) for fit in self.phases.values())
+
+    def phase_at(self, pixels: float) -> str:
+        """The phase that sets the peak at ``pixels``."""
+        return max(self.phases, key=lambda phase: self.phases[phase](pixels))
+
+    @property
+    def steepest(self) -> LinearFit:
+        """The phase line with the most bytes per pixel: the one that sets the peak at large sizes."""
+        return max(self.phases.values(), key=lambda fit: fit.per_pixel)
+
+    @property
+    def per_pixel(self) -> float:
+        """Bytes per pixel of the :attr:`steepest` phase."""
+        return self.steepest.per_pixel
+
+    @property
+    def base(self) -> float:
+        """Fixed part of the :attr:`steepest` phase."""
+        return self.steepest.base
+
+    @property
+    def points(self) -> int:
+        """Measurements fitted."""
+        return self.steepest.points
+
+
+MemoryFit = LinearFit | PhasedFit
+
+# The fitted metric and, for the two memory peaks, the Measurement field holding its phases.
+PHASED_METRICS: dict[str, str] = {"device_bytes": "phase_device_bytes", "host_bytes": "phase_host_bytes"}
+
+
+def fit_metric(good: Sequence[Measurement], metric: str) -> MemoryFit:
+    """Fit ``metric`` over ``good`` measurements: per phase (:class:`PhasedFit`) for the memory
+    peaks when every measurement recorded the same phases, else one line."""
+    pixels = [float(m.pixels) for m in good]
+    whole = fit_linear(pixels, [float(getattr(m, metric)) for m in good])
+    phase_field = PHASED_METRICS.get(metric)
+    if phase_field is None:
+        return whole
+    per_measurement = [getattr(m, phase_field) for m in good]
+    shared = set(per_measurement[0]).intersection(*per_measurement[1:]) if per_measurement else set()
+    if not shared:
+        return whole
+    phases = {phase: fit_linear(pixels, [float(found[phase]) for found in per_measurement])
+              for phase in sorted(shared)}
+    return PhasedFit({**phases, WHOLE_STEP: whole})
+
+
+def fit_modes(measurements: Sequence[Measurement]) -> dict[str, dict[str, MemoryFit]]:
     """Fit every metric of every mode from its successful measurements.
 
     Returns:
-        ``{mode: {metric: LinearFit}}`` for modes with at least one ``ok`` measurement.
+        ``{mode: {metric: fit}}`` for modes with at least one ``ok`` measurement: a
+        :class:`PhasedFit` for the memory peaks where phases were measured, a
+        :class:`LinearFit` otherwise.
     """
-    fits: dict[str, dict[str, LinearFit]] = {}
+    fits: dict[str, dict[str, MemoryFit]] = {}
     for mode in dict.fromkeys(m.mode for m in measurements):
         good = [m for m in measurements if m.mode == mode and m.status == "ok"]
         if good:
-            pixels = [float(m.pixels) for m in good]
-            fits[mode] = {k: fit_linear(pixels, [float(getattr(m, k)) for m in good]) for k in METRICS}
+            fits[mode] = {metric: fit_metric(good, metric) for metric in METRICS}
     return fits
 
 
@@ -311,7 +399,7 @@ class Prediction:
 
 
 def predict_modes(
-    fits: dict[str, dict[str, LinearFit]],
+    fits: dict[str, dict[str, MemoryFit]],
     height: int,
     width: int,
     device_mem: float | None,
@@ -496,6 +584,8 @@ def make_plan(
         "cards": card_fits(predictions),
         "measurements": [dataclasses.asdict(m) for m in measurements],
         "fits": {mode: {k: dataclasses.asdict(f) for k, f in per.items()} for mode, per in fits.items()},
+        "peak_phase": {mode: per["host_bytes"].phase_at(float(height) * width)
+                       for mode, per in fits.items() if isinstance(per["host_bytes"], PhasedFit)},
         "predictions": [dataclasses.asdict(p) for p in predictions],
         "recommendation": None if best is None else best.mode,
         "memory_preset": None if best is None else best.memory_preset,

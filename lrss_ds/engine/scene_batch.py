@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import time
 import warnings
@@ -30,12 +29,12 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import rasterio
 import torch
 
+from lrss_ds.engine.resident_memory import PeakMemory
 from lrss_ds.engine.temporaries import write_atomically
 from lrss_ds.errors import OutputExistsError
 
 SUMMARY = "predictions.json"
 PART_GLOB = ".predictions.part-*.json"
-GIB = 1 << 30
 
 T = TypeVar("T")
 
@@ -137,30 +136,6 @@ def pending(
     return todo
 
 
-class PeakMemory:
-    """This process's peak resident set over a stretch of work.
-
-    Linux lets a process reset its high-water mark (``/proc/self/clear_refs``, then ``VmHWM``);
-    elsewhere the process-lifetime peak (``ru_maxrss``) is reported; records name which in
-    ``peak_rss_source``.
-    """
-
-    def __init__(self) -> None:
-        self.source = "VmHWM"
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.source = "ru_maxrss"
-
-    def gib(self) -> float:
-        """Peak resident set since construction, in GiB."""
-        if self.source == "VmHWM":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / GIB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-
-
 class PredictionLog:
     """The per-scene records of one rank, and the merge of every rank's into ``predictions.json``.
 
@@ -238,4 +213,4 @@ def timed(fn: Callable[[], None]) -> tuple[float, PeakMemory]:
     return time.perf_counter() - start, peak
 
 
-__all__ = ["PeakMemory", "PredictionLog", "Ranks", "pending", "timed", "unfinished_reason"]
+__all__ = ["PredictionLog", "Ranks", "pending", "timed", "unfinished_reason"]

@@ -28,3 +28,17 @@ def sleep(seconds: float) -> dict:
     """Sleep (for the timeout test)."""
     time.sleep(seconds)
     return {}
+
+
+def hold_then_reset(mib: int) -> dict:
+    """Touch ``mib`` MiB, free it, reset the high-water mark, and report the peak seen before
+    (as a child measuring per-phase peaks does)."""
+    from lrss_ds.engine.isolated import PROCESS_PEAK_KEY
+    from lrss_ds.engine.resident_memory import PeakMemory
+
+    peak = PeakMemory()
+    block = np.ones(mib * 1024 * 1024 // 8)
+    del block
+    seen = peak.bytes()
+    peak.restart()
+    return {"source": peak.source, PROCESS_PEAK_KEY: seen}

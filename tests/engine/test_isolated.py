@@ -41,3 +41,12 @@ def test_run_isolated_classifies_errors_oom_and_timeouts() -> None:
     assert oom.status == "oom" and "MemoryError" in oom.error
     slow = _run("sleep", {"seconds": 30}, timeout_s=1.0)
     assert slow.status == "timeout"
+
+
+def test_run_isolated_keeps_the_peak_a_child_saw_before_resetting_its_high_water_mark() -> None:
+    run = _run("hold_then_reset", {"mib": 600})
+    assert run.status == "ok"
+    if run.result["source"] != "VmHWM":
+        return  # no resettable high-water mark: wait4's peak is the lifetime peak already
+    # wait4 sees only the peak since the reset; the run reports the one before it
+    assert run.peak_rss_bytes == run.result["process_peak_rss_bytes"] > 600 * MIB

@@ -32,6 +32,43 @@ def test_linear_fit_prediction_and_recommendation() -> None:
     assert math.isnan(plan.relative_error(1.0, math.nan))
 
 
+def _measured(side: int, phases: dict[str, tuple[float, float]]) -> plan.Measurement:
+    """A measurement whose device and host peaks per phase are ``per_pixel * pixels + base``."""
+    pixels = side * side
+    values = {phase: per_pixel * pixels + base for phase, (per_pixel, base) in phases.items()}
+    peak = max(values.values())
+    return plan.Measurement(mode="fullres_fp32", side=side, status="ok", device_bytes=peak, host_bytes=peak,
+                            step_s=1.0, step_cpu_s=1.0, phase_device_bytes=dict(values), phase_host_bytes=dict(values))
+
+
+def test_phased_fit_follows_the_phase_that_overtakes_beyond_the_fitted_sizes() -> None:
+    # the optimizer step holds more fixed memory, the backward more per pixel: at the fit
+    # sides the step sets the peak, at a whole scene the backward does
+    phases = {"forward": (100.0, 0.5e9), "backward": (234.0, 0.68e9), "step": (185.0, 0.84e9)}
+    measurements = [_measured(side, phases) for side in (512, 768, 1024)]
+    fits = plan.fit_modes(measurements)["fullres_fp32"]
+    host = fits["host_bytes"]
+    assert isinstance(host, plan.PhasedFit)
+    whole_scene = 6908 * 7300
+    truth = max(per_pixel * whole_scene + base for per_pixel, base in phases.values())
+    assert host(whole_scene) == pytest.approx(truth)
+    assert host.phase_at(whole_scene) == "backward" and host.phase_at(512 * 512) == "step"
+    one_line = plan.fit_linear([m.pixels for m in measurements], [m.host_bytes for m in measurements])
+    assert one_line(whole_scene) < 0.85 * truth  # what one line through the step's peaks predicts
+    assert host.pixels_for(truth) == pytest.approx(whole_scene)
+    assert host.per_pixel == pytest.approx(234.0)
+    (prediction,) = plan.predict_modes({"fullres_fp32": fits}, 6908, 7300, device_mem=None, host_mem=None)
+    assert prediction.host_bytes == pytest.approx(truth) and prediction.device_bytes == pytest.approx(truth)
+
+
+def test_measurements_without_shared_phases_fit_one_line() -> None:
+    with_phases = _measured(512, {"forward": (1.0, 10.0)})
+    cached_before_phases = dataclasses.replace(_measured(1024, {"forward": (1.0, 10.0)}),
+                                               phase_device_bytes={}, phase_host_bytes={})
+    fits = plan.fit_modes([with_phases, cached_before_phases])["fullres_fp32"]
+    assert isinstance(fits["host_bytes"], plan.LinearFit) and isinstance(fits["device_bytes"], plan.LinearFit)
+
+
 def test_plan_cli_parses_sizes_and_refuses_bad_input() -> None:
     assert plan_cli.parse_size("6800x7200") == (6800, 7200)
     assert plan_cli.parse_bytes("1.5G") == int(1.5 * plan.GIB)

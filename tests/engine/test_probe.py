@@ -63,18 +63,86 @@ def test_probe_times_the_trainers_step_once_per_micro_batch(monkeypatch: pytest.
     assert result["loss"] == result["loss"]  # the trainer's step returned a finite loss
 
 
-def test_fullscene_phase_clock_times_the_trainers_step_and_restores_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_phases_mark_forward_backward_and_step_of_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrss_ds.engine import trainer
+    from lrss_ds.engine.step_phases import step_phases
+
+    seen = _count_trainer_steps(monkeypatch)
+    parts = _parts()
+    ended: list[str] = []
+    with step_phases(parts.engine, ended.append):
+        trainer.train_step(parts, _batch(0))
+        trainer.train_step(parts, _batch(1))  # a second micro-batch: phases cycle again
+    assert len(seen) == 2
+    assert ended == ["forward", "backward", "step"] * 2
+    assert "backward" not in vars(parts.engine) and "step" not in vars(parts.engine)
+    assert parts.engine.global_steps == 2
+
+
+def test_step_phases_end_a_forward_that_is_dropped_before_backward() -> None:
+    from lrss_ds.engine import trainer
+    from lrss_ds.engine.step_phases import step_phases
+
+    parts = _parts()
+    parts.loss_fn = lambda outputs, target: outputs["logits"].sum() * float("nan")
+    ended: list[str] = []
+    with step_phases(parts.engine, ended.append):
+        assert trainer.train_step(parts, _batch(0)) is None  # a non-finite loss drops the micro-batch
+    assert ended == ["forward"]
+
+
+class _AllocatingEngine(StandInEngine):
+    """A stand-in engine whose backward touches ``extra`` bytes for a moment (a phase with a larger peak)."""
+
+    def __init__(self, module: torch.nn.Module, extra: int) -> None:
+        super().__init__(module)
+        self.extra = extra
+
+    def backward(self, loss: torch.Tensor) -> None:
+        scratch = torch.ones(self.extra // 4, dtype=torch.float32)  # ones: every page resident
+        del scratch
+        super().backward(loss)
+
+
+def test_probe_peaks_per_phase_see_which_phase_holds_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrss_ds.engine.isolated import PROCESS_PEAK_KEY
+    from lrss_ds.engine.probe import measure_steps
+    from lrss_ds.engine.resident_memory import PeakMemory
+
+    if PeakMemory().source != "VmHWM":
+        pytest.skip("no resettable high-water mark here")
+    extra = 256 << 20
+    parts = _parts()
+    parts.engine = _AllocatingEngine(parts.engine.module, extra)
+    result = measure_steps(parts, [_batch(0)], steps=2)
+    rss = result["phase_rss_peak_bytes"]
+    assert set(rss) == {"forward", "backward", "step"}
+    # the backward's scratch is seen in its phase only: the high-water mark restarts between phases
+    assert rss["backward"] - max(rss["forward"], rss["step"]) > 0.8 * extra
+    assert result[PROCESS_PEAK_KEY] >= rss["backward"]
+    device = result["phase_simulated_device_peak_bytes"]
+    assert set(device) == {"forward", "backward", "step"}
+    assert device["backward"] - device["forward"] > 0.99 * extra  # the simulator counts the scratch too
+    assert result["simulated_device_peak_bytes"] == max(device.values())
+
+
+def test_fullscene_phase_recorder_times_and_peaks_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
     sys.path.insert(0, str(BENCH))
     import fullscene_train
 
     from lrss_ds.engine import trainer
+    from lrss_ds.engine.step_phases import step_phases
 
     seen = _count_trainer_steps(monkeypatch)
     parts = _parts()
-    with fullscene_train.phase_clock(parts.engine) as marks:
+    phases = fullscene_train.PhaseRecorder()
+    with step_phases(parts.engine, phases):
         loss = trainer.train_step(parts, _batch(0))
     assert loss is not None and len(seen) == 1
-    assert marks["start"] <= marks["backward"] <= marks["step"] <= marks["end"]
+    assert set(phases.seconds) == {"forward", "backward", "step"} and min(phases.seconds.values()) >= 0
+    if phases.rss.source == "VmHWM":
+        assert set(phases.rss_bytes) == {"forward", "backward", "step"}
+        assert phases.process_peak_bytes >= max(phases.rss_bytes.values())
     assert "backward" not in vars(parts.engine) and "step" not in vars(parts.engine)
     assert parts.engine.global_steps == 1
 
