@@ -34,7 +34,7 @@ from _harness import (  # noqa: E402
 
 from lrss_ds.engine.config import DataConfig, SynthConfig  # noqa: E402
 from lrss_ds.engine.demo import deepspeed_command, launcher_env  # noqa: E402
-from lrss_ds.engine.prepare import prepare_synthetic_store  # noqa: E402
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store  # noqa: E402
 from lrss_ds.models import build_model  # noqa: E402
 from lrss_ds.parallel import band_bounds  # noqa: E402
 

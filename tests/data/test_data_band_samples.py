@@ -12,7 +12,7 @@ import pytest
 from lrss_ds.data import TileStore
 from lrss_ds.data.band_samples import BandSamples
 from lrss_ds.engine.config import DataConfig, SynthConfig
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 from lrss_ds.parallel import band_bounds
 
 HEIGHT, WIDTH = 150, 96

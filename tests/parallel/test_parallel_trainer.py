@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lrss_ds.engine.config import DataConfig, SynthConfig
-from lrss_ds.engine.prepare import prepare_synthetic_store
+from lrss_ds.engine.synthetic_store import prepare_synthetic_store
 from tests.engine.test_engine_launcher import final_weights, launch, read_log
 
 REPO = Path(__file__).resolve().parents[2]
