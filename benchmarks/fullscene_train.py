@@ -69,47 +69,6 @@ def _synthetic_scene(bands: int, height: int, width: int, classes: int, seed: in
     return image, label
 
 
-class PhaseRecorder:
-    """Times and peaks per phase of the trainer's step (``lrss_ds.engine.step_phases``): wall
-    seconds, peak RSS (the resettable high-water mark) and, while simulating, the simulated
-    device peak. Resetting the high-water mark lowers ``ru_maxrss``: :attr:`process_peak_bytes`
-    keeps the peak seen before each reset."""
-
-    def __init__(self, simulator: Any = None) -> None:
-        from lrss_ds.engine.resident_memory import PeakMemory, lifetime_peak_bytes
-
-        self.simulator = simulator
-        self.process_peak_bytes = lifetime_peak_bytes()
-        self.rss = PeakMemory()
-        self.seconds: dict[str, float] = {}
-        self.rss_bytes: dict[str, int] = {}
-        self.simulated_device_bytes: dict[str, int] = {}
-        self.simulated_host_bytes: dict[str, int] = {}
-        self.started = time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.started
-        self.started = now
-        peak = self.rss.bytes()
-        self.rss.restart()
-        self.process_peak_bytes = max(self.process_peak_bytes, peak)
-        if self.rss.source == "VmHWM":
-            self.rss_bytes[phase] = max(self.rss_bytes.get(phase, 0), peak)
-        if self.simulator is not None:
-            self.simulated_device_bytes[phase] = max(self.simulated_device_bytes.get(phase, 0),
-                                                     self.simulator.peak_device_bytes)
-            self.simulated_host_bytes[phase] = max(self.simulated_host_bytes.get(phase, 0),
-                                                   self.simulator.peak_host_bytes)
-            self.simulator.reset_peaks()
-
-    def simulated_peaks(self) -> tuple[int, int]:
-        """The simulated device and host peaks over the step (the largest phase's)."""
-        assert self.simulator is not None
-        return (max([self.simulator.peak_device_bytes, *self.simulated_device_bytes.values()]),
-                max([self.simulator.peak_host_bytes, *self.simulated_host_bytes.values()]))
-
-
 def _experiment(args: argparse.Namespace) -> Any:
     """The experiment the step trains: EHSNet, the memory preset, ``ds_configs/cpu.json`` without monitors.
 
@@ -150,7 +109,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
 
     from lrss_ds.data.catalog import get_dataset
     from lrss_ds.engine.setup import accelerator_summary, build_step_parts, init_distributed, load_deepspeed_json
-    from lrss_ds.engine.step_phases import step_phases
+    from lrss_ds.engine.step_phases import PhasePeaks, step_phases
     from lrss_ds.engine.trainer import train_step
     from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
     from lrss_ds.models import build_model
@@ -184,14 +143,20 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     simulator = DeviceMemorySimulator(engine) if args.simulate_device else None
     steps = []
     process_peak_bytes = 0
+    allocated: list[int] = []  # the accelerator's peaks per phase (reset at each phase)
+    reserved: list[int] = []
     simulated_device = simulated_host = None
     for index in range(args.steps):
-        phases = PhaseRecorder(simulator if index == 0 else None)
+        phases = PhasePeaks(engine.device)
+        phases.begin_step(simulator if index == 0 else None)
         with simulating(phases.simulator), step_phases(engine, phases):
             loss = train_step(parts, {"image": image, "label": label})
-        process_peak_bytes = max(process_peak_bytes, phases.process_peak_bytes, phases.rss.bytes())
+        process_peak_bytes = max(process_peak_bytes, phases.process_peak())
+        allocated += phases.accelerator_bytes.values()
+        reserved += phases.accelerator_reserved_bytes.values()
         if phases.simulator is not None:
-            simulated_device, simulated_host = phases.simulated_peaks()
+            simulated_device = max([simulator.peak_device_bytes, *phases.simulated_device_bytes.values()])
+            simulated_host = max([simulator.peak_host_bytes, *phases.simulated_host_bytes.values()])
         steps.append(
             {
                 "loss": math.nan if loss is None else loss,
@@ -208,8 +173,10 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     peak_rss_gib = max(process_peak_bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GIB
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     device_peaks = {
-        "device_peak_allocated_gib": round(accelerator.max_memory_allocated() / GIB, 3) if on_device else None,
-        "device_peak_reserved_gib": round(accelerator.max_memory_reserved() / GIB, 3) if on_device else None,
+        "device_peak_allocated_gib": round(max([accelerator.max_memory_allocated(), *allocated]) / GIB, 3)
+        if on_device else None,
+        "device_peak_reserved_gib": round(max([accelerator.max_memory_reserved(), *reserved]) / GIB, 3)
+        if on_device else None,
     }
     return {
         "model": "ehsnet",

@@ -177,8 +177,8 @@ def measure_steps(parts: Any, step_batches: Sequence[dict[str, Any]], steps: int
     import torch
 
     from lrss_ds.engine.isolated import PROCESS_PEAK_KEY
-    from lrss_ds.engine.resident_memory import PeakMemory, lifetime_peak_bytes
-    from lrss_ds.engine.step_phases import step_phases
+    from lrss_ds.engine.resident_memory import lifetime_peak_bytes
+    from lrss_ds.engine.step_phases import PhasePeaks, step_phases
     from lrss_ds.engine.trainer import train_step
     from lrss_ds.memory.device_sim import DeviceMemorySimulator, simulating
 
@@ -196,34 +196,13 @@ def measure_steps(parts: Any, step_batches: Sequence[dict[str, Any]], steps: int
     simulator = DeviceMemorySimulator(engine)
     # Peaks per phase of the step: the step's peak is the largest of them, and each grows with
     # the pixels at its own rate, so the planner fits each phase (see plan.PhasedFit).
-    phase_rss: dict[str, int] = {}
-    phase_device: dict[str, int] = {}
-    phase_simulated_host: dict[str, int] = {}
-    phase_accelerator: dict[str, int] = {}
-    process_peak = rss_after_setup
-    rss = PeakMemory()
-
-    def phase_ended(phase: str, simulated: bool) -> None:
-        nonlocal process_peak
-        peak = rss.bytes()
-        rss.restart()
-        process_peak = max(process_peak, peak)
-        if rss.source == "VmHWM":
-            phase_rss[phase] = max(phase_rss.get(phase, 0), peak)
-        if on_cuda:
-            phase_accelerator[phase] = max(phase_accelerator.get(phase, 0), torch.cuda.max_memory_allocated(device))
-            torch.cuda.reset_peak_memory_stats(device)
-        if simulated:
-            phase_device[phase] = max(phase_device.get(phase, 0), simulator.peak_device_bytes)
-            phase_simulated_host[phase] = max(phase_simulated_host.get(phase, 0), simulator.peak_host_bytes)
-            simulator.reset_peaks()
+    phases = PhasePeaks(device)
 
     for index in range(steps):
-        simulated = index == 0
+        phases.begin_step(simulator if index == 0 else None)
         start, start_cpu = time.perf_counter(), _cpu_seconds()
         for batch in step_batches:
-            with simulating(simulator if simulated else None), \
-                    step_phases(engine, lambda phase: phase_ended(phase, simulated)):
+            with simulating(phases.simulator), step_phases(engine, phases):
                 last_loss = train_step(parts, batch)
             # apply_memory_mode restarts the ledger's peaks every step: keep the maximum.
             saved_device_peak = max(saved_device_peak, ledger.peak_device_bytes)
@@ -233,19 +212,18 @@ def measure_steps(parts: Any, step_batches: Sequence[dict[str, Any]], steps: int
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         cpu_times.append(_cpu_seconds() - start_cpu)
-    process_peak = max(process_peak, rss.bytes())
     return {
         "saved_activation_peak_bytes": int(saved_device_peak),
         "offloaded_peak_bytes": int(saved_offloaded_peak),
         "saved_total_peak_bytes": int(saved_total_peak),
-        "device_peak_bytes": max([torch.cuda.max_memory_allocated(device), *phase_accelerator.values()])
+        "device_peak_bytes": max([torch.cuda.max_memory_allocated(device), *phases.accelerator_bytes.values()])
         if on_cuda else None,
-        "phase_device_peak_bytes": phase_accelerator if on_cuda else None,
-        "simulated_device_peak_bytes": max([simulator.peak_device_bytes, *phase_device.values()]),
-        "simulated_host_peak_bytes": max([simulator.peak_host_bytes, *phase_simulated_host.values()]),
-        "phase_simulated_device_peak_bytes": phase_device,
-        "phase_rss_peak_bytes": phase_rss,
-        PROCESS_PEAK_KEY: process_peak,
+        "phase_device_peak_bytes": phases.accelerator_bytes if on_cuda else None,
+        "simulated_device_peak_bytes": max([simulator.peak_device_bytes, *phases.simulated_device_bytes.values()]),
+        "simulated_host_peak_bytes": max([simulator.peak_host_bytes, *phases.simulated_host_bytes.values()]),
+        "phase_simulated_device_peak_bytes": phases.simulated_device_bytes,
+        "phase_rss_peak_bytes": phases.rss_bytes,
+        PROCESS_PEAK_KEY: phases.process_peak(),
         "model_state_bytes": _model_state_bytes(engine),
         "parameters": sum(p.numel() for p in engine.module.parameters()),
         "step_s": times,

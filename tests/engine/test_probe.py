@@ -126,16 +126,13 @@ def test_probe_peaks_per_phase_see_which_phase_holds_more(monkeypatch: pytest.Mo
     assert result["simulated_device_peak_bytes"] == max(device.values())
 
 
-def test_fullscene_phase_recorder_times_and_peaks_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    sys.path.insert(0, str(BENCH))
-    import fullscene_train
-
+def test_phase_peaks_time_and_peak_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
     from lrss_ds.engine import trainer
-    from lrss_ds.engine.step_phases import step_phases
+    from lrss_ds.engine.step_phases import PhasePeaks, step_phases
 
     seen = _count_trainer_steps(monkeypatch)
     parts = _parts()
-    phases = fullscene_train.PhaseRecorder()
+    phases = PhasePeaks(parts.engine.device)
     with step_phases(parts.engine, phases):
         loss = trainer.train_step(parts, _batch(0))
     assert loss is not None and len(seen) == 1
@@ -160,3 +157,20 @@ def test_plan_setups_follow_the_planned_presets(monkeypatch: pytest.MonkeyPatch)
     assert list(setups)[-1] == "ckpt_block"
     assert setups["ckpt_block"] == probe.PlanSetup("ckpt_block", "ckpt_block", probe.CPU_DS_CONFIG,
                                                    "checkpoint every block")
+
+
+def test_phase_peaks_read_and_reset_the_engines_cuda_device_per_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrss_ds.engine.step_phases import PhasePeaks
+
+    calls: list[tuple[str, Any]] = []
+    peaks = iter([100, 300, 200, 400])  # allocated, reserved per phase
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: calls.append(("allocated", device)) or next(peaks))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: calls.append(("reserved", device)) or next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
+    device = torch.device("cuda", 1)  # the engine's device, not the current one
+    phases = PhasePeaks(device)
+    phases("forward")
+    phases("backward")
+    assert calls == [("allocated", device), ("reserved", device), ("reset", device)] * 2
+    assert phases.accelerator_bytes == {"forward": 100, "backward": 200}
+    assert phases.accelerator_reserved_bytes == {"forward": 300, "backward": 400}
