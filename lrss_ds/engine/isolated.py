@@ -2,7 +2,8 @@
 
 ``run_isolated("package.module:function", params)`` starts a new interpreter, calls the function
 there, watches the child's resident set (killing it past a cap) and reads the kernel's own peak
-RSS of that process (``wait4`` ``ru_maxrss``), so every measurement starts from a clean heap.
+RSS of that program (its ``VmHWM``; ``wait4``'s ``ru_maxrss`` when it cannot say), so every
+measurement starts from a clean heap.
 The planner's probes (:mod:`lrss_ds.engine.plan`) and every benchmark configuration
 (``benchmarks/_harness.run_config``) run this way.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from lrss_ds.engine.resident_memory import program_peak_bytes
 from lrss_ds.engine.temporaries import write_text_atomically
 
 # Repository root (the folder holding ``lrss_ds/``), so that a fresh child process imports the
@@ -31,9 +33,12 @@ from lrss_ds.engine.temporaries import write_text_atomically
 # probe's memory modes also name their DeepSpeed JSONs relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+PROGRAM_PEAK_KEY = "program_peak_rss_bytes"
+"""Payload key of the child's own peak resident set since its exec (``VmHWM`` at exit)."""
+
 PROCESS_PEAK_KEY = "process_peak_rss_bytes"
 """Result key of a child that resets its high-water mark: its peak resident set before the resets
-(``run_isolated`` reports the larger of it and ``wait4``'s)."""
+(``run_isolated`` reports the larger of it and the child's ``VmHWM`` at exit)."""
 
 
 @dataclass
@@ -46,9 +51,10 @@ class IsolatedRun:
             the child, or killed by SIGKILL that the watchdog did not send, i.e. the kernel's
             OOM killer); ``"timeout"``; ``"error"`` (any other exception; see ``error``).
         result: the JSON-able dict the function returned (empty unless ``status == "ok"``).
-        peak_rss_bytes: the child's peak resident set from ``wait4`` (``ru_maxrss``), or the
-            child's own ``PROCESS_PEAK_KEY`` figure when larger; exact, unlike polling, which
-            can miss a short spike.
+        peak_rss_bytes: the child's peak resident set: its own ``VmHWM`` at exit (``wait4``'s
+            ``ru_maxrss`` when the child could not report it, which can include this parent's
+            resident set), or the child's ``PROCESS_PEAK_KEY`` figure when larger; exact,
+            unlike polling, which can miss a short spike.
         wall_s: wall-clock seconds from spawn to exit (includes interpreter and torch import).
         cpu_s: user + system CPU seconds of the child.
         returncode: the child's exit code (negative: killed by that signal).
@@ -114,8 +120,8 @@ def run_isolated(
     The child imports ``target`` (``"package.module:function"``; modules found on ``sys_path``
     too), calls it and writes the returned dict as JSON to a temporary file (not stdout, which
     libraries print to). The parent polls the child's RSS every ``poll_s`` seconds and SIGKILLs
-    it once it passes ``cap_bytes``; afterwards the kernel's exact peak (``ru_maxrss`` from
-    ``wait4``) decides again, so a spike the poll missed still counts as not fitting.
+    it once it passes ``cap_bytes``; afterwards the kernel's exact peak (the child's ``VmHWM``,
+    else ``ru_maxrss`` from ``wait4``) decides again, so a spike the poll missed still counts as not fitting.
     ``resource.setrlimit(RLIMIT_AS)`` is not used: torch reserves far more address space than it
     touches, so an address-space cap fails runs that would fit.
 
@@ -192,11 +198,15 @@ def run_isolated(
         _, status_word, usage = exit_info[0]
         proc.returncode = os.waitstatus_to_exitcode(status_word)  # Popen must not reap again
         peak = int(usage.ru_maxrss) * 1024  # KiB on Linux
-        cpu_s = float(usage.ru_utime + usage.ru_stime)
-        stderr_tail = _tail(stderr_path.read_text(errors="replace"))
         payload: dict[str, Any] = {}
         if out_path.exists():
             payload = json.loads(out_path.read_text())
+        if payload.get(PROGRAM_PEAK_KEY) is not None and not killed_for:
+            # wait4's figure includes the resident set of this (parent) process, which Linux
+            # carries into a child's ru_maxrss across exec; the child's own VmHWM does not.
+            peak = int(payload[PROGRAM_PEAK_KEY])
+        cpu_s = float(usage.ru_utime + usage.ru_stime)
+        stderr_tail = _tail(stderr_path.read_text(errors="replace"))
         run = IsolatedRun(
             status="ok",
             peak_rss_bytes=peak,
@@ -251,6 +261,7 @@ def _child_main(spec_path: str) -> int:
         text = str(error)
         is_oom = type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
         payload = {"status": "oom" if is_oom else "error", "error": _tail(traceback.format_exc())}
+    payload[PROGRAM_PEAK_KEY] = program_peak_bytes()
     write_text_atomically(out, json.dumps(payload, default=json_default))
     return 0 if payload["status"] == "ok" else 3
 

@@ -50,3 +50,16 @@ def test_run_isolated_keeps_the_peak_a_child_saw_before_resetting_its_high_water
         return  # no resettable high-water mark: wait4's peak is the lifetime peak already
     # wait4 sees only the peak since the reset; the run reports the one before it
     assert run.peak_rss_bytes == run.result["process_peak_rss_bytes"] > 600 * MIB
+
+
+def test_a_small_child_of_a_large_parent_reports_its_own_peak_not_the_parents() -> None:
+    # Linux carries the pre-exec high-water mark (the parent's, after vfork/fork) into the
+    # child's ru_maxrss; a planner probe started from a large benchmark parent must not
+    # report the parent's resident set as its own.
+    import numpy as np
+
+    held = np.ones(1200 * MIB // 8)  # touched: resident in this (parent) process
+    small = _run("hold", {"mib": 64})
+    assert small.status == "ok"
+    assert small.peak_rss_bytes < 1000 * MIB, small.peak_rss_bytes / MIB
+    assert held[-1] == 1.0
