@@ -327,6 +327,23 @@ class SegmentationModel(Segmented):
         raise NotImplementedError
 
 
+def require_counts(**options: Any) -> None:
+    """Refuse any of ``options`` (name=value) that is not an integer >= 1.
+
+    Raises:
+        ConfigError: naming ``model.<name>`` of the first bad option.
+    """
+    for key, value in options.items():
+        if int(value) != value or value < 1:
+            raise ConfigError(f"model.{key}", f"must be an integer >= 1, got {value}")
+
+
+def require_dropout(dropout: float) -> None:
+    """Refuse a dropout probability outside [0, 1) (``model.dropout``)."""
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {dropout}")
+
+
 def refuse_unknown_options(model_class: type, options: Mapping[str, Any]) -> None:
     """Refuse ``options`` that ``model_class``'s constructor does not take, listing those it does.
 

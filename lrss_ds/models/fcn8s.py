@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, require_counts, require_dropout
 from lrss_ds.models.segnet import VGG16_BLOCKS, vgg16_encoder
 
 FINAL_UPSAMPLING: tuple[str, ...] = ("bilinear", "learned")
@@ -106,11 +106,8 @@ class FCN8s(SegmentationModel):
         dropout: float = 0.5,
         final_upsampling: str = "bilinear",
     ) -> None:
-        for key, value in (("width", width), ("fc_channels", fc_channels)):
-            if int(value) != value or value < 1:
-                raise ConfigError(f"model.{key}", f"must be an integer >= 1, got {value}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError("model.dropout", f"must be in [0, 1), got {dropout}")
+        require_counts(width=width, fc_channels=fc_channels)
+        require_dropout(dropout)
         if final_upsampling not in FINAL_UPSAMPLING:
             raise ConfigError("model.final_upsampling",
                               f"unknown value {final_upsampling!r}; choose from {list(FINAL_UPSAMPLING)}")

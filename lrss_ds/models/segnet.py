@@ -7,8 +7,7 @@ from typing import Any, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, require_counts
 
 # VGG-16's 13 convolutions in five blocks: (convolutions, channels at width 64).
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
@@ -78,8 +77,7 @@ class SegNet(SegmentationModel):
         band_std: Sequence[float] | None = None,
         width: int = 64,
     ) -> None:
-        if int(width) != width or width < 1:
-            raise ConfigError("model.width", f"must be an integer >= 1, got {width}")
+        require_counts(width=width)
         super().__init__(num_classes, in_channels, band_mean, band_std, width=int(width))
         self.output_stride = 1
         self.pad_multiple = 2 ** len(VGG16_BLOCKS)

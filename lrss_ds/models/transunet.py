@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
-from lrss_ds.models.base import SegmentationModel
+from lrss_ds.models.base import SegmentationModel, require_counts, require_dropout
 from lrss_ds.models.resnet import ResNet
 
 # The cascaded upsampler (CUP): the width after the token grid, then one block per 2x.
@@ -136,14 +136,10 @@ class TransUNet(SegmentationModel):
     ) -> None:
         if resnet_depth not in RESNET_DEPTHS:
             raise ConfigError("model.resnet_depth", f"must be one of {list(RESNET_DEPTHS)}, got {resnet_depth}")
-        for key, value in (("hidden", hidden), ("layers", layers), ("heads", heads), ("mlp", mlp),
-                           ("pos_grid", pos_grid)):
-            if int(value) != value or value < 1:
-                raise ConfigError(f"model.{key}", f"must be an integer >= 1, got {value}")
+        require_counts(hidden=hidden, layers=layers, heads=heads, mlp=mlp, pos_grid=pos_grid)
         if hidden % heads:
             raise ConfigError("model.heads", f"hidden ({hidden}) must be divisible by heads ({heads})")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError("model.dropout", f"must be in [0, 1), got {dropout}")
+        require_dropout(dropout)
         super().__init__(num_classes, in_channels, band_mean, band_std, resnet_depth=int(resnet_depth),
                          hidden=int(hidden), layers=int(layers), heads=int(heads), mlp=int(mlp),
                          dropout=float(dropout), pos_grid=int(pos_grid))
