@@ -97,3 +97,28 @@ def test_holistic_prediction_never_holds_full_resolution_logits_or_stem_maps(
     # folding BatchNorm into the convolutions makes one folded copy of each folded weight
     largest_weight = max(p.numel() for p in model.parameters())
     assert mode.largest <= max(5 * height * width, largest_weight), f"{mode.largest / (height * width):.1f} values per pixel"
+
+
+def test_a_bf16_prediction_checks_its_batchnorm_fold_in_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fold's check must compare fp32 logits: bf16 rounding of a corner's logits now and then
+    # exceeds any bound that still catches a wrong fold, refusing correct folds at random.
+    import lrss_ds.engine.inference as inference
+
+    model = eval_model("ehsnet")
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    checked_dtypes: set[torch.dtype] = set()
+    fold = inference.folded_batchnorm
+
+    def recording_fold(model_, run, check):  # type: ignore[no-untyped-def]
+        hooks = [c.register_forward_hook(lambda m, i, out: checked_dtypes.add(out.dtype)) for c in convolutions]
+        try:
+            run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return fold(model_, run, check)
+
+    monkeypatch.setattr(inference, "folded_batchnorm", recording_fold)
+    classes, _ = _strips(Predictor(model=model, num_classes=5, ignore_index=255, bf16=True), _scene(tmp_path, 70, 60))
+    assert classes.shape == (70, 60)
+    assert checked_dtypes == {torch.float32}
