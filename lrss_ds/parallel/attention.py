@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lrss_ds.models.ecr import ECRModule
+from lrss_ds.models.ecr import ECRModule, project_positions
 from lrss_ds.parallel.group import SpatialGroup
 
 
@@ -39,8 +39,8 @@ def spatial_efficient_attention(q: Tensor, k: Tensor, v: Tensor, group: SpatialG
 
     Args:
         q: ``(B, nq, Ck)`` this rank's queries.
-        k: ``(B, nk, Ck)`` this rank's keys.
-        v: ``(B, nk, Cv)`` this rank's values.
+        k: ``(B, Ck, nk)`` this rank's keys, channels first.
+        v: ``(B, Cv, nk)`` this rank's values, channels first.
         group: the spatial group.
 
     Returns:
@@ -49,11 +49,11 @@ def spatial_efficient_attention(q: Tensor, k: Tensor, v: Tensor, group: SpatialG
     compute = torch.promote_types(v.dtype, torch.float32)
     q = q.to(compute).softmax(dim=-1)
     k = k.to(compute)
-    local_max = k.detach().amax(dim=-2) if k.shape[-2] else torch.full_like(k[..., 0, :], float("-inf"))
+    local_max = k.detach().amax(dim=-1) if k.shape[-1] else torch.full_like(k[..., 0], float("-inf"))
     shift = group.comm.all_reduce(local_max.clone(), op=dist.ReduceOp.MAX, group=group.group)
-    weights = torch.exp(k - shift.unsqueeze(-2))  # (B, nk, Ck)
-    norm = group_sum(weights.sum(dim=-2), group)  # (B, Ck)
-    context = group_sum(weights.transpose(-2, -1) @ v.to(compute), group) / norm.unsqueeze(-1)  # (B, Ck, Cv)
+    weights = torch.exp(k - shift.unsqueeze(-1))  # (B, Ck, nk)
+    norm = group_sum(weights.sum(dim=-1), group)  # (B, Ck)
+    context = group_sum(weights @ v.to(compute).transpose(-2, -1), group) / norm.unsqueeze(-1)  # (B, Ck, Cv)
     return (q @ context).to(v.dtype)
 
 
@@ -133,8 +133,8 @@ class SpatialECR(ECRModule):
         channels = features.shape[1]
         hard_idx = self.select_hard_band(aux_logits)
         flat = features.flatten(2)  # (B, C, N)
-        keys = self.key(features).flatten(2).transpose(1, 2)  # (B, N, Ck)
-        values = self.value(features).flatten(2).transpose(1, 2)  # (B, N, Cv)
+        keys = project_positions(self.key, features)  # (B, Ck, N)
+        values = project_positions(self.value, features)  # (B, Cv, N)
         outs = []
         for b, idx in enumerate(hard_idx):
             gather_idx = idx.view(1, 1, -1).expand(1, channels, idx.numel())
@@ -147,5 +147,5 @@ class SpatialECR(ECRModule):
         return (out, hard_idx) if return_indices else out
 
     def _spatial_heads(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        chunks = zip(queries.chunk(self.heads, dim=-1), keys.chunk(self.heads, dim=-1), values.chunk(self.heads, dim=-1))
+        chunks = zip(queries.chunk(self.heads, dim=-1), keys.chunk(self.heads, dim=1), values.chunk(self.heads, dim=1))
         return torch.cat([spatial_efficient_attention(q, k, v, self.spatial) for q, k, v in chunks], dim=-1)

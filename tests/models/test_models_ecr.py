@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrss_ds.models.ecr import ECRModule, efficient_attention
+from lrss_ds.models.ecr import ECRModule, efficient_attention, project_positions
 
 
 def test_efficient_attention_equals_explicit_formula():
@@ -21,7 +21,25 @@ def test_efficient_attention_equals_explicit_formula():
             for m in range(9):
                 # The explicit (Nq x Nk) form: weight of key m for query n, times value m.
                 want[b, n] += (qs[b, n] * ks[b, m]).sum() * v[b, m]
-    torch.testing.assert_close(efficient_attention(q, k, v), want)
+    # keys and values go in channels first
+    torch.testing.assert_close(efficient_attention(q, k.transpose(1, 2), v.transpose(1, 2)), want)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projecting_positions_is_the_1x1_convolution_and_its_gradients(bias: bool) -> None:
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(6, 4, 1, bias=bias).double()
+    features = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 4, 35, dtype=torch.float64)
+    want = conv(features).flatten(2)
+    want_grads = torch.autograd.grad(want, [features, *conv.parameters()], grad)
+    got = project_positions(conv, features)
+    got_grads = torch.autograd.grad(got, [features, *conv.parameters()], grad)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the convolution under autocast
+        assert project_positions(conv.float(), features.float()).dtype == torch.bfloat16
 
 
 def _aux_with_margins(margins: torch.Tensor, classes: int = 3) -> torch.Tensor:
@@ -60,8 +78,8 @@ def test_scatters_to_exactly_the_selected_positions():
     assert torch.equal(out.flatten(2)[~selected.unsqueeze(1).expand(-1, 6, -1)],
                        features.flatten(2)[~selected.unsqueeze(1).expand(-1, 6, -1)])
     hard = features.flatten(2).gather(2, idx.unsqueeze(1).expand(-1, 6, -1)).transpose(1, 2)
-    keys = ecr.key(features).flatten(2).transpose(1, 2)
-    values = ecr.value(features).flatten(2).transpose(1, 2)
+    keys = ecr.key(features).flatten(2)  # the 1x1 convolutions themselves, channels first
+    values = ecr.value(features).flatten(2)
     want = hard + ecr.reproject(efficient_attention(ecr.query(hard), keys, values))
     got = out.flatten(2).gather(2, idx.unsqueeze(1).expand(-1, 6, -1)).transpose(1, 2)
     torch.testing.assert_close(got, want)
