@@ -67,6 +67,7 @@ COLUMNS = [
     Column("peak_rss_gib", "Peak RSS GiB", 3),
     Column("peak_vs_one_rank", "Peak / one rank", 2),
     Column("step_s", "Step s (wall)", 2),
+    Column("loss_first", "First loss", 6),
     Column("loss_last", "Last loss", 5),
     Column("job_cpu_s", "Job CPU-s (all ranks)", 1),
 ]
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({
                 "ranks": spatial, "rank": rank, "band_rows": bands[rank][1] - bands[rank][0], "peak_rss_gib": peak,
                 "peak_vs_one_rank": peak / one_rank_peak if one_rank_peak else None, "step_s": step,
-                "loss_last": metrics["loss_last"], "job_cpu_s": cpu,
+                "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"], "job_cpu_s": cpu,
             })
     report = Report(
         name="spatial",

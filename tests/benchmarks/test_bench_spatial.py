@@ -27,6 +27,8 @@ def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
     for row in rows:
         assert 0.1 < row["peak_rss_gib"] < 4 and row["step_s"] >= 0 and row["job_cpu_s"] > 0
     assert rows[0]["peak_vs_one_rank"] == 1.0
-    # the same scene and weights: the spatial run's loss is the one-rank loss (float32 rounding)
-    assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-3)
+    # the same scene and weights: the spatial run's first loss is the one-rank loss to float32
+    # rounding; after a step the rounding has moved the weights (CI: last losses 1.4e-3 apart)
+    assert rows[1]["loss_first"] == pytest.approx(rows[0]["loss_first"], rel=1e-4)
+    assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-2)
     assert "| 2 | 1 | 64 |" in (tmp_path / "spatial.md").read_text()
