@@ -32,8 +32,7 @@ from lrss_ds.engine.plan_cli import parse_bytes, parse_size  # noqa: E402
 from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
 from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 
-GIB = 1024**3
-MIB = 1024**2
+from lrss_ds.units import GIB, MIB  # noqa: E402
 
 # The --modes defaults, derived from the planner's setups (themselves from
 # lrss_ds.memory.modes.PLANNED_PRESETS), so a new preset reaches every benchmark: all setups;

@@ -45,7 +45,7 @@ from benchmarks._harness import (  # noqa: E402
     write_json_and_markdown,
 )
 
-GIB = float(1 << 30)
+from lrss_ds.units import GIB  # noqa: E402
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fullscene_train.json"
 PRESETS = {"bf16": "fullres_bf16", "fp32": "fullres_fp32"}
 TARGET_GIB = {"bf16": 10.0, "fp32": 20.0}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-GIB = float(1 << 30)
+from lrss_ds.units import GIB
 NOT_MEASURED = "n/a (CPU)"
 
 

@@ -34,7 +34,7 @@ from lrss_ds.engine.probe import PLAN_SETUPS, REPO_ROOT
 from lrss_ds.engine.temporaries import write_text_atomically
 from lrss_ds.errors import ConfigError
 
-GIB = 1024**3
+from lrss_ds.units import GIB
 
 # The quantities the planner fits, each against the number of pixels.
 METRICS: tuple[str, ...] = ("device_bytes", "host_bytes", "step_s", "step_cpu_s")

@@ -16,7 +16,7 @@ from lrss_ds.engine.probe import PLAN_SETUPS
 from lrss_ds import sizes
 from lrss_ds.errors import ConfigError
 
-MIB = 1024**2
+from lrss_ds.units import MIB
 
 
 # Largest side a plan is made for: ten times a Sentinel-2 tile (10980 px). Beyond it the linear

@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-GIB = 1024**3
+from lrss_ds.units import GIB
 
 
 def lifetime_peak_bytes() -> int:

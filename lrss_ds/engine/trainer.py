@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # the annotations of Run; their modules import late where the
 # Exit status after a SIGTERM-triggered checkpoint: 128 + SIGTERM, what a shell reports for a
 # process ended by the signal, so a scheduler still sees the run as not finished.
 EXIT_PREEMPTED = 128 + signal.SIGTERM
-GIB = float(1 << 30)
+from lrss_ds.units import GIB
 
 
 @dataclass

@@ -53,7 +53,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
-GIB = float(1 << 30)
+from lrss_ds.units import GIB
 
 # What a card holds beyond the simulated peak. The CUDA context with cuDNN/cuBLAS loaded takes
 # 0.3-0.6 GiB outside the allocator, NCCL's buffers for one communicator up to ~0.5 GiB, and

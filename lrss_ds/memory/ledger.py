@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Hashable
 
-GIB = float(1 << 30)
+from lrss_ds.units import GIB
 
 
 class SavedTensorLedger:
