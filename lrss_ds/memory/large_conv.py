@@ -12,7 +12,8 @@ from the unbanded ones only by float summation order.
 
 :func:`install_large_conv_banding` turns every plain ``nn.Conv2d`` of a model into a
 :class:`LargeSafeConv2d`; a call whose tensors are under the limit (almost all of them) runs
-the ordinary convolution.
+the ordinary convolution. A 1x1 convolution whose tensors pass 64 MiB runs as a matrix product
+instead (:mod:`lrss_ds.models.pointwise`), which needs neither bands nor oneDNN's scratch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrss_ds.models.pointwise import pointwise_conv2d
+
 ONEDNN_LIMIT_BYTES = 1 << 31
+# From this size of input or output on, a 1x1 convolution runs as a matrix product
+# (lrss_ds.models.pointwise): oneDNN's backward holds about its input gradient's size again as
+# scratch, which at 64 MiB and up is worth avoiding, and the product's forward and backward are
+# the same function.
+POINTWISE_MATMUL_BYTES = 1 << 26
 # Bands are sized well under the limit: oneDNN's scratchpads and reorders add to each call.
 BAND_BYTES = 1 << 29
 
@@ -167,6 +175,8 @@ class LargeSafeConv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._is_plain_pointwise() and needs_banding(x, self.weight, (1, 1), (0, 0), (1, 1), POINTWISE_MATMUL_BYTES):
+            return pointwise_conv2d(x, self.weight, self.bias)
         if (
             self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
@@ -175,6 +185,11 @@ class LargeSafeConv2d(nn.Conv2d):
             return banded_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                                  BAND_BYTES)
         return super().forward(x)
+
+    def _is_plain_pointwise(self) -> bool:
+        """A 1x1 kernel, stride 1, no padding or dilation, one group: a matrix product per position."""
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding in ((0, 0), "valid", "same")
+                and self.dilation == (1, 1) and self.groups == 1)
 
 
 def install_large_conv_banding(model: nn.Module) -> int:
@@ -194,4 +209,4 @@ def install_large_conv_banding(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["ONEDNN_LIMIT_BYTES", "LargeSafeConv2d", "banded_conv2d", "install_large_conv_banding", "needs_banding"]
+__all__ = ["ONEDNN_LIMIT_BYTES", "POINTWISE_MATMUL_BYTES", "LargeSafeConv2d", "banded_conv2d", "install_large_conv_banding", "needs_banding"]

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lrss_ds.models.pointwise import project_positions
+
 
 def efficient_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Efficient attention (Shen et al., WACV 2021) on already projected queries/keys/values.
@@ -32,22 +34,6 @@ def efficient_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     k = k.to(compute).softmax(dim=-1)
     context = k @ v.to(compute).transpose(-2, -1)  # (B, Ck, Cv)
     return (q @ context).to(v.dtype)
-
-
-def project_positions(conv: nn.Conv2d, features: Tensor) -> Tensor:
-    """A 1x1 ``conv`` of ``features (B, C, h, w)`` as one batched matrix product: ``(B, C_out, h * w)``.
-
-    The same function as ``conv(features).flatten(2)``, but its backward is two matrix products
-    with no scratch: oneDNN's backward of a 1x1 convolution over a whole scene's ECR input
-    (256 -> 128 channels, 864 x 913 positions, fp32) held 0.8 GiB of buffers outside any tensor
-    beyond its 0.75 GiB input gradient (1.15 GiB when the incoming gradient was transposed), which
-    no tensor accounting sees.
-    """
-    weight = conv.weight.flatten(1)  # (C_out, C)
-    out = torch.bmm(weight.expand(features.shape[0], *weight.shape), features.flatten(2))
-    # in place: the product's backward does not need its output, and an expanded bias under
-    # autocast would be cast (and so materialised) at the map's full size
-    return out if conv.bias is None else out.add_(conv.bias.view(1, -1, 1))
 
 
 class ECRModule(nn.Module):
@@ -137,8 +123,8 @@ class ECRModule(nn.Module):
         flat = features.flatten(2)  # (B, C, N)
         gather_idx = hard_idx.unsqueeze(1).expand(batch, channels, hard_idx.shape[1])  # (B, C, n)
         hard = flat.gather(2, gather_idx).transpose(1, 2)  # F_hard (B, n, C)
-        keys = project_positions(self.key, features)  # (B, Ck, N)
-        values = project_positions(self.value, features)  # (B, Cv, N)
+        keys = project_positions(self.key.weight, self.key.bias, features)  # (B, Ck, N)
+        values = project_positions(self.value.weight, self.value.bias, features)  # (B, Cv, N)
         queries = self.query(hard)  # (B, n, Ck)
         attended = self._multi_head(queries, keys, values)  # (B, n, Cv)
         enhanced = hard + self.reproject(attended)  # F_conf (B, n, C)

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lrss_ds.models.ecr import ECRModule, project_positions
+from lrss_ds.models.ecr import ECRModule
+from lrss_ds.models.pointwise import project_positions
 from lrss_ds.parallel.group import SpatialGroup
 
 
@@ -133,8 +134,8 @@ class SpatialECR(ECRModule):
         channels = features.shape[1]
         hard_idx = self.select_hard_band(aux_logits)
         flat = features.flatten(2)  # (B, C, N)
-        keys = project_positions(self.key, features)  # (B, Ck, N)
-        values = project_positions(self.value, features)  # (B, Cv, N)
+        keys = project_positions(self.key.weight, self.key.bias, features)  # (B, Ck, N)
+        values = project_positions(self.value.weight, self.value.bias, features)  # (B, Cv, N)
         outs = []
         for b, idx in enumerate(hard_idx):
             gather_idx = idx.view(1, 1, -1).expand(1, channels, idx.numel())

@@ -113,3 +113,21 @@ def test_install_leaves_subclasses_and_string_padding_alone_and_pickles(tmp_path
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(loaded(x), model(x))
     assert list(loaded.state_dict()) == list(model.state_dict())
+
+
+def test_installed_1x1_convolutions_past_the_threshold_run_as_matrix_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1), nn.Conv2d(5, 2, 1, stride=2)).double()
+    x = torch.randn(1, 3, 16, 12, dtype=torch.float64, requires_grad=True)
+    reference = model(x)
+    reference_grad = torch.autograd.grad(reference.sum(), x)[0]
+    install_large_conv_banding(model)
+    products: list[tuple] = []
+    original = large_conv.pointwise_conv2d
+    monkeypatch.setattr(large_conv, "pointwise_conv2d", lambda *a: products.append(a[1].shape) or original(*a))
+    model(x)
+    assert products == []  # under the threshold: the ordinary convolution
+    monkeypatch.setattr(large_conv, "POINTWISE_MATMUL_BYTES", 1024)
+    out = model(x)
+    assert products == [(5, 4, 1, 1)]  # the plain 1x1 only: not the 3x3, not the strided 1x1
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], reference_grad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrss_ds.models.ecr import ECRModule, efficient_attention, project_positions
+from lrss_ds.models.ecr import ECRModule, efficient_attention
 
 
 def test_efficient_attention_equals_explicit_formula():
@@ -23,23 +23,6 @@ def test_efficient_attention_equals_explicit_formula():
                 want[b, n] += (qs[b, n] * ks[b, m]).sum() * v[b, m]
     # keys and values go in channels first
     torch.testing.assert_close(efficient_attention(q, k.transpose(1, 2), v.transpose(1, 2)), want)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_projecting_positions_is_the_1x1_convolution_and_its_gradients(bias: bool) -> None:
-    torch.manual_seed(4)
-    conv = torch.nn.Conv2d(6, 4, 1, bias=bias).double()
-    features = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 4, 35, dtype=torch.float64)
-    want = conv(features).flatten(2)
-    want_grads = torch.autograd.grad(want, [features, *conv.parameters()], grad)
-    got = project_positions(conv, features)
-    got_grads = torch.autograd.grad(got, [features, *conv.parameters()], grad)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the convolution under autocast
-        assert project_positions(conv.float(), features.float()).dtype == torch.bfloat16
 
 
 def _aux_with_margins(margins: torch.Tensor, classes: int = 3) -> torch.Tensor:
