@@ -327,8 +327,8 @@ def _markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{r['memory_mode_fields'].get('stem_band_rows') or 'no'} rows"
             for r in records
         )
-        + " (the uint8 input normalised inside the first checkpoint; channels-last; runs before stop 9 "
-        "checkpointed the LRD in one piece, later ones term by term); bf16 = `torch.autocast` bf16 over "
+        + " (the uint8 input normalised inside the first checkpoint; channels-last; the LRD checkpointed "
+        "term by term; 1x1 convolutions past 64 MiB as matrix products); bf16 = `torch.autocast` bf16 over "
         "float32 weights, so gradients, optimizer state and "
         f"BatchNorm running statistics stay float32 (checked: {records[0]['batchnorm_stats_dtype']}).",
         "- Data: synthetic uint8 bands and blocky labels of the FBP class count "
