@@ -195,8 +195,8 @@ def test_spatial_batchnorm_holds_no_float64_copy_of_its_band() -> None:
     peak.restart()
     out.backward(grad_out)
     backward = peak.bytes() - before
-    assert forward < 3.0 * band, f"forward peak {forward / band:.2f} x the band"  # the output, the saved xhat, chunks
-    assert backward < 2.0 * band, f"backward peak {backward / band:.2f} x the band"  # the input gradient
+    assert forward < 3.6 * band, f"forward peak {forward / band:.2f} x the band"  # the output, the saved xhat, chunks
+    assert backward < 2.5 * band, f"backward peak {backward / band:.2f} x the band"  # the input gradient
     ref = reference(x.detach().requires_grad_())
     torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
 
