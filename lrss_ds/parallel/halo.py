@@ -291,8 +291,8 @@ class HaloConv2d(nn.Conv2d):
 class HaloDepthwiseConv2d(DepthwiseConv2d):
     """The LRD's ``K x K`` depth-wise 'same' convolution over a band, with ``K // 2`` halo rows each side.
 
-    The block (band and halos, zero rows beyond the scene) runs through the same
-    :func:`depthwise_conv2d` method as one rank, and the band's own rows are kept.
+    The band runs through the same :func:`depthwise_conv2d` method as one rank, and the rows
+    next to a neighbour gain the halo rows' part (see :func:`_halo_convolve`).
     Build with :meth:`from_depthwise`; ``spatial`` is the :class:`SpatialGroup`.
     """
 
@@ -309,11 +309,16 @@ class HaloDepthwiseConv2d(DepthwiseConv2d):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, h, W) -> (B, C, h, W)``."""
         halo = self.kernel_size // 2
-        block, missing_top, missing_bottom = halo_rows(x, self.spatial, halo, halo)
-        if missing_top or missing_bottom:
-            block = F.pad(block, (0, 0, missing_top, missing_bottom))
-        out = depthwise_conv2d(block, self.weight, self.bias, self.method)
-        return out[:, :, halo : halo + x.shape[2]]
+
+        def inner(t: Tensor, bias: Tensor | None) -> Tensor:
+            return depthwise_conv2d(t, self.weight, bias, self.method)[:, :, halo : t.shape[2] - halo]
+
+        return _halo_convolve(
+            x, self.spatial, self.kernel_size, 1, halo, 1,
+            lambda t: depthwise_conv2d(t, self.weight, self.bias, self.method),
+            lambda t: inner(t, self.bias),
+            lambda t: inner(t, None),
+        )
 
 
 class SpatialResize(Resize):
