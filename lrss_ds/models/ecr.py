@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lrss_ds.models.pointwise import project_positions
+from lrss_ds.models.pointwise import PositionProjection
 
 
 def efficient_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -77,8 +77,8 @@ class ECRModule(nn.Module):
         self.hard_ratio = hard_ratio
         self.heads = heads
         self.query = nn.Linear(channels, key_channels)
-        self.key = nn.Conv2d(channels, key_channels, 1)
-        self.value = nn.Conv2d(channels, value_channels, 1)
+        self.key = PositionProjection(channels, key_channels)  # (B, Ck, N), channels first
+        self.value = PositionProjection(channels, value_channels)
         self.reproject = nn.Linear(value_channels, channels)
 
     def num_hard(self, positions: int) -> int:
@@ -123,8 +123,8 @@ class ECRModule(nn.Module):
         flat = features.flatten(2)  # (B, C, N)
         gather_idx = hard_idx.unsqueeze(1).expand(batch, channels, hard_idx.shape[1])  # (B, C, n)
         hard = flat.gather(2, gather_idx).transpose(1, 2)  # F_hard (B, n, C)
-        keys = project_positions(self.key.weight, self.key.bias, features)  # (B, Ck, N)
-        values = project_positions(self.value.weight, self.value.bias, features)  # (B, Cv, N)
+        keys = self.key(features).flatten(2)  # (B, Ck, N); flatten: a pickled model's plain 1x1 conv
+        values = self.value(features).flatten(2)  # (B, Cv, N)
         queries = self.query(hard)  # (B, n, Ck)
         attended = self._multi_head(queries, keys, values)  # (B, n, Cv)
         enhanced = hard + self.reproject(attended)  # F_conf (B, n, C)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def project_positions(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
@@ -36,4 +36,18 @@ def pointwise_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return project_positions(weight, bias, x).view(batch, -1, height, width)
 
 
-__all__ = ["pointwise_conv2d", "project_positions"]
+class PositionProjection(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters and state-dict keys) whose output is :func:`project_positions`' ``(B, C_out, h * w)``.
+
+    Called as a module, so that hooks on it run (ZeRO-3 gathers a module's parameters in its
+    forward pre-hook; reading ``weight`` from outside the call would find an empty partition).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return project_positions(self.weight, self.bias, x)
+
+
+__all__ = ["PositionProjection", "pointwise_conv2d", "project_positions"]

@@ -9,7 +9,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lrss_ds.models.ecr import ECRModule
-from lrss_ds.models.pointwise import project_positions
 from lrss_ds.parallel.group import SpatialGroup
 
 
@@ -134,8 +133,8 @@ class SpatialECR(ECRModule):
         channels = features.shape[1]
         hard_idx = self.select_hard_band(aux_logits)
         flat = features.flatten(2)  # (B, C, N)
-        keys = project_positions(self.key.weight, self.key.bias, features)  # (B, Ck, N)
-        values = project_positions(self.value.weight, self.value.bias, features)  # (B, Cv, N)
+        keys = self.key(features).flatten(2)  # (B, Ck, N)
+        values = self.value(features).flatten(2)  # (B, Cv, N)
         outs = []
         for b, idx in enumerate(hard_idx):
             gather_idx = idx.view(1, 1, -1).expand(1, channels, idx.numel())

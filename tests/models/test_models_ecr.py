@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from lrss_ds.models.ecr import ECRModule, efficient_attention
 
@@ -107,3 +108,35 @@ def test_deterministic_and_validates_input():
         ecr(features, torch.randn(1, 1, 6, 7))
     with pytest.raises(ValueError):
         ECRModule(4, hard_ratio=0.0)
+
+
+def test_every_parameter_is_read_inside_its_own_modules_call() -> None:
+    # ZeRO-3 gathers a module's parameters in that module's forward pre-hook: a weight read from
+    # outside its module's call would be an empty partition there.
+    ecr = ECRModule(8, hard_ratio=0.2, heads=2)
+    inside: list[nn.Module] = []
+    reads: list[str] = []
+
+    def enter(module: nn.Module, _inputs: object) -> None:
+        inside.append(module)
+
+    def leave(module: nn.Module, _inputs: object, _output: object) -> None:
+        inside.pop()
+
+    owners = {id(p): (name, m) for name, m in ecr.named_modules() for p in m.parameters(recurse=False)}
+    for module in ecr.modules():
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+    class Reads(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            for arg in [*args, *(kwargs or {}).values()]:
+                if isinstance(arg, torch.Tensor) and id(arg) in owners:
+                    name, owner = owners[id(arg)]
+                    if not inside or inside[-1] is not owner:
+                        reads.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        ecr(torch.randn(1, 8, 9, 10), torch.randn(1, 5, 9, 10))
+    assert reads == []
