@@ -121,7 +121,8 @@ def run_isolated(
     too), calls it and writes the returned dict as JSON to a temporary file (not stdout, which
     libraries print to). The parent polls the child's RSS every ``poll_s`` seconds and SIGKILLs
     it once it passes ``cap_bytes``; afterwards the kernel's exact peak (the child's ``VmHWM``,
-    else ``ru_maxrss`` from ``wait4``) decides again, so a spike the poll missed still counts as not fitting.
+    else ``ru_maxrss`` from ``wait4``) decides again, so a spike the poll missed still counts as
+    not fitting.
     ``resource.setrlimit(RLIMIT_AS)`` is not used: torch reserves far more address space than it
     touches, so an address-space cap fails runs that would fit.
 

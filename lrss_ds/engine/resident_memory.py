@@ -26,7 +26,8 @@ def program_peak_bytes() -> int | None:
     Unlike ``ru_maxrss`` (and a parent's ``wait4``) it does not include the resident set of the
     process that started this one: Linux carries the pre-``exec`` high-water mark, which after
     ``vfork``/``fork`` is the parent's, into ``ru_maxrss`` (measured: a child whose own peak
-    was 0.61 GiB, started from a pytest worker, reported 1.28 GiB there). A :class:`PeakMemory` reset lowers it too.
+    was 0.61 GiB, started from a pytest worker, reported 1.28 GiB there). A
+    :class:`PeakMemory` reset lowers it too.
     """
     try:
         status = Path("/proc/self/status").read_text()
