@@ -197,7 +197,8 @@ def trained_state(label: str, args: argparse.Namespace, states_dir: Path) -> tup
     state = states_dir / f"{_slug(label)}.pt"
     run = run_config(
         "_workloads:product_train",
-        {"method": label, "budget_cpu_s": args.train_budget, "scene_size": args.scene_size, "patch": args.patch,
+        {"method": label, "budget_cpu_s": args.budgets.get(label, args.train_budget), "scene_size": args.scene_size,
+         "patch": args.patch,
          "run_dir": str(args.out / "memory_time_runs" / _slug(label)),
          "store": str(args.out / "memory_time_runs" / "store"),  # one synthetic store for every method
          "train_scenes": args.train_scenes, "val_scenes": args.val_scenes, "bands": args.bands,
@@ -220,13 +221,19 @@ def _slug(label: str) -> str:
     return label.lower().replace(" ", "_")
 
 
-def _parse_checkpoints(items: list[str]) -> dict[str, str]:
+def _parse_method_values(items: list[str], option: str, value_name: str) -> dict[str, str]:
+    """``METHOD=VALUE`` items of a repeatable option as ``{method: value}``; a bad item exits in one line."""
     out = {}
     for item in items:
-        label, sep, path = item.partition("=")
+        label, sep, value = item.partition("=")
         if not sep or label not in METHODS:
-            raise SystemExit(f"--checkpoints {item!r}: expected METHOD=PATH with METHOD in {list(METHODS)}")
-        out[label] = path
+            raise SystemExit(f"{option} {item!r}: expected METHOD={value_name} with METHOD in {list(METHODS)}")
+        if value_name == "CPU_S":
+            try:
+                float(value)
+            except ValueError:
+                raise SystemExit(f"{option} {item!r}: {value!r} is not a number of CPU seconds") from None
+        out[label] = value
     return out
 
 
@@ -298,6 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="trained checkpoint per method (DeepSpeed tag dir or weights file); repeatable")
     parser.add_argument("--train-budget", type=float, default=None,
                         help="CPU seconds of `lrss-ds train` (train.budget_cpu_s) per method (default 480; quick 2)")
+    parser.add_argument("--train-budget-for", action="append", default=[], metavar="METHOD=CPU_S",
+                        help="a larger budget for a slow method (GLNet: 12 CPU-s a step at 512 px); repeatable")
     parser.add_argument("--scene-size", type=int, default=None, help="synthetic scene side (default 512; quick 128)")
     parser.add_argument("--patch", type=int, default=None, help="patch/crop side (default 64; quick 64)")
     parser.add_argument("--water-scale", type=float, default=None,
@@ -314,8 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a --phase train run of EHSNet and patch HRNet with a longer budget, judged as well")
     parser.add_argument("--rows-from", type=Path, default=None,
                         help="reuse the memory/time rows of an earlier --phase measure run in this folder")
-    parser.add_argument("--training-from", type=Path, default=None,
-                        help="reuse the scores and states of an earlier --phase train run in this folder")
+    parser.add_argument("--training-from", type=Path, action="append", default=[],
+                        help="reuse the scores and states of an earlier --phase train run in this folder; "
+                             "repeatable (trainings split over cores), the first folder with a method wins")
     args = parse_benchmark_args(parser, argv, (QUICK_EHSNET_MODES, EHSNET_MODES))
     quick = args.quick
     args.size = parse_size(args.size) if args.size else ((128, 128) if quick else (1024, 1024))
@@ -326,7 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.water_scale = args.water_scale if args.water_scale is not None else (1.0 if quick else 2.5)
     args.train_scenes = args.train_scenes or (2 if quick else 64)
     args.val_scenes = args.val_scenes or (1 if quick else 4)
-    args.checkpoints = _parse_checkpoints(args.checkpoints)
+    args.checkpoints = _parse_method_values(args.checkpoints, "--checkpoints", "PATH")
+    args.budgets = {label: float(value) for label, value in
+                    _parse_method_values(args.train_budget_for, "--train-budget-for", "CPU_S").items()}
     args.methods = [m for m in args.methods.split(",") if m]
     for label in args.methods:
         if label not in METHODS:
@@ -349,12 +361,16 @@ def conditions_text(args: argparse.Namespace) -> str:
         f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.inference.Predictor (global for "
         f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
         + ("" if args.phase == "measure" or args.training_from else
-           f"`lrss-ds train` budget {args.train_budget:.0f} CPU-s per method on a tile store of {args.train_scenes} synthetic scenes "
+           f"`lrss-ds train` budget {args.train_budget:.0f} CPU-s per method{_larger_budgets(args.budgets)} on a tile store of {args.train_scenes} synthetic scenes "
            f"of {args.scene_size}px, water scale {args.water_scale:g} (river {2 * 0.028 * 0.85 * args.scene_size * args.water_scale:.0f}-"
            f"{2 * 0.028 * 1.2 * args.scene_size * args.water_scale:.0f}px wide, patch {args.patch}px), train.augment d4, "
            f"AdamW 1e-3 for every method, BatchNorm statistics recomputed after training, evaluated on "
            f"{args.val_scenes} unseen scenes. ") + args.conditions
     )
+
+
+def _larger_budgets(budgets: dict[str, float]) -> str:
+    return f" ({', '.join(f'{label}: {cpu_s:.0f}' for label, cpu_s in budgets.items())})" if budgets else ""
 
 
 def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str | None]]:
@@ -370,12 +386,18 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
     trained: dict[str, dict[str, Any]] = {}
     states: dict[str, str | None] = {}
     if args.training_from:
-        # An earlier `--phase train` run: its scores and states, so that the timed phase can
+        # Earlier `--phase train` runs: their scores and states, so that the timed phase can
         # run on an idle machine without repeating the training.
-        earlier = json.loads((args.training_from / "memory_time_training.json").read_text())
+        earlier = {folder: json.loads((folder / "memory_time_training.json").read_text())
+                   for folder in args.training_from}
+        header["training_from"] = {str(folder): run["header"] for folder, run in earlier.items()}
         for label in methods:
-            trained[label] = earlier["training"][label]
-            state = args.training_from / "memory_time_states" / f"{_slug(label)}.pt"
+            folder = next((f for f, run in earlier.items() if label in run["training"]), None)
+            if folder is None:
+                raise SystemExit(f"--training-from: no memory_time_training.json in {[str(f) for f in earlier]} "
+                                 f"trained {label!r}")
+            trained[label] = earlier[folder]["training"][label]
+            state = folder / "memory_time_states" / f"{_slug(label)}.pt"
             states[label] = str(state) if state.exists() else None
     elif args.phase == "measure":
         for label in methods:

@@ -1,0 +1,59 @@
+"""memory_time's per-method options: larger budgets for slow methods, trainings merged from several runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import memory_time  # noqa: E402
+
+
+def test_train_budget_for_sets_one_method(tmp_path: Path) -> None:
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path), "--train-budget-for", "GLNet=1440"])
+    assert args.budgets == {"GLNet": 1440.0}
+    assert "GLNet: 1440" in memory_time.conditions_text(args)
+
+
+@pytest.mark.parametrize("item, problem", [("GLNett=10", "METHOD=CPU_S"), ("GLNet=ten", "not a number")])
+def test_train_budget_for_refuses_bad_items(tmp_path: Path, item: str, problem: str) -> None:
+    with pytest.raises(SystemExit, match=problem):
+        memory_time.parse_args(["--quick", "--out", str(tmp_path), "--train-budget-for", item])
+
+
+def _training_run(folder: Path, scores: dict[str, float]) -> None:
+    """A ``--phase train`` output folder: the training JSON and one state file per method."""
+    (folder / "memory_time_states").mkdir(parents=True)
+    training = {label: {"miou": miou, "miou_source": f"run in {folder.name}"} for label, miou in scores.items()}
+    (folder / "memory_time_training.json").write_text(json.dumps({"header": {"date": folder.name},
+                                                                  "training": training}))
+    for label in scores:
+        (folder / "memory_time_states" / f"{label.lower().replace(' ', '_')}.pt").write_bytes(b"state")
+
+
+def test_training_from_merges_runs_split_over_cores(tmp_path: Path) -> None:
+    first, second = tmp_path / "core0", tmp_path / "core1"
+    _training_run(first, {"EHSNet": 60.0, "GLNet": 10.0})
+    _training_run(second, {"GLNet": 40.0, "patch HRNet": 50.0})
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "EHSNet,GLNet,patch HRNet",
+                                   "--training-from", str(first), "--training-from", str(second)])
+    header: dict = {}
+    trained, states = memory_time.accuracy_phase(args, header)
+    # the first folder that trained a method wins
+    assert {label: scores["miou"] for label, scores in trained.items()} == {
+        "EHSNet": 60.0, "GLNet": 10.0, "patch HRNet": 50.0}
+    assert states["patch HRNet"] == str(second / "memory_time_states" / "patch_hrnet.pt")
+    assert set(header["training_from"]) == {str(first), str(second)}
+
+
+def test_training_from_names_a_method_no_run_trained(tmp_path: Path) -> None:
+    _training_run(tmp_path / "core0", {"EHSNet": 60.0})
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "EHSNet,GLNet",
+                                   "--training-from", str(tmp_path / "core0")])
+    with pytest.raises(SystemExit, match="trained 'GLNet'"):
+        memory_time.accuracy_phase(args, {})
