@@ -321,8 +321,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "measure: only the memory/time probes (no training, no inference table)")
     parser.add_argument("--target-from", type=Path, default=None,
                         help="a --phase train run of EHSNet and patch HRNet with a longer budget, judged as well")
-    parser.add_argument("--rows-from", type=Path, default=None,
-                        help="reuse the memory/time rows of an earlier --phase measure run in this folder")
+    parser.add_argument("--rows-from", type=Path, action="append", default=[],
+                        help="reuse the memory/time and local/global inference rows of an earlier run in this folder; "
+                             "repeatable (methods split over cores), the first folder with a row wins")
     parser.add_argument("--training-from", type=Path, action="append", default=[],
                         help="reuse the scores and states of an earlier --phase train run in this folder; "
                              "repeatable (trainings split over cores), the first folder with a method wins")
@@ -412,8 +413,31 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
     return trained, states
 
 
-def inference_phase(args: argparse.Namespace, states: dict[str, str | None]) -> tuple[list[dict[str, Any]], dict]:
+def earlier_rows(folders: list[Path], header: dict[str, Any]) -> tuple[dict[tuple[str, str], dict], dict[str, dict]]:
+    """Rows of earlier runs (``--rows-from``) to reuse as measured; their headers go into ``header``.
+
+    Returns:
+        ``({(method, memory mode): memory/time row}, {method: local/global inference row})``, the
+        first folder's row winning where two have one.
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    inference: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        earlier = json.loads((folder / "memory_time.json").read_text())
+        header.setdefault("measured_rows_from", {})[str(folder)] = earlier["header"]
+        for row in earlier["rows"]:
+            rows.setdefault((row["method"], row["memory_mode"]), row)
+        for row in earlier.get("inference_rows", []):
+            inference.setdefault(row["method"], row)
+    return rows, inference
+
+
+def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
+                    reused: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
     """GLSNet-style table: local vs global inference of each method, on the trained models' scenes.
+
+    Args:
+        reused: rows of earlier runs by method, taken as measured instead of probing again.
 
     Returns:
         ``(rows of the table, {(method, view): probe result})``.
@@ -421,6 +445,9 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None]) -> 
     inference_rows = []
     views: dict[tuple[str, str], dict[str, Any]] = {}
     for label in args.methods if args.phase != "measure" else []:
+        if label in reused:
+            inference_rows.append(dict(reused[label]))
+            continue
         if METHODS[label].model in TWO_VIEW_MODELS:
             # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
             local = {"status": "n/a: the model combines local and global views itself"}
@@ -441,33 +468,28 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None]) -> 
     return inference_rows, views
 
 
-def measure_phase(args: argparse.Namespace, header: dict[str, Any], trained: dict[str, Any],
-                  views: dict) -> list[dict[str, Any]]:
+def measure_phase(args: argparse.Namespace, trained: dict[str, Any], views: dict,
+                  reused: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """Memory and time per method (plain training), then EHSNet per memory mode, with each row's mIoU.
 
-    Rows of an earlier ``--phase measure`` run (``--rows-from``) are reused as measured.
+    Args:
+        reused: rows of earlier runs at the same size by (method, memory mode), taken as measured.
     """
     size, size_text, modes = args.size, args.size_text, args.modes
     rows: list[dict[str, Any]] = []
-    earlier_rows: dict[tuple[str, str], dict[str, Any]] = {}
-    if args.rows_from:
-        # Memory and time rows of an earlier `--phase measure` run (same size), reused as measured.
-        earlier = json.loads((args.rows_from / "memory_time.json").read_text())
-        earlier_rows = {(r["method"], r["memory_mode"]): r for r in earlier["rows"]}
-        header["measured_rows_from"] = earlier["header"]
     for label in args.methods:
         spec = METHODS[label]
         view = "local" if spec.sampling == "patch" else "global"
         label_modes = modes if label == "EHSNet" else ["none"]
-        if all((label, mode) in earlier_rows for mode in label_modes):
+        if all((label, mode) in reused for mode in label_modes):
             test = {}
         elif size == (args.scene_size, args.scene_size) and (label, view) in views:
             test = views[(label, view)]  # the same probe at the same size: measured once
         else:
             test = infer_probe(label, size[0], args.patch, view, args.cap, args.bands, None)
         for mode in label_modes:
-            if (label, mode) in earlier_rows:
-                row = dict(earlier_rows[(label, mode)])
+            if (label, mode) in reused:
+                row = dict(reused[(label, mode)])
             else:
                 row = {"method": label, "memory_mode": mode, "size": size_text}
                 row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
@@ -545,8 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "train":
         print(args.out / "memory_time_training.json")
         return 0
-    inference_rows, views = inference_phase(args, states)  # 2. local vs global inference
-    rows = measure_phase(args, header, trained, views)  # 3. memory and time
+    reused_rows, reused_inference = earlier_rows(args.rows_from, header)
+    inference_rows, views = inference_phase(args, states, reused_inference)  # 2. local vs global inference
+    rows = measure_phase(args, trained, views, reused_rows)  # 3. memory and time
     for path in write_report(build_report(args, header, rows, inference_rows, trained), args.out):
         print(path)
     return 0

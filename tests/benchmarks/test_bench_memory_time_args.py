@@ -57,3 +57,35 @@ def test_training_from_names_a_method_no_run_trained(tmp_path: Path) -> None:
                                    "--training-from", str(tmp_path / "core0")])
     with pytest.raises(SystemExit, match="trained 'GLNet'"):
         memory_time.accuracy_phase(args, {})
+
+
+def _measured_run(folder: Path, methods: list[str], test_s: float) -> None:
+    """An earlier report's folder: one memory/time row and one inference row per method."""
+    folder.mkdir(parents=True)
+    rows = [{"method": label, "memory_mode": "none", "size": "128x128", "test_s": test_s} for label in methods]
+    inference = [{"method": label, "global_s": test_s} for label in methods]
+    (folder / "memory_time.json").write_text(json.dumps({"header": {"date": folder.name}, "rows": rows,
+                                                         "inference_rows": inference}))
+
+
+def test_rows_from_merges_runs_and_probes_nothing_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _training_run(tmp_path / "trained", {"GLNet": 10.0, "patch HRNet": 50.0})
+    _measured_run(tmp_path / "core0", ["GLNet"], 1.0)
+    _measured_run(tmp_path / "core1", ["GLNet", "patch HRNet"], 2.0)
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "GLNet,patch HRNet",
+                                   "--training-from", str(tmp_path / "trained"),
+                                   "--rows-from", str(tmp_path / "core0"), "--rows-from", str(tmp_path / "core1")])
+
+    def no_probe(*_: object, **__: object) -> None:
+        raise AssertionError("a row measured earlier was probed again")
+
+    monkeypatch.setattr(memory_time, "infer_probe", no_probe)
+    monkeypatch.setattr(memory_time, "train_probe", no_probe)
+    header: dict = {}
+    trained, states = memory_time.accuracy_phase(args, header)
+    reused_rows, reused_inference = memory_time.earlier_rows(args.rows_from, header)
+    inference_rows, views = memory_time.inference_phase(args, states, reused_inference)
+    rows = memory_time.measure_phase(args, trained, views, reused_rows)
+    assert [(r["method"], r["test_s"], r["miou"]) for r in rows] == [("GLNet", 1.0, 10.0), ("patch HRNet", 2.0, 50.0)]
+    assert [(r["method"], r["global_s"]) for r in inference_rows] == [("GLNet", 1.0), ("patch HRNet", 2.0)]
+    assert set(header["measured_rows_from"]) == {str(tmp_path / "core0"), str(tmp_path / "core1")}
