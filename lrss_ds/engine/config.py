@@ -540,7 +540,7 @@ def _check_spatial(config: ExperimentConfig, where: Callable[[str], str]) -> Non
     if config.train.augment != "none":
         raise ConfigError(key, f"a flip or turn moves pixels between bands; train.augment is {config.train.augment!r}, set none")
     if config.train.recalibrate_bn:
-        raise ConfigError(key, "train.recalibrate_bn runs the model on rank 0 alone, which a band cannot; set it 0")
+        raise ConfigError(key, "train.recalibrate_bn forwards whole scenes on each rank, which a band of a scene cannot; set it 0")
 
 
 def _check_train_features(config: ExperimentConfig, where: Callable[[str], str]) -> None:
