@@ -400,6 +400,10 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
             trained[label] = earlier[folder]["training"][label]
             state = folder / "memory_time_states" / f"{_slug(label)}.pt"
             states[label] = str(state) if state.exists() else None
+        if len(earlier) > 1:
+            # The trainings of several folders as one file beside the report (their headers in ours).
+            write_text_atomically(args.out / "memory_time_training.json",
+                                  json.dumps({"header": header, "training": trained}, indent=2, default=str) + "\n")
     elif args.phase == "measure":
         for label in methods:
             trained[label] = {"miou": None, "miou_source": "pending: measured with --phase measure"}

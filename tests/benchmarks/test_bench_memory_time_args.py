@@ -42,6 +42,7 @@ def test_training_from_merges_runs_split_over_cores(tmp_path: Path) -> None:
     _training_run(second, {"GLNet": 40.0, "patch HRNet": 50.0})
     args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "EHSNet,GLNet,patch HRNet",
                                    "--training-from", str(first), "--training-from", str(second)])
+    args.out.mkdir()  # as main does
     header: dict = {}
     trained, states = memory_time.accuracy_phase(args, header)
     # the first folder that trained a method wins
@@ -49,6 +50,8 @@ def test_training_from_merges_runs_split_over_cores(tmp_path: Path) -> None:
         "EHSNet": 60.0, "GLNet": 10.0, "patch HRNet": 50.0}
     assert states["patch HRNet"] == str(second / "memory_time_states" / "patch_hrnet.pt")
     assert set(header["training_from"]) == {str(first), str(second)}
+    merged = json.loads((tmp_path / "out" / "memory_time_training.json").read_text())
+    assert merged["training"]["patch HRNet"]["miou"] == 50.0
 
 
 def test_training_from_names_a_method_no_run_trained(tmp_path: Path) -> None:
