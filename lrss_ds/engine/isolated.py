@@ -149,6 +149,7 @@ def run_isolated(
             "params": params,
             "out": str(out_path),
             "sys_path": [str(p) for p in sys_path],
+            "parent_pid": os.getpid(),
         }
         spec_path.write_text(json.dumps(spec))
         code = "import sys; from lrss_ds.engine.isolated import _child_main; sys.exit(_child_main(sys.argv[1]))"
@@ -243,9 +244,26 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A parent killed by SIGTERM (a batch scheduler's time limit, ``kill``) runs no ``finally``,
+    so without this its probe child would keep running, and holding memory, on its own.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _child_main(spec_path: str) -> int:
     """Child side of ``run_isolated``: import the target, call it, write the JSON result."""
     spec = json.loads(Path(spec_path).read_text())
+    _die_with_parent(spec["parent_pid"])
     for path in reversed(spec["sys_path"]):
         sys.path.insert(0, path)
     out = Path(spec["out"])

@@ -42,3 +42,13 @@ def hold_then_reset(mib: int) -> dict:
     seen = peak.bytes()
     peak.restart()
     return {"source": peak.source, PROCESS_PEAK_KEY: seen}
+
+
+def sleep_after_writing_pid(path: str, seconds: float) -> dict:
+    """Write this process's pid to ``path``, then sleep (for the parent-death test)."""
+    import os
+    from pathlib import Path
+
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {}

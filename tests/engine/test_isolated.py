@@ -63,3 +63,38 @@ def test_a_small_child_of_a_large_parent_reports_its_own_peak_not_the_parents() 
     assert small.status == "ok"
     assert small.peak_rss_bytes < 1000 * MIB, small.peak_rss_bytes / MIB
     assert held[-1] == 1.0
+
+
+def test_a_child_dies_with_a_parent_killed_by_sigterm(tmp_path: Path) -> None:
+    # SIGTERM kills a Python parent without running its clean-up: the kernel must end the child.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([
+        sys.executable, "-c",
+        "from lrss_ds.engine.isolated import run_isolated; "
+        f"run_isolated('isolated_targets:sleep_after_writing_pid', {{'path': {str(pid_file)!r}, 'seconds': 120}}, "
+        f"sys_path=[{TESTS_DIR!r}])",
+    ])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+        assert time.monotonic() < deadline, f"child {child} outlived its parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` from /proc ("Z": a zombie, i.e. dead), or "" if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return ""
