@@ -441,7 +441,8 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
     """GLSNet-style table: local vs global inference of each method, on the trained models' scenes.
 
     Args:
-        reused: rows of earlier runs by method, taken as measured instead of probing again.
+        reused: rows of earlier runs by method, taken as measured instead of probing again when
+            they were measured with the weights ``states`` names now (their mIoU depends on them).
 
     Returns:
         ``(rows of the table, {(method, view): probe result})``.
@@ -449,7 +450,7 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
     inference_rows = []
     views: dict[tuple[str, str], dict[str, Any]] = {}
     for label in args.methods if args.phase != "measure" else []:
-        if label in reused:
+        if label in reused and reused[label].get("state") == states[label]:
             inference_rows.append(dict(reused[label]))
             continue
         if METHODS[label].model in TWO_VIEW_MODELS:
@@ -467,7 +468,7 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
             "local_above_model_mib": local.get("above_model_mib"), "local_s": local.get("test_s"),
             "global_miou": glob.get("miou"), "global_peak_mib": glob.get("peak_mib"),
             "global_above_model_mib": glob.get("above_model_mib"), "global_s": glob.get("test_s"),
-            "local_status": local["status"], "global_status": glob["status"],
+            "local_status": local["status"], "global_status": glob["status"], "state": states[label],
         })
     return inference_rows, views
 

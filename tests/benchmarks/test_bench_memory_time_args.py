@@ -62,19 +62,20 @@ def test_training_from_names_a_method_no_run_trained(tmp_path: Path) -> None:
         memory_time.accuracy_phase(args, {})
 
 
-def _measured_run(folder: Path, methods: list[str], test_s: float) -> None:
+def _measured_run(folder: Path, methods: list[str], test_s: float, state: str | None) -> None:
     """An earlier report's folder: one memory/time row and one inference row per method."""
     folder.mkdir(parents=True)
     rows = [{"method": label, "memory_mode": "none", "size": "128x128", "test_s": test_s} for label in methods]
-    inference = [{"method": label, "global_s": test_s} for label in methods]
+    inference = [{"method": label, "global_s": test_s, "state": state} for label in methods]
     (folder / "memory_time.json").write_text(json.dumps({"header": {"date": folder.name}, "rows": rows,
                                                          "inference_rows": inference}))
 
 
 def test_rows_from_merges_runs_and_probes_nothing_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _training_run(tmp_path / "trained", {"GLNet": 10.0, "patch HRNet": 50.0})
-    _measured_run(tmp_path / "core0", ["GLNet"], 1.0)
-    _measured_run(tmp_path / "core1", ["GLNet", "patch HRNet"], 2.0)
+    states = tmp_path / "trained" / "memory_time_states"
+    _measured_run(tmp_path / "core0", ["GLNet"], 1.0, str(states / "glnet.pt"))
+    _measured_run(tmp_path / "core1", ["GLNet", "patch HRNet"], 2.0, str(states / "patch_hrnet.pt"))
     args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "GLNet,patch HRNet",
                                    "--training-from", str(tmp_path / "trained"),
                                    "--rows-from", str(tmp_path / "core0"), "--rows-from", str(tmp_path / "core1")])
@@ -92,3 +93,23 @@ def test_rows_from_merges_runs_and_probes_nothing_measured(tmp_path: Path, monke
     assert [(r["method"], r["test_s"], r["miou"]) for r in rows] == [("GLNet", 1.0, 10.0), ("patch HRNet", 2.0, 50.0)]
     assert [(r["method"], r["global_s"]) for r in inference_rows] == [("GLNet", 1.0), ("patch HRNet", 2.0)]
     assert set(header["measured_rows_from"]) == {str(tmp_path / "core0"), str(tmp_path / "core1")}
+
+
+def test_rows_from_probes_again_an_inference_row_of_other_weights(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _training_run(tmp_path / "trained", {"GLSNet": 10.0})
+    _measured_run(tmp_path / "earlier", ["GLSNet"], 1.0, "/elsewhere/glsnet.pt")
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "GLSNet",
+                                   "--training-from", str(tmp_path / "trained"),
+                                   "--rows-from", str(tmp_path / "earlier")])
+    probed = []
+
+    def probe(label: str, *_: object) -> dict:
+        probed.append(label)
+        return {"status": "ok", "test_s": 3.0, "miou": 10.0}
+
+    monkeypatch.setattr(memory_time, "infer_probe", probe)
+    _, states = memory_time.accuracy_phase(args, {})
+    _, reused_inference = memory_time.earlier_rows(args.rows_from, {})
+    inference_rows, _ = memory_time.inference_phase(args, states, reused_inference)
+    assert probed == ["GLSNet"] and inference_rows[0]["global_s"] == 3.0
