@@ -11,6 +11,13 @@ printed alongside, labelled as theirs.
     python benchmarks/memory_time.py --out benchmarks/results [--quick] [--size 1024x1024]
         [--checkpoints EHSNet=runs/x/checkpoints/step_0001000 ...]
 
+Split over cores and merged (how ``results/memory_time.md`` was made; ``taskset -c N`` each):
+
+    python benchmarks/memory_time.py --phase train --methods M1,M2 --out T0 [--train-budget-for GLNet=1440]
+    python benchmarks/memory_time.py --training-from T0 --methods M1,M2 --out R0
+    python benchmarks/memory_time.py --training-from T0 --training-from T1 --rows-from R0 --rows-from R1 \
+        --target-from LONGER_TRAINING --out benchmarks/results
+
 Columns: device memory is the accelerator allocator's peak where a GPU ran ("measured"), else the
 simulated device peak of ``lrss_ds.memory.device_sim`` ("simulated"); each cell says which (JSON:
 ``device_peak_mib`` measured or null, ``simulated_device_peak_mib``), and the saved-activation
