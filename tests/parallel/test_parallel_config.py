@@ -51,7 +51,7 @@ def test_bad_spatial_settings_are_refused_naming_the_key(
 
 @pytest.mark.parametrize("train, words", [
     ("{augment: d4}", "train.augment is 'd4'"),
-    ("{recalibrate_bn: 2}", "train.recalibrate_bn runs the model on rank 0"),
+    ("{recalibrate_bn: 2}", "train.recalibrate_bn forwards whole scenes on each rank"),
 ])
 def test_training_features_that_need_the_whole_scene_on_one_rank_are_refused(tmp_path: Path, train: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words) as error:
