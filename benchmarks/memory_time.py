@@ -43,7 +43,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -228,20 +228,28 @@ def _slug(label: str) -> str:
     return label.lower().replace(" ", "_")
 
 
-def _parse_method_values(items: list[str], option: str, value_name: str) -> dict[str, str]:
-    """``METHOD=VALUE`` items of a repeatable option as ``{method: value}``; a bad item exits in one line."""
+def _parse_method_values(items: list[str], option: str, value_name: str,
+                         convert: Callable[[str], Any] = str) -> dict[str, Any]:
+    """``METHOD=VALUE`` items of a repeatable option as ``{method: convert(value)}``; a bad item exits in one line."""
     out = {}
     for item in items:
         label, sep, value = item.partition("=")
         if not sep or label not in METHODS:
             raise SystemExit(f"{option} {item!r}: expected METHOD={value_name} with METHOD in {list(METHODS)}")
-        if value_name == "CPU_S":
-            try:
-                float(value)
-            except ValueError:
-                raise SystemExit(f"{option} {item!r}: {value!r} is not a number of CPU seconds") from None
-        out[label] = value
+        try:
+            out[label] = convert(value)
+        except ValueError:
+            raise SystemExit(f"{option} {item!r}: {value!r} is not a number of CPU seconds") from None
     return out
+
+
+def _read_json(folder: Path, name: str, option: str) -> dict[str, Any]:
+    """``folder/name`` of an earlier run; a missing or unreadable file exits in one line naming it."""
+    path = folder / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{option} {folder}: cannot read {path}: {error}") from None
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -345,8 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.train_scenes = args.train_scenes or (2 if quick else 64)
     args.val_scenes = args.val_scenes or (1 if quick else 4)
     args.checkpoints = _parse_method_values(args.checkpoints, "--checkpoints", "PATH")
-    args.budgets = {label: float(value) for label, value in
-                    _parse_method_values(args.train_budget_for, "--train-budget-for", "CPU_S").items()}
+    args.budgets = _parse_method_values(args.train_budget_for, "--train-budget-for", "CPU_S", float)
     args.methods = [m for m in args.methods.split(",") if m]
     for label in args.methods:
         if label not in METHODS:
@@ -396,7 +403,7 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
     if args.training_from:
         # Earlier `--phase train` runs: their scores and states, so that the timed phase can
         # run on an idle machine without repeating the training.
-        earlier = {folder: json.loads((folder / "memory_time_training.json").read_text())
+        earlier = {folder: _read_json(folder, "memory_time_training.json", "--training-from")
                    for folder in args.training_from}
         header["training_from"] = {str(folder): run["header"] for folder, run in earlier.items()}
         for label in methods:
@@ -434,7 +441,7 @@ def earlier_rows(folders: list[Path], header: dict[str, Any]) -> tuple[dict[tupl
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     inference: dict[str, dict[str, Any]] = {}
     for folder in folders:
-        earlier = json.loads((folder / "memory_time.json").read_text())
+        earlier = _read_json(folder, "memory_time.json", "--rows-from")
         header.setdefault("measured_rows_from", {})[str(folder)] = earlier["header"]
         for row in earlier["rows"]:
             rows.setdefault((row["method"], row["memory_mode"]), row)
