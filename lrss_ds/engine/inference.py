@@ -139,7 +139,7 @@ class Predictor:
         return logits[0].float()
 
     @contextlib.contextmanager
-    def _folded(self, x: torch.Tensor) -> Iterator[int]:
+    def _folded(self, x: torch.Tensor, per_call: bool) -> Iterator[int]:
         """The model with its eval BatchNorms folded into their convolutions (:func:`folded_batchnorm`).
 
         Traced and checked on the top-left corner of ``x`` (the model's input, ``(1, C, h, w)``),
@@ -147,6 +147,12 @@ class Predictor:
         right does not depend on the precision, and bf16 rounding of a random-looking corner's
         logits exceeded a 5 % bound now and then (one of the eight quick benchmark cases in each
         of two runs refused a correct fold), which an fp32 check with a 0.1 % bound does not.
+
+        Args:
+            x: the model's input (or its first window).
+            per_call: fold each convolution's weight per call, keeping no second copy of the
+                weights (one forward per scene), or keep folded copies (many windows); see
+                :mod:`~lrss_ds.memory.fold_batchnorm`.
         """
         side = max(min_window(self.model), FOLD_EXAMPLE_SIDE)
         example = x[..., :side, :side]
@@ -162,7 +168,7 @@ class Predictor:
             scale = float(unfolded.abs().max())
             return float((unfolded - folded).abs().max()) <= FOLD_TOLERANCE * scale + 1e-6
 
-        with folded_batchnorm(self.model, run, agree) as count:
+        with folded_batchnorm(self.model, run, agree, per_call=per_call) as count:
             yield count
 
     def _finish(
@@ -198,14 +204,15 @@ class Predictor:
         resolution, so only ``PIXEL_BAND_ROWS`` rows of full-resolution logits (and the
         upsampling's temporaries) exist at a time; the writer gathers the strips into tiles.
         Models that are not a ``SegmentationModel`` return full-resolution logits, which are
-        then sliced.
+        then sliced. BatchNorms are folded per call of their convolutions, so no second copy of
+        the weights exists beside the model's own.
         """
         image = source.read(0, 0, source.height, source.width)
         x = self._input(image)
         device_type = torch.device(self.device).type
         with torch.inference_mode():
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16), banded_eval(self.model), \
-                    self._folded(x):
+                    self._folded(x, per_call=True):
                 logits = row_logits(self.model(x))
             if logits.input_size != tuple(x.shape[-2:]) or logits.num_classes != self.num_classes:
                 raise RuntimeError(f"model returned {logits.num_classes} classes at {logits.input_size} "
@@ -236,7 +243,9 @@ class Predictor:
         # are hundreds of thousands of forwards.
         bar = tqdm(total=len(row_starts) * len(col_starts), desc=source.name, unit="window", leave=False, disable=None)
         first = self._input(source.read(0, 0, win_h, win_w))
-        with contextlib.closing(bar), self._folded(first):
+        # folded copies of the weights, kept over the windows: re-folding per window cost more
+        # than the BatchNorm pass it saves (lrss_ds.memory.fold_batchnorm's measurements)
+        with contextlib.closing(bar), self._folded(first, per_call=False):
             for index, row in enumerate(row_starts):
                 strip = source.read(row, 0, win_h, width)
                 for col in col_starts:

@@ -15,6 +15,19 @@ compute outside their modules (the banded stem reads ``conv1``'s weight directly
 called as modules, so they are left alone. The folded model is then run on the example again
 and compared with the unfolded output; a difference beyond float rounding (a convolution's
 output also read by something else than its BatchNorm) raises instead of predicting wrong maps.
+
+The original weights stay (they come back on exit), so where the folded ones live is the
+caller's choice. ``per_call=True`` makes a convolution's folded weight for each of its calls
+and drops it after: no second copy of the weights, one multiply over a weight per call; right
+for a model called once per scene (holistic prediction), whose maps dwarf that multiply.
+``per_call=False`` keeps a folded copy of every folded weight for the whole context: right for
+many calls on small inputs (sliding windows), where the per-call multiply costs more than the
+BatchNorm pass it saves. Measured with ``benchmarks/_workloads.py``'s ``infer`` (memory_time's
+inference probe: one fresh process, one thread, peak RSS from ``VmHWM``): GLSNet on a whole
+1024 x 1024 scene (135 MiB of folded weights) peaked at 760 MiB with kept copies, 610 MiB per
+call and 588-604 MiB unfolded (7.7-8.3 CPU-s folded either way, 6.9-7.5 unfolded); patch HRNet
+in 64 px windows over 512 x 512 took 5.6 CPU-s and 392-398 MiB with kept copies, 6.9-7.1 CPU-s
+per call and 5.8-5.9 CPU-s (355 MiB) unfolded.
 """
 
 from __future__ import annotations
@@ -83,8 +96,13 @@ def find_conv_bn_pairs(model: nn.Module, run: Callable[[], Any]) -> list[tuple[n
     return pairs
 
 
-def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """The folded ``(weight, bias)`` of ``bn(conv(.))``, computed in float64, in the weight's dtype."""
+def _fold_factors(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(scale, bias)`` of ``bn(conv(.))`` folded: its weight is ``conv.weight * scale``.
+
+    Returns:
+        ``scale`` in float64, shaped to broadcast over the weight (``(C_out, 1, ..., 1)``), and
+        the folded ``bias (C_out,)``, computed in float64, in the weight's dtype.
+    """
     weight = conv.weight
     scale = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.affine:
@@ -93,12 +111,43 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if bn.affine:
         shift = shift + bn.bias.double()
     bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-    folded = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return folded.to(weight.dtype), bias.to(weight.dtype)
+    return scale.view(-1, *([1] * (weight.dim() - 1))), bias.to(weight.dtype)
+
+
+def _fold_weight_per_call(conv: nn.Module, scale: Tensor) -> Callable[[], None]:
+    """Make every call of ``conv`` use ``weight * scale``, made for that call and dropped after it.
+
+    Args:
+        conv: the convolution; its ``weight`` parameter is swapped during each call only.
+        scale: float64 ``(C_out, 1, ..., 1)``; multiplied in the weight's dtype (within a
+            rounding of the float64 product, far inside the fold's check).
+
+    Returns:
+        the undo: removes the hooks and puts the original parameter back.
+    """
+    original = conv._parameters["weight"]
+    scale = scale.to(original.dtype)
+
+    def before(module: nn.Module, inputs: Any) -> None:
+        module._parameters["weight"] = nn.Parameter(original * scale, requires_grad=False)
+
+    def after(module: nn.Module, inputs: Any, output: Any) -> None:
+        module._parameters["weight"] = original
+
+    handles = [conv.register_forward_pre_hook(before), conv.register_forward_hook(after, always_call=True)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        conv._parameters["weight"] = original
+
+    return undo
 
 
 @contextlib.contextmanager
-def folded_batchnorm(model: nn.Module, run: Callable[[], Any], check: Callable[[Any, Any], bool]) -> Iterator[int]:
+def folded_batchnorm(
+    model: nn.Module, run: Callable[[], Any], check: Callable[[Any, Any], bool], *, per_call: bool = True
+) -> Iterator[int]:
     """Within the context, every eval BatchNorm that only follows one convolution is folded into it.
 
     Every parameter and forward is put back on exit (the same tensor objects: a model
@@ -110,6 +159,9 @@ def folded_batchnorm(model: nn.Module, run: Callable[[], Any], check: Callable[[
             after folding.
         check: ``check(unfolded_output, folded_output)`` -> True when they agree to the
             precision's rounding.
+        per_call: where the folded weights live (module docstring): made for each call and
+            dropped after it (no second copy of the weights), or, when False, one folded copy
+            of every folded weight kept for the whole context beside the originals.
 
     Yields:
         the number of BatchNorms folded.
@@ -126,8 +178,12 @@ def folded_batchnorm(model: nn.Module, run: Callable[[], Any], check: Callable[[
             holder: dict[str, Any] = {}
             pairs = find_conv_bn_pairs(model, lambda: holder.setdefault("out", run()))
             for conv, bn in pairs:
-                weight, bias = _folded(conv, bn)
-                restore.append(_swap_parameter(conv, "weight", nn.Parameter(weight, requires_grad=False)))
+                scale, bias = _fold_factors(conv, bn)
+                if per_call:
+                    restore.append(_fold_weight_per_call(conv, scale))
+                else:
+                    weight = (conv.weight.double() * scale).to(conv.weight.dtype)
+                    restore.append(_swap_parameter(conv, "weight", nn.Parameter(weight, requires_grad=False)))
                 restore.append(_swap_parameter(conv, "bias", nn.Parameter(bias, requires_grad=False)))
                 bn.forward = _identity  # type: ignore[method-assign]
                 restore.append(lambda bn=bn: delattr(bn, "forward"))
