@@ -104,6 +104,9 @@ def test_two_thread_ranks_give_the_one_rank_rows(config: dict[str, Any], bands: 
         source, probabilities=True)))
     models = [copy.deepcopy(model) for _ in range(2)]
     topology = SimpleNamespace(data=1, get_data_parallel_rank=lambda: 0)
+    reads: list[tuple[int, int]] = []  # (first row, rows) of every window read, by either rank
+    whole_scene = source.reader
+    source.reader = lambda row, col, height, width: reads.append((row, height)) or whole_scene(row, col, height, width)
 
     def rank(index: int, thread_comm: Any) -> Any:
         group = SpatialGroup(thread_comm, index, 2)
@@ -117,6 +120,16 @@ def test_two_thread_ranks_give_the_one_rank_rows(config: dict[str, Any], bands: 
 
     classes, probs = _stack(run_threads(2, rank)[0])
     _assert_same_prediction(classes, probs, ref_classes, ref_probs)
+    assert sorted(reads) == [(start, stop - start) for start, stop in bands]  # each rank read its band only
+
+
+def test_scenes_are_shared_over_the_copies_and_a_group_shares_its_scenes() -> None:
+    items = list(range(7))
+    predictors = [_host_predictor(rank % 2) for rank in range(4)]  # 2 copies of a 2-rank group
+    for rank, predictor in enumerate(predictors):
+        predictor.topology = SimpleNamespace(data=2, get_data_parallel_rank=lambda rank=rank: rank // 2)
+    assert [p.share(items) for p in predictors] == [[0, 2, 4, 6], [0, 2, 4, 6], [1, 3, 5], [1, 3, 5]]
+    assert [p.writes for p in predictors] == [True, False, True, False]
 
 
 def test_eval_spatial_batchnorm_normalises_with_running_statistics_without_communicating() -> None:
