@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
         progress = tqdm(jobs, desc=f"predict (rank {ranks.rank})" if ranks.world_size > 1 else "predict",
                         unit="scene", disable=None)
         for source, (output, probabilities) in progress:
-            if spatial is not None and not writes:
-                spatial.send(source, probabilities is not None)  # its band's rows, to the group's first rank
+            if spatial is not None and not writes:  # its band's rows, to the group's first rank
+                _, peak = timed(functools.partial(spatial.send, source, probabilities is not None))
+                spatial.peaks_per_rank(peak.gib())
                 continue
             progress.set_postfix_str(source.name)
             with tqdm(total=source.height, desc=source.name, unit="row", leave=False, disable=None) as rows:
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                     write_prediction, source, predictor, meta, output, probabilities,
                     overviews=args.overviews, compress=args.compress,
                 ))
-            log.add(source, output, probabilities, seconds, peak)
+            extra = {"peak_rss_gib_per_rank": spatial.peaks_per_rank(peak.gib())} if spatial else {}
+            log.add(source, output, probabilities, seconds, peak, **extra)
             tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else "") + f" in {seconds:.1f} s")
     ranks.barrier()
     if ranks.rank == 0:

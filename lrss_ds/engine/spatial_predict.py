@@ -168,6 +168,16 @@ class SpatialPredictor:
             if probs is not None:
                 exchange({0: torch.from_numpy(probs)}, {}, torch.empty(0), self.group.group)
 
+    def peaks_per_rank(self, peak_gib: float) -> list[float]:
+        """Every rank's peak resident set over its scene, in band order (a collective over the group).
+
+        Args:
+            peak_gib: this rank's peak (the writer's over writing, the others' over sending).
+        """
+        mine = torch.zeros(self.group.size, dtype=torch.float64)
+        mine[self.group.rank] = peak_gib
+        return [round(float(v), 4) for v in self.group.comm.all_reduce(mine, group=self.group.group)]
+
     def _progress(self, strip: Strip) -> Strip:
         if self.row_progress is not None:
             self.row_progress(strip[1].shape[0])

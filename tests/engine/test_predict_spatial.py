@@ -29,7 +29,7 @@ from lrss_ds.engine.spatial_predict import SpatialPredictor, check_spatial, star
 from lrss_ds.errors import LrssError
 from lrss_ds.models import build_model
 from lrss_ds.parallel import SpatialBatchNorm2d, SpatialGroup, spatialize
-from tests.engine.test_engine_devices import Reached, StandInAccelerator
+from tests.engine.test_engine_devices import Reached, RecordingDist, StandInAccelerator, recording  # noqa: F401 - the fixture
 from tests.engine.test_predict_helpers import DATASET, REPO, PointNet, one_line_error, write_geotiff
 from tests.parallel.test_parallel_comm import RecordingP2P
 from tests.parallel.threads import run_threads
@@ -163,6 +163,8 @@ def test_two_ranks_under_the_deepspeed_launcher_write_the_one_rank_map(tmp_path:
     assert sorted(p.name for p in spatial.iterdir()) == ["map.tif", "predictions.json", "probs.tif"]
     (record,) = json.loads((spatial / "predictions.json").read_text())["scenes"]
     assert (record["rank"], record["spatial"], record["size"]) == (0, 2, [157, 131])
+    peaks = record["peak_rss_gib_per_rank"]  # the writer's over writing, the other's over sending
+    assert len(peaks) == 2 and peaks[0] == record["peak_rss_gib"] and peaks[1] > 0
     with rasterio.open(one / "map.tif") as ref, rasterio.open(spatial / "map.tif") as out:
         assert (out.profile["crs"], out.transform, out.nodata) == (ref.profile["crs"], ref.transform, ref.nodata)
         assert out.colormap(1) == ref.colormap(1) and out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
@@ -227,6 +229,12 @@ def test_the_logit_halo_is_exchanged_on_the_accelerator(p2p: RecordingP2P) -> No
     with pytest.raises(Reached):
         predictor._band_logits(np.zeros((3, 16, 6), np.uint8))
     assert p2p.calls == [("isend", 1, "meta"), ("irecv", 1, "meta")]
+
+
+def test_the_ranks_peaks_are_reduced_on_the_accelerator(recording: RecordingDist) -> None:
+    with pytest.raises(Reached):
+        _host_predictor(1).peaks_per_rank(0.5)
+    assert recording.calls == [("all_reduce", "meta")]
 
 
 # ------------------------------------------------------------------------------ refusals
