@@ -146,35 +146,44 @@ def test_eval_spatial_batchnorm_normalises_with_running_statistics_without_commu
 
 @pytest.mark.slow
 @pytest.mark.launcher
-def test_two_ranks_under_the_deepspeed_launcher_write_the_one_rank_map(tmp_path: Path) -> None:
+def test_two_ranks_under_the_deepspeed_launcher_write_the_one_rank_maps(tmp_path: Path) -> None:
     weights = _weights(tmp_path / "w.pt", EHSNET)
-    scene = write_geotiff(tmp_path / "scene.tif", _image(157, 131), nodata=NODATA)
+    # bands of 128 and 29 rows, and of 64 and 6 (the network's total stride is 64): two scenes
+    # one after the other through the same group
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    sizes = {"tall": (157, 131), "short": (70, 90)}
+    for name, (height, width) in sizes.items():
+        write_geotiff(scenes / f"{name}.tif", _image(height, width), nodata=NODATA)
     one, spatial = tmp_path / "one", tmp_path / "spatial"
-    assert main(["predict", "--checkpoint", str(weights), "--input", str(scene), "--output", str(one / "map.tif"),
-                 "--probabilities", str(one / "probs.tif")]) == 0
+    assert main(["predict", "--checkpoint", str(weights), "--input", str(scenes), "--output", str(one / "maps"),
+                 "--probabilities", str(one / "probs")]) == 0
     command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
                "--log_level", "warning", "--module", "lrss_ds.cli", "predict", "--spatial", "2",
-               "--checkpoint", str(weights), "--input", str(scene), "--output", str(spatial / "map.tif"),
-               "--probabilities", str(spatial / "probs.tif")]
+               "--checkpoint", str(weights), "--input", str(scenes), "--output", str(spatial / "maps"),
+               "--probabilities", str(spatial / "probs")]
     env = {**launcher_env(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sum("wrote " in line for line in done.stdout.splitlines()) == 1, done.stdout  # one writer
-    assert sorted(p.name for p in spatial.iterdir()) == ["map.tif", "predictions.json", "probs.tif"]
-    (record,) = json.loads((spatial / "predictions.json").read_text())["scenes"]
-    assert (record["rank"], record["spatial"], record["size"]) == (0, 2, [157, 131])
-    peaks = record["peak_rss_gib_per_rank"]  # the writer's over writing, the other's over sending
-    assert len(peaks) == 2 and peaks[0] == record["peak_rss_gib"] and peaks[1] > 0
-    with rasterio.open(one / "map.tif") as ref, rasterio.open(spatial / "map.tif") as out:
-        assert (out.profile["crs"], out.transform, out.nodata) == (ref.profile["crs"], ref.transform, ref.nodata)
-        assert out.colormap(1) == ref.colormap(1) and out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-        classes, ref_classes = out.read(1), ref.read(1)
-    with rasterio.open(one / "probs.tif") as ref, rasterio.open(spatial / "probs.tif") as out:
-        probs, ref_probs = out.read(), ref.read()
-    # both files hold float16: a float32 difference of 1e-7 can round to neighbouring halves
-    # (one float16 step is 2^-11 of the value), so each pixel may differ by that step as well
-    _assert_same_prediction(classes, probs, ref_classes, ref_probs, rtol=2.0**-10)
-    assert (probs == ref_probs)[:, ref_classes != 255].mean() > 0.99
+    assert sum("wrote " in line for line in done.stdout.splitlines()) == 2, done.stdout  # one writer per scene
+    assert sorted(p.name for p in (spatial / "maps").iterdir()) == ["predictions.json", "short.tif", "tall.tif"]
+    records = json.loads((spatial / "maps" / "predictions.json").read_text())["scenes"]
+    assert [(r["scene"], r["rank"], r["spatial"], r["size"]) for r in records] == [
+        ("short", 0, 2, [70, 90]), ("tall", 0, 2, [157, 131])]
+    for record in records:
+        peaks = record["peak_rss_gib_per_rank"]  # the writer's over writing, the other's over sending
+        assert len(peaks) == 2 and peaks[0] == record["peak_rss_gib"] and peaks[1] > 0
+    for name in sizes:
+        with rasterio.open(one / "maps" / f"{name}.tif") as ref, rasterio.open(spatial / "maps" / f"{name}.tif") as out:
+            assert (out.profile["crs"], out.transform, out.nodata) == (ref.profile["crs"], ref.transform, ref.nodata)
+            assert out.colormap(1) == ref.colormap(1) and out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            classes, ref_classes = out.read(1), ref.read(1)
+        with rasterio.open(one / "probs" / f"{name}.tif") as ref, rasterio.open(spatial / "probs" / f"{name}.tif") as out:
+            probs, ref_probs = out.read(), ref.read()
+        # both files hold float16: a float32 difference of 1e-7 can round to neighbouring halves
+        # (one float16 step is 2^-11 of the value), so each pixel may differ by that step as well
+        _assert_same_prediction(classes, probs, ref_classes, ref_probs, rtol=2.0**-10)
+        assert (probs == ref_probs)[:, ref_classes != 255].mean() > 0.99
 
 
 # ------------------------------------------------------------------------------ the accelerator's device
