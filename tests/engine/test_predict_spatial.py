@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lrss_ds.cli import main
-from lrss_ds.data.rasters import RasterSource, open_geotiff
+from lrss_ds.data.rasters import RasterSource, open_store_scene
 from lrss_ds.engine import comm
 from lrss_ds.engine.demo import launcher_env
 from lrss_ds.engine.inference import Predictor
@@ -121,6 +121,33 @@ def test_two_thread_ranks_give_the_one_rank_rows(config: dict[str, Any], bands: 
     classes, probs = _stack(run_threads(2, rank)[0])
     _assert_same_prediction(classes, probs, ref_classes, ref_probs)
     assert sorted(reads) == [(start, stop - start) for start, stop in bands]  # each rank read its band only
+
+
+def test_a_tile_store_scene_is_read_band_by_band_and_predicted_as_on_one_rank(tmp_path: Path) -> None:
+    from tests.engine.test_predict_evaluate import _make_store
+
+    image = _image(70, 90)
+    _make_store(tmp_path / "store", {"s0": (image, np.zeros(image.shape[1:], np.uint8))})
+    source = open_store_scene(tmp_path / "store", "s0")
+    model = _model(dict(name="hrnet_fcn", num_classes=4, in_channels=3))
+    ref_classes, ref_probs = _stack(list(Predictor(model=copy.deepcopy(model), num_classes=4).strips(
+        source, probabilities=True)))
+    models = [copy.deepcopy(model) for _ in range(2)]
+    topology = SimpleNamespace(data=1, get_data_parallel_rank=lambda: 0)
+
+    def rank(index: int, thread_comm: Any) -> Any:
+        group = SpatialGroup(thread_comm, index, 2)
+        spatialize(models[index], group)
+        predictor = SpatialPredictor(models[index], 4, 255, group, topology)  # type: ignore[arg-type]
+        assert predictor.bands(source) == [(0, 64), (64, 70)]
+        if predictor.writes:
+            return list(predictor.strips(source, probabilities=True))
+        predictor.send(source, probabilities=True)
+        return None
+
+    classes, probs = _stack(run_threads(2, rank)[0])
+    assert (classes == ref_classes).all()  # the store scene has no nodata value: nothing masked
+    np.testing.assert_allclose(probs, ref_probs, atol=1e-4, rtol=0)
 
 
 def test_scenes_are_shared_over_the_copies_and_a_group_shares_its_scenes() -> None:
