@@ -26,7 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Column, Report, benchmark_parser, machine_header, parse_benchmark_args, parse_size, write_report  # noqa: E402
+from _harness import (  # noqa: E402
+    Column,
+    Report,
+    benchmark_parser,
+    machine_header,
+    parse_benchmark_args,
+    parse_size,
+    write_report,
+)
 from spatial import MODELS  # noqa: E402  # the spatial training benchmark's models, the same here
 
 from lrss_ds.engine.demo import launcher_env  # noqa: E402
@@ -70,7 +78,9 @@ def prepare(work: Path, model_name: str, height: int, width: int) -> tuple[Path,
     return weights, scene
 
 
-def predict_once(work: Path, weights: Path, scene: Path, spatial: int, timeout: float) -> tuple[dict[str, Any], float, Path]:
+def predict_once(
+    work: Path, weights: Path, scene: Path, spatial: int, timeout: float
+) -> tuple[dict[str, Any], float, Path]:
     """One prediction on ``spatial`` ranks; returns ``(its predictions.json record, job CPU seconds, map)``."""
     out = work / f"ranks{spatial}"
     arguments = ["predict", "--checkpoint", str(weights), "--input", str(scene), "--output", str(out / "map.tif"),

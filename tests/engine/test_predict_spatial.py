@@ -29,7 +29,12 @@ from lrss_ds.engine.spatial_predict import SpatialPredictor, check_spatial, star
 from lrss_ds.errors import LrssError
 from lrss_ds.models import build_model
 from lrss_ds.parallel import SpatialBatchNorm2d, SpatialGroup, spatialize
-from tests.engine.test_engine_devices import Reached, RecordingDist, StandInAccelerator, recording  # noqa: F401 - the fixture
+from tests.engine.test_engine_devices import (  # noqa: F401 - recording: the fixture
+    Reached,
+    RecordingDist,
+    StandInAccelerator,
+    recording,
+)
 from tests.engine.test_predict_helpers import DATASET, REPO, PointNet, one_line_error, write_geotiff
 from tests.parallel.test_parallel_comm import RecordingP2P
 from tests.parallel.threads import run_threads
@@ -201,12 +206,15 @@ def test_two_ranks_under_the_deepspeed_launcher_write_the_one_rank_maps(tmp_path
         peaks = record["peak_rss_gib_per_rank"]  # the writer's over writing, the other's over sending
         assert len(peaks) == 2 and peaks[0] == record["peak_rss_gib"] and peaks[1] > 0
     for name in sizes:
-        with rasterio.open(one / "maps" / f"{name}.tif") as ref, rasterio.open(spatial / "maps" / f"{name}.tif") as out:
+        with rasterio.open(one / "maps" / f"{name}.tif") as ref, \
+                rasterio.open(spatial / "maps" / f"{name}.tif") as out:
             assert (out.profile["crs"], out.transform, out.nodata) == (ref.profile["crs"], ref.transform, ref.nodata)
             assert out.colormap(1) == ref.colormap(1) and out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
             classes, ref_classes = out.read(1), ref.read(1)
-        with rasterio.open(one / "probs" / f"{name}.tif") as ref, rasterio.open(spatial / "probs" / f"{name}.tif") as out:
-            probs, ref_probs = out.read(), ref.read()
+        with rasterio.open(one / "probs" / f"{name}.tif") as ref:
+            ref_probs = ref.read()
+        with rasterio.open(spatial / "probs" / f"{name}.tif") as out:
+            probs = out.read()
         # both files hold float16: a float32 difference of 1e-7 can round to neighbouring halves
         # (one float16 step is 2^-11 of the value), so each pixel may differ by that step as well
         _assert_same_prediction(classes, probs, ref_classes, ref_probs, rtol=2.0**-10)
