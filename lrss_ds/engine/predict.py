@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     ranks.barrier()
     if ranks.rank == 0:
         tqdm.write(f"summary in {log.merge()}")
+    if spatial is not None:
+        spatial.close()
     return 0
 
 

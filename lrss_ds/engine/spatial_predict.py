@@ -178,6 +178,17 @@ class SpatialPredictor:
         mine[self.group.rank] = peak_gib
         return [round(float(v), 4) for v in self.group.comm.all_reduce(mine, group=self.group.group)]
 
+    def close(self) -> None:
+        """Close every process group of the job (after the last scene and barrier, every rank).
+
+        Why: a rank that exits with its gloo groups open can abort in the interpreter's
+        finalisation ("terminate called without an active exception", exit -6: gloo's worker
+        threads still hold tensors; pytorch/pytorch#190489), which the launcher reports as a
+        failed job after the maps are written; the spatial groups add such groups.
+        """
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def _progress(self, strip: Strip) -> Strip:
         if self.row_progress is not None:
             self.row_progress(strip[1].shape[0])
