@@ -48,6 +48,7 @@ from lrss_ds.errors import LrssError
 from lrss_ds.memory.banded_inference import PIXEL_BAND_ROWS
 from lrss_ds.models.losses import upsample_rows
 from lrss_ds.parallel import SpatialGroup, band_bounds, halo_rows, spatialize
+from lrss_ds.parallel.banded_front import banded_fronts
 from lrss_ds.parallel.convert import refusal
 
 OPTION = "--spatial"
@@ -231,7 +232,7 @@ class SpatialPredictor:
         # keeps the logits at the output stride, which are upsampled here a chunk at a time
         self.model.defer_upsampling = True
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), banded_fronts(self.model, self.group):
                 out = self.model(x)
         finally:
             del self.model.defer_upsampling

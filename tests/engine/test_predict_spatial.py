@@ -28,6 +28,7 @@ from lrss_ds.engine.rendezvous import free_port
 from lrss_ds.engine.spatial_predict import SpatialPredictor, check_spatial, start_spatial_prediction
 from lrss_ds.errors import LrssError
 from lrss_ds.models import build_model
+import lrss_ds.parallel.banded_front as banded_front
 from lrss_ds.parallel import SpatialBatchNorm2d, SpatialGroup, spatialize
 from tests.engine.test_engine_devices import (  # noqa: F401 - recording: the fixture
     Reached,
@@ -100,9 +101,15 @@ def _assert_same_prediction(classes: np.ndarray, probs: np.ndarray, ref_classes:
     (EHSNET, [(0, 128), (128, 157)]),  # total stride 64 at output stride 8
     (dict(name="hrnet_fcn", num_classes=4, in_channels=3), [(0, 96), (96, 157)]),  # total stride 32
 ], ids=["ehsnet", "hrnet_fcn"])
-def test_two_thread_ranks_give_the_one_rank_rows(config: dict[str, Any], bands: list[tuple[int, int]]) -> None:
+@pytest.mark.parametrize("small", [False, True], ids=["one_front_band", "many_front_bands"])
+def test_two_thread_ranks_give_the_one_rank_rows(config: dict[str, Any], bands: list[tuple[int, int]], small: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # 157 rows in 32-row chunks: the band boundary inside the upsampling's reach, and the
-    # bottom band padded at the scene's edge
+    # bottom band padded at the scene's edge; small bands of each rank's front cross many
+    # front-band boundaries within a rank's band
+    if small:
+        for name, rows in (("FRONT_BAND_ROWS", 32), ("BAND_ROWS", 8), ("STEM_BAND_ROWS", 8)):
+            monkeypatch.setattr(banded_front, name, rows)
     model = _model(config)
     source = RasterSource.from_array(_image(157, 131), "scene", nodata=NODATA)
     ref_classes, ref_probs = _stack(list(Predictor(model=copy.deepcopy(model), num_classes=4).strips(
@@ -265,11 +272,22 @@ def test_the_writer_receives_the_other_bands_on_the_accelerator(p2p: RecordingP2
     assert p2p.calls == [("irecv", 1, "meta")]
 
 
+class _Logits(nn.Module):
+    """A model's eval output with deferred upsampling: fixed logits of a 16-row band at stride 8."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return {"logits": self.logits, "padded_size": (16, 8)}
+
+
 def test_the_logit_halo_is_exchanged_on_the_accelerator(p2p: RecordingP2P) -> None:
     predictor = _host_predictor(0)
     predictor.group.rows = [16, 24]  # what the forward's first collective would have set
     logits = torch.zeros(1, 4, 2, 1)  # host logits at stride 8 of a 16-row band
-    predictor.model = lambda x: {"logits": logits, "padded_size": (16, 8)}  # type: ignore[assignment]
+    predictor.model = _Logits(logits).eval()
     with pytest.raises(Reached):
         predictor._band_logits(np.zeros((3, 16, 6), np.uint8))
     assert p2p.calls == [("isend", 1, "meta"), ("irecv", 1, "meta")]
