@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             "Peak RSS is each rank's peak resident set over the scene (VmHWM reset before it; the process's "
             "interpreter, DeepSpeed and model included): the writer's over predicting its band and writing the "
             "maps, the others' over predicting and sending their bands. One rank runs the banded holistic "
-            "predictor; spatial ranks run their band whole (banded prediction does not compose with the halo layers).",
+            "predictor; spatial ranks run each HRNet's front in row bands of their band (with its halo) and the "
+            "rest of the network on the whole band.",
             "Scene s is the writer's wall time for the scene; ranks on one host share its cores, so on a shared "
             "CPU compare CPU-s. Job CPU-s includes start-up (DeepSpeed import, launcher) of every rank.",
             "Classes = one rank: the fraction of pixels whose class equals the one-rank map's (one rank folds "

@@ -19,16 +19,21 @@ no rank ever holds more than one chunk of another band, nor the ``K x H x W`` pr
 Differences from one-rank holistic prediction (``Predictor``), and why:
 
 * no :func:`~lrss_ds.memory.banded_inference.banded_eval`: it does not compose with the spatial
-  layers. It runs an HRNet's front in bands of a band's rows (each sub-band's halo convolutions
-  would take their row table from the sub-band, and ranks with different numbers of sub-bands
-  would run different numbers of collectives), its banded stem reads the stem's weights directly
-  (no halo), its streamed ECR normalises keys and picks hard positions over one band only, and
-  its row-wise upsampling clamps at the band's edge. Each rank's band is already ``1/N`` of the
-  scene, which is what banding saved;
+  layers. It would run an HRNet's front in bands of a band's rows with halo convolutions (each
+  sub-band would take its row table from the sub-band, and ranks with different numbers of
+  sub-bands would run different numbers of collectives), its streamed ECR normalises keys and
+  picks hard positions over one band only, and its row-wise upsampling clamps at the band's
+  edge. Instead each HRNet's front (stem, ``layer1``, ``transition1``: the largest maps) runs in
+  row bands of a block holding the band and the rows the front reads across its boundaries,
+  fetched once (:func:`~lrss_ds.parallel.banded_front.banded_fronts`); stages 2-4, EHSNet's LRD,
+  heads and ECR and HRNet-FCN's head run on the whole band with their halo layers;
 * BatchNorm is not folded into the convolutions (``folded_batchnorm`` traces and checks the
   fold on a corner of the input, which on halo layers is a collective run of its own); the
   one-rank fold moves logits by float rounding only;
 * ``--bf16`` is refused: spatial bfloat16 has not been compared with one rank.
+
+A rank that fails mid-scene leaves the others waiting on their next transfer; the ``deepspeed``
+launcher (and ``torchrun``) then ends them.
 """
 
 from __future__ import annotations
