@@ -228,6 +228,31 @@ def test_two_ranks_under_the_deepspeed_launcher_write_the_one_rank_maps(tmp_path
         assert (probs == ref_probs)[:, ref_classes != 255].mean() > 0.99
 
 
+@pytest.mark.slow
+@pytest.mark.launcher
+def test_four_ranks_are_two_copies_of_a_two_rank_group(tmp_path: Path) -> None:
+    weights = _weights(tmp_path / "w.pt", dict(name="hrnet_fcn", num_classes=4, in_channels=3))
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for index, size in enumerate([(157, 131), (70, 90), (100, 64)]):
+        write_geotiff(scenes / f"s{index}.tif", _image(*size), nodata=NODATA)
+    one = ["predict", "--checkpoint", str(weights), "--input", str(scenes), "--output", str(tmp_path / "one")]
+    assert main(one) == 0
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "4", "--master_port", str(free_port()),
+               "--log_level", "warning", "--module", "lrss_ds.cli", "predict", "--spatial", "2",
+               "--checkpoint", str(weights), "--input", str(scenes), "--output", str(tmp_path / "four")]
+    env = {**launcher_env(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = json.loads((tmp_path / "four" / "predictions.json").read_text())["scenes"]
+    # group 0 (ranks 0, 1) takes scenes 0 and 2, group 1 (ranks 2, 3) scene 1; each group's first rank writes
+    assert {r["scene"]: r["rank"] for r in records} == {"s0": 0, "s1": 2, "s2": 0}
+    for record in records:
+        with rasterio.open(tmp_path / "one" / f"{record['scene']}.tif") as ref, \
+                rasterio.open(tmp_path / "four" / f"{record['scene']}.tif") as out:
+            assert (out.read(1) == ref.read(1)).mean() >= 0.9999
+
+
 # ------------------------------------------------------------------------------ the accelerator's device
 
 
