@@ -180,19 +180,7 @@ class Predictor:
         are_probs: bool,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Turn ``(K, h, W)`` scores into uint8 classes (+ float32 probabilities), masking nodata."""
-        # max's indices are argmax's (the first maximum), three times faster over the class axis on CPU
-        classes = probs_or_logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()
-        probs = None
-        if probabilities:
-            probs_t = probs_or_logits if are_probs else torch.softmax(probs_or_logits, dim=0)
-            probs = probs_t.cpu().numpy().astype(np.float32, copy=False)
-        mask = _nodata_mask(image_rows, source.nodata)
-        if mask is not None and mask.any():
-            if self.ignore_index is not None:
-                classes[mask] = self.ignore_index
-            if probs is not None:
-                probs[:, mask] = np.nan
-        return classes, probs
+        return finish_rows(probs_or_logits, image_rows, source.nodata, self.ignore_index, probabilities, are_probs)
 
     def _holistic(
         self, source: RasterSource, probabilities: bool
@@ -261,6 +249,42 @@ class Predictor:
                 # Shift the unfinished rows up to become the top of the next row of windows.
                 acc = torch.cat([acc[:, done:], torch.zeros(k, done, width, device=self.device)], dim=1)
                 weight_sum = torch.cat([weight_sum[done:], torch.zeros(done, width, device=self.device)], dim=0)
+
+
+def finish_rows(
+    probs_or_logits: torch.Tensor,
+    image_rows: np.ndarray,
+    nodata: float | None,
+    ignore_index: int | None,
+    probabilities: bool,
+    are_probs: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Turn a strip's scores into uint8 classes (and float32 probabilities), nodata masked.
+
+    Args:
+        probs_or_logits: ``(K, h, W)`` logits, or probabilities when ``are_probs``.
+        image_rows: ``(C, h, W)`` the input rows (for the nodata mask).
+        nodata: the input's nodata value, or None.
+        ignore_index: the class written where every band is nodata (None: never).
+        probabilities: also return probabilities (NaN where nodata).
+        are_probs: ``probs_or_logits`` are already probabilities.
+
+    Returns:
+        ``(classes (h, W) uint8, probs (K, h, W) float32 or None)``.
+    """
+    # max's indices are argmax's (the first maximum), three times faster over the class axis on CPU
+    classes = probs_or_logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()
+    probs = None
+    if probabilities:
+        probs_t = probs_or_logits if are_probs else torch.softmax(probs_or_logits, dim=0)
+        probs = probs_t.cpu().numpy().astype(np.float32, copy=False)
+    mask = _nodata_mask(image_rows, nodata)
+    if mask is not None and mask.any():
+        if ignore_index is not None:
+            classes[mask] = ignore_index
+        if probs is not None:
+            probs[:, mask] = np.nan
+    return classes, probs
 
 
 def window_starts(total: int, size: int, stride: int) -> list[int]:

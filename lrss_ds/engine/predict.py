@@ -18,6 +18,7 @@ from lrss_ds.engine.interrupt import terminate_as_exit
 from lrss_ds.engine.model_io import load_model
 from lrss_ds.engine.prediction_writer import write_prediction
 from lrss_ds.engine.scene_batch import PredictionLog, Ranks, pending, timed
+from lrss_ds.engine.spatial_predict import check_spatial, start_spatial_prediction
 from lrss_ds.engine.temporaries import remove_stale_temporaries
 from lrss_ds.errors import LrssError, OutputError, OutputExistsError
 
@@ -57,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast, channels-last")
     parser.add_argument(
+        "--spatial",
+        type=int,
+        default=1,
+        help="ranks per scene: each group of N launcher ranks predicts one scene in N bands of rows, its first "
+             "rank writing it (default 1: whole scenes per rank; EHSNet and HRNet-FCN)",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="skip scenes whose outputs exist and are finished (a rerun of a batch)"
     )
 
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     several = bool(args.input) and not Path(args.input).is_file()  # a directory or a glob
     probabilities = Path(args.probabilities) if args.probabilities else None
     ranks = Ranks.join()
+    check_spatial(args.spatial, ranks.world_size, args.window, args.bf16)
     outputs = plan_outputs(
         sources, Path(args.output), probabilities, args.overwrite or args.resume, directories=several
     )
@@ -84,12 +93,16 @@ def run(args: argparse.Namespace) -> int:
     model, meta = load_model(args.checkpoint, device=device)
     for source in sources:  # check every input before spending time on any
         check_source(source, meta)
-    predictor = predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device, bf16=args.bf16)
+    spatial = start_spatial_prediction(args.spatial, model, meta, sources, device) if args.spatial > 1 else None
+    predictor = spatial or predictor_for(model, meta, window=args.window, overlap=args.overlap, device=device,
+                                         bf16=args.bf16)
+    writes = spatial is None or spatial.writes  # in a spatial group only the first rank writes and logs
+    share = spatial.share if spatial else ranks.share
     common = {"model": meta["model"], "checkpoint": str(Path(args.checkpoint).resolve()), "rank": ranks.rank,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "spatial": args.spatial}
     log = PredictionLog(outputs[0][0].parent, common, say=tqdm.write)
-    jobs = pending(ranks.share(list(zip(sources, outputs))), predictor.num_classes, args.resume, args.overwrite,
-                   on_skip=log.skip)
+    jobs = pending(share(list(zip(sources, outputs))), predictor.num_classes, args.resume, args.overwrite,
+                   on_skip=log.skip if writes else lambda *_: None)
     # only files whose writer process is gone: another rank's live temporaries stay
     for directory in dict.fromkeys(path.parent for pair in outputs for path in pair if path is not None):
         for leftover in remove_stale_temporaries(directory):
@@ -99,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         progress = tqdm(jobs, desc=f"predict (rank {ranks.rank})" if ranks.world_size > 1 else "predict",
                         unit="scene", disable=None)
         for source, (output, probabilities) in progress:
+            if spatial is not None and not writes:  # its band's rows, to the group's first rank
+                _, peak = timed(functools.partial(spatial.send, source, probabilities is not None))
+                spatial.peaks_per_rank(peak.gib())
+                continue
             progress.set_postfix_str(source.name)
             with tqdm(total=source.height, desc=source.name, unit="row", leave=False, disable=None) as rows:
                 predictor.row_progress = rows.update
@@ -106,11 +123,14 @@ def run(args: argparse.Namespace) -> int:
                     write_prediction, source, predictor, meta, output, probabilities,
                     overviews=args.overviews, compress=args.compress,
                 ))
-            log.add(source, output, probabilities, seconds, peak)
+            extra = {"peak_rss_gib_per_rank": spatial.peaks_per_rank(peak.gib())} if spatial else {}
+            log.add(source, output, probabilities, seconds, peak, **extra)
             tqdm.write(f"wrote {output}" + (f" and {probabilities}" if probabilities else "") + f" in {seconds:.1f} s")
     ranks.barrier()
     if ranks.rank == 0:
         tqdm.write(f"summary in {log.merge()}")
+    if spatial is not None:
+        spatial.close()
     return 0
 
 

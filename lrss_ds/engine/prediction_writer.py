@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import rasterio
@@ -16,12 +16,25 @@ from rasterio.shutil import copy as gdal_copy
 from rasterio.windows import Window
 
 from lrss_ds.data.rasters import RasterSource, quiet_georef
-from lrss_ds.engine.inference import Predictor
 from lrss_ds.engine.temporaries import temporary_name
 from lrss_ds.errors import OutputError, underlying_cause
 
 BLOCK = 512
 """Tile size of the written GeoTIFFs, and the row height in which results are streamed out."""
+
+class StripSource(Protocol):
+    """What the writer takes rows from: a :class:`~lrss_ds.engine.inference.Predictor`, or a spatial
+    group's first rank (:class:`~lrss_ds.engine.spatial_predict.SpatialPredictor`)."""
+
+    num_classes: int
+    ignore_index: int | None
+
+    def strips(
+        self, source: RasterSource, probabilities: bool = False
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """``(row_off, classes (h, W) uint8, probs (K, h, W) float32 or None)``, top to bottom, once each."""
+        ...
+
 
 # GDAL's block cache defaults to 5 % of RAM and fills with dirty tiles while we stream rows out;
 # a fixed cap keeps the writer's memory independent of the scene and the machine.
@@ -85,7 +98,7 @@ class _RowBuffer:
 
 def write_prediction(
     source: RasterSource,
-    predictor: Predictor,
+    predictor: StripSource,
     meta: dict[str, Any],
     output: Path,
     probabilities: Path | None = None,
@@ -101,7 +114,7 @@ def write_prediction(
 
     Args:
         source: the scene.
-        predictor: how to run the model.
+        predictor: where the rows come from (how the model runs).
         meta: checkpoint metadata (dataset palette, classes, ignore index).
         output: class-map path: uint8, 1 band, input CRS/transform/size, colour map, ignore
             value as nodata.

@@ -161,12 +161,13 @@ class PredictionLog:
         self.say(f"skip {source.where}: {output} is finished (--resume)")
         self._record(source, output, probabilities, None, None)
 
-    def add(self, source: Any, output: Path, probabilities: Path | None, seconds: float, peak: PeakMemory) -> None:
-        """Record one scene predicted by this run."""
-        self._record(source, output, probabilities, round(seconds, 3), peak)
+    def add(self, source: Any, output: Path, probabilities: Path | None, seconds: float, peak: PeakMemory,
+            **extra: Any) -> None:
+        """Record one scene predicted by this run (``extra``: more fields of its record)."""
+        self._record(source, output, probabilities, round(seconds, 3), peak, **extra)
 
     def _record(self, source: Any, output: Path, probabilities: Path | None, seconds: float | None,
-                peak: PeakMemory | None) -> None:
+                peak: PeakMemory | None, **extra: Any) -> None:
         """Append a record and rewrite this rank's part file."""
         self.records.append({
             "scene": source.name,
@@ -178,6 +179,7 @@ class PredictionLog:
             "peak_rss_gib": round(peak.gib(), 4) if peak else None,
             "peak_rss_source": peak.source if peak else None,
             **self.common,
+            **extra,
         })
         _write_json(self.part, self.records)
 

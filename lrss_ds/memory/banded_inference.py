@@ -243,9 +243,23 @@ def _front_halo(backbone: HRNet) -> int:
     return radius + jump * max(receptive_radius(layer) for layer in backbone.transition1 if layer is not None)
 
 
-def _hrnet_banding(backbone: HRNet, transform_stride: int, band_rows: int,
-                   front_rows: int) -> Callable[..., list[Tensor]]:
-    """An eval forward for ``backbone`` whose front runs in bands of input rows (see the module docstring).
+@dataclass
+class BandedFront:
+    """An HRNet's front (stem, ``layer1``, ``transition1``) computed in bands of its input rows.
+
+    Attributes:
+        forward: ``forward(x, input_transform)`` -> ``transition1``'s two branch maps.
+        halo: rows of the raw input each band reads above and below its own.
+        strides: the two branch maps' row strides relative to the raw input.
+    """
+
+    forward: Callable[..., list[Tensor]]
+    halo: int
+    strides: list[int]
+
+
+def banded_front(backbone: HRNet, transform_stride: int, band_rows: int, front_rows: int) -> BandedFront:
+    """The front of ``backbone`` run in bands of input rows (see the module docstring).
 
     Args:
         backbone: the HRNet.
@@ -286,7 +300,18 @@ def _hrnet_banding(backbone: HRNet, transform_stride: int, band_rows: int,
             y = run_in_row_bands(backbone._layer1, stem, layer1_stride, layer1_halo, band_rows)
             return backbone.run_transition(1, y)
 
-        ys = multi_rows_in_bands(front, padded, strides, halo, front_rows)
+        return multi_rows_in_bands(front, padded, strides, halo, front_rows)
+
+    return BandedFront(forward, halo, strides)
+
+
+def _hrnet_banding(backbone: HRNet, transform_stride: int, band_rows: int,
+                   front_rows: int) -> Callable[..., list[Tensor]]:
+    """An eval forward for ``backbone`` whose front runs in bands of input rows (:func:`banded_front`)."""
+    front = banded_front(backbone, transform_stride, band_rows, front_rows)
+
+    def forward(x: Tensor, input_transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        ys = front.forward(x, input_transform)
         for module in backbone.stage2:
             ys = module(*ys)
         for t_next in (2, 3):
@@ -553,5 +578,6 @@ def row_logits(outputs: Tensor | dict[str, Any]) -> RowLogits:
     return RowLogits(outputs.float(), size, size)
 
 
-__all__ = ["BAND_ROWS", "FRONT_BAND_ROWS", "PIXEL_BAND_ROWS", "RowLogits", "StreamedECR", "banded_eval",
-           "concat_head_in_bands", "multi_rows_in_bands", "receptive_radius", "row_logits", "run_in_row_bands"]
+__all__ = ["BAND_ROWS", "FRONT_BAND_ROWS", "PIXEL_BAND_ROWS", "BandedFront", "RowLogits", "StreamedECR", "banded_eval",
+           "banded_front", "concat_head_in_bands", "multi_rows_in_bands", "receptive_radius", "row_logits",
+           "run_in_row_bands"]

@@ -22,17 +22,24 @@ SUPPORTED: tuple[str, ...] = ("hrnet_fcn", "ehsnet")
 OPTION = "parallel.spatial"
 
 
-def _refusal(model: nn.Module) -> str | None:
-    """Why ``model`` cannot run split into bands, or None."""
+def refusal(model: nn.Module, option: str = OPTION, one_rank: str = f"set {OPTION}: 1") -> str | None:
+    """Why ``model`` cannot run split into bands, or None.
+
+    Args:
+        model: the built network.
+        option: the setting that asks for bands, as the message names it (the experiment's key,
+            or ``lrss-ds predict``'s ``--spatial``).
+        one_rank: how to ask for one rank with that setting.
+    """
     name = getattr(model, "name", type(model).__name__)
     if name not in SUPPORTED:
-        return f"model {name!r} has no spatial version yet (supported: {list(SUPPORTED)}); set {OPTION}: 1"
+        return f"model {name!r} has no spatial version yet (supported: {list(SUPPORTED)}); {one_rank}"
     if getattr(model, "mode", "holistic") != "holistic":
-        return f"{name} mode {model.mode!r} pools its input across rows; use mode holistic or {OPTION}: 1"
+        return f"{name} mode {model.mode!r} pools its input across rows; use mode holistic or {one_rank}"
     if any(getattr(m, "_segment_runner", run_directly) is not run_directly for m in model.modules()):
         return "spatialize the model before the memory layer installs checkpointing (it freezes the BatchNorm layers it finds)"
     if any(getattr(m, "stem_core", None) is not None for m in model.modules()):
-        return f"the banded stem (memory.banded_stem) does not split over ranks; turn it off or set {OPTION}: 1"
+        return f"the banded stem (memory.banded_stem) does not split over ranks; turn it off or {one_rank}"
     return None
 
 
@@ -54,7 +61,9 @@ def _swap(module: nn.Module, group: SpatialGroup) -> None:
             _swap(child, group)
 
 
-def spatialize(model: SegmentationModel, group: SpatialGroup) -> SegmentationModel:
+def spatialize(
+    model: SegmentationModel, group: SpatialGroup, option: str = OPTION, one_rank: str = f"set {OPTION}: 1"
+) -> SegmentationModel:
     """Make ``model`` (in place) compute on one band of a scene, with the group's other bands.
 
     Every ``Conv2d`` becomes a :class:`HaloConv2d`, every ``BatchNorm2d`` a
@@ -70,16 +79,17 @@ def spatialize(model: SegmentationModel, group: SpatialGroup) -> SegmentationMod
     Args:
         model: a model in :data:`SUPPORTED`, on this rank.
         group: the spatial group (its ``pad_multiple`` is set to the model's).
+        option, one_rank: the setting a refusal names and how to ask for one rank (:func:`refusal`).
 
     Returns:
         ``model``.
 
     Raises:
-        ConfigError: (key ``parallel.spatial``) the model has an operation with no spatial version.
+        ConfigError: (key ``option``) the model has an operation with no spatial version.
     """
-    problem = _refusal(model)
+    problem = refusal(model, option, one_rank)
     if problem is not None:
-        raise ConfigError(OPTION, problem)
+        raise ConfigError(option, problem)
     group.pad_multiple = model.pad_multiple
     _swap(model, group)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from fractions import Fraction
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +48,7 @@ class SpatialGroup:
         self.group = group
         self.pad_multiple = pad_multiple
         self.rows: list[int] | None = None
+        self.local = False  # the spatial layers compute as their one-rank selves (local_layers)
 
     @property
     def first(self) -> bool:
@@ -57,6 +59,20 @@ class SpatialGroup:
     def last(self) -> bool:
         """This rank holds the scene's bottom band (the one padded at the scene's edge)."""
         return self.rank == self.size - 1
+
+    @contextlib.contextmanager
+    def local_layers(self) -> Iterator[None]:
+        """Within the context this rank's halo convolutions and resizes are their one-rank layers.
+
+        For a block that already holds the rows they read across the band boundary (a halo
+        fetched once for a chain of layers); they then exchange nothing. BatchNorm in eval mode
+        needs no switch (it uses its running statistics).
+        """
+        before, self.local = self.local, True
+        try:
+            yield
+        finally:
+            self.local = before
 
     def begin(self, input_rows: int) -> list[int]:
         """Learn every rank's padded input band height for this forward (a collective).

@@ -277,6 +277,8 @@ class HaloConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, h, W)`` band in, ``(B, C', h / s, W')`` band out."""
+        if self.spatial.local:
+            return super().forward(x)
         (k, _), (s, _), (p, pw), (d, _) = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
         if x.shape[2] % s:
             raise RuntimeError(f"spatial rank {self.spatial.rank}: a band of {x.shape[2]} rows under a stride-{s} conv")
@@ -308,6 +310,8 @@ class HaloDepthwiseConv2d(DepthwiseConv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, h, W) -> (B, C, h, W)``."""
+        if self.spatial.local:
+            return super().forward(x)
         halo = self.kernel_size // 2
 
         def inner(t: Tensor, bias: Tensor | None) -> Tensor:
@@ -337,7 +341,7 @@ class SpatialResize(Resize):
     def forward(self, x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
         """``(B, C, h, W)`` band to ``(B, C, size[0], size[1])``; ``size[0]`` a multiple of ``h``."""
         rows, width = int(size[0]), int(size[1])
-        if rows == x.shape[2]:
+        if rows == x.shape[2] or self.spatial.local:
             return super().forward(x, (rows, width))
         if rows % x.shape[2]:
             raise RuntimeError(
