@@ -8,7 +8,7 @@ scene) on one synthetic 4-band uint8 scene in a fresh process, and reports:
   (the counter ``lrss-ds models`` prints; for the patch model, per patch times patches);
 - the floor = FLOPs / the throughput of a plain 64 -> 64 3x3 convolution of the same precision
   and layout (fp32 NCHW; bf16 autocast, channels-last) measured in the same process just
-  before, and the ratio seconds / floor;
+  before and just after (the faster of the two), and the ratio seconds / floor;
 - for bf16, the fraction of pixels whose class equals the fp32 map's.
 
 Models: EHSNet-W18 in the paper's configuration (LRD k = d = 256, 24 classes), the demo
@@ -105,7 +105,13 @@ def conv_throughput(bf16: bool, side: int) -> tuple[float, float]:
 
 def predict_case(scene: str, output: str, model: str, classes: int, options: dict[str, Any], bf16: bool,
                  conv_side: int) -> dict[str, Any]:
-    """Child: the conv throughput, then one ``write_prediction`` of ``scene`` into ``output``."""
+    """Child: the conv throughput, one ``write_prediction`` of ``scene`` into ``output``, the conv throughput again.
+
+    The floor takes the faster of the two throughput measurements: on a machine whose speed
+    drifts (another tenant's memory traffic measured the same convolution here at 32 and at
+    90 GFLOP/s within minutes), one slow sample would lower the bar the prediction is held to.
+    ``conv_spread`` (slower / faster) says how far the two were apart.
+    """
     import torch
 
     from lrss_ds.data.rasters import open_geotiff
@@ -113,15 +119,18 @@ def predict_case(scene: str, output: str, model: str, classes: int, options: dic
     from lrss_ds.engine.prediction_writer import write_prediction
     from lrss_ds.models import build_model
 
-    throughput, cpu_throughput = conv_throughput(bf16, conv_side)
+    before = conv_throughput(bf16, conv_side)
     torch.manual_seed(0)
     net = build_model(model, classes, BANDS, band_mean=[100.0] * BANDS, band_std=[50.0] * BANDS, **options).eval()
     meta = {"model": net.config(), "dataset": {"classes": [f"class{k}" for k in range(classes)]}}
     predictor = predictor_for(net, meta, bf16=bf16)
     start, start_cpu = time.perf_counter(), time.process_time()
     write_prediction(open_geotiff(scene), predictor, meta, Path(output), overviews=False)
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu,
-            "conv_flops_per_s": throughput, "conv_flops_per_cpu_s": cpu_throughput}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    after = conv_throughput(bf16, conv_side)
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds,
+            "conv_flops_per_s": max(before[0], after[0]), "conv_flops_per_cpu_s": max(before[1], after[1]),
+            "conv_spread": min(before[0], after[0]) / max(before[0], after[0])}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -167,6 +176,7 @@ COLUMNS = [
     Column("seconds", "Seconds", 1),
     Column("gflops", "GFLOPs", 0),
     Column("conv_gflops_per_s", "3x3 conv GFLOP/s", 1),
+    Column("conv_spread", "Conv before/after", 2),
     Column("floor_s", "Floor s", 1),
     Column("ratio", "Seconds / floor", 2),
     Column("cpu_seconds", "CPU s", 1),
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             if run.status == "ok":
                 throughput = run.result["conv_flops_per_s"]
                 row.update(seconds=run.result["seconds"], conv_gflops_per_s=throughput / 1e9,
-                           cpu_seconds=run.result["cpu_seconds"])
+                           conv_spread=run.result["conv_spread"], cpu_seconds=run.result["cpu_seconds"])
                 if flops:
                     row.update(floor_s=flops / throughput, ratio=run.result["seconds"] / (flops / throughput),
                                cpu_ratio=run.result["cpu_seconds"] / (flops / run.result["conv_flops_per_cpu_s"]))
@@ -242,7 +252,9 @@ def _report(header: dict[str, Any], rows: list[dict[str, Any]]) -> Report:
         notes=[
             "Seconds: one `write_prediction` (prediction and the tiled GeoTIFF), as `lrss-ds predict` runs per scene.",
             "Floor: the forward's FLOPs (lrss_ds.models.listing.model_cost, as `lrss-ds models`) divided by the "
-            "FLOP/s of a plain 64 -> 64 3x3 convolution of the same precision and layout measured in the same process.",
+            "FLOP/s of a plain 64 -> 64 3x3 convolution of the same precision and layout measured in the same process, "
+            "before and after the prediction; the faster of the two sets the floor (Conv before/after: the slower "
+            "one's share of it, 1.00 when the machine held its speed).",
             "CPU s / CPU floor: the same with the process's CPU seconds and the convolution's FLOP per CPU second, "
             "which do not count the time a process waits for a core on a shared machine.",
             "Classes = fp32: fraction of pixels of the bf16 map equal to the fp32 map of the same weights.",

@@ -67,6 +67,7 @@ COLUMNS = [
     Column("peak_rss_gib", "Peak RSS GiB", 3),
     Column("peak_vs_one_rank", "Peak / one rank", 2),
     Column("step_s", "Step s (wall)", 2),
+    Column("halo_mib_per_step", "Halo MiB sent / step", 1),
     Column("loss_first", "First loss", 6),
     Column("loss_last", "Last loss", 5),
     Column("job_cpu_s", "Job CPU-s (all ranks)", 1),
@@ -137,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     for spatial in ranks:
         metrics, step, cpu = train_once(work, store, spatial, args)
         bands = band_bounds(height, spatial, multiple)
+        halo = metrics.get("spatial", {}).get("halo_mib_sent_per_iteration_per_rank")
         for rank, peak in enumerate(metrics["memory"]["peak_rss_gib_per_rank"]):
             one_rank_peak = peak if spatial == 1 else one_rank_peak
             rows.append({
                 "ranks": spatial, "rank": rank, "band_rows": bands[rank][1] - bands[rank][0], "peak_rss_gib": peak,
                 "peak_vs_one_rank": peak / one_rank_peak if one_rank_peak else None, "step_s": step,
+                "halo_mib_per_step": halo[rank] if halo else 0.0,
                 "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"], "job_cpu_s": cpu,
             })
     report = Report(
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         tables=[("Per rank", COLUMNS, rows)],
         notes=[
             "Peak RSS is each rank process's own peak (ru_maxrss), DeepSpeed and the model included.",
+            "Halo MiB sent / step: the rows this rank sent to its neighbours in one training iteration "
+            "(forward halos, the gradients of the halos it received, and the recomputation under checkpointing).",
             "Step s is wall time per iteration after the first; on a shared CPU it depends on the load, "
             "compare CPU-s. Ranks on one host share its cores.",
             f"Band rows: multiples of {multiple} (the network's total stride), the last band uneven.",

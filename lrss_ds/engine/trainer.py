@@ -185,12 +185,16 @@ def memory_now() -> dict[str, float]:
     }
 
 
-def peak_rss_per_rank() -> list[float]:
-    """Every rank's host peak RSS (GiB), in rank order (a collective)."""
+def per_rank(value: float) -> list[float]:
+    """Every rank's ``value``, in rank order (a collective)."""
     import struct
 
-    mine = struct.pack("<d", memory_now()["peak_rss_gib"])
-    return [struct.unpack("<d", part)[0] for part in all_gather_bytes(mine)]
+    return [struct.unpack("<d", part)[0] for part in all_gather_bytes(struct.pack("<d", value))]
+
+
+def peak_rss_per_rank() -> list[float]:
+    """Every rank's host peak RSS (GiB), in rank order (a collective)."""
+    return per_rank(memory_now()["peak_rss_gib"])
 
 
 def ledger_summary(ledger: Any) -> dict[str, float]:
@@ -313,6 +317,8 @@ def train(run: Run, resume: bool) -> int:
     data_wait = 0.0
     nonfinite_in_row = 0
     nonfinite_total = 0
+    first_iteration = engine.global_steps  # a resumed run starts past 0
+    train_halo_bytes = 0  # bytes this rank sent in halo exchanges during training steps
     losses_this_iteration: list[float] = []
     last_eval: dict[str, Any] | None = None
     peaks = PhasePeaks()
@@ -342,8 +348,11 @@ def train(run: Run, resume: bool) -> int:
             steps_before = engine.global_steps
             lr = engine.get_lr()[0]  # the rate this optimizer step uses (the schedule moves after it)
             skipped_before = engine.skipped_steps
+            halo_before = run.spatial.group.halo_bytes_sent if run.spatial is not None else 0
             with peaks.phase("train"), simulating(run.device_sim):
                 loss = train_step(run, batch)
+            if run.spatial is not None:  # training traffic only: evaluation forwards exchange halos too
+                train_halo_bytes += run.spatial.group.halo_bytes_sent - halo_before
             if loss is not None and run.spatial is not None:
                 loss = run.spatial.scene_loss(loss)  # the step returned this band's share
             if loss is None:
@@ -418,8 +427,11 @@ def train(run: Run, resume: bool) -> int:
     seconds = time.perf_counter() - started
     digests = parameter_digests(engine)
     rank_peaks = peak_rss_per_rank()
+    steps_run = max(1, engine.global_steps - first_iteration)
+    halo_mib = per_rank(train_halo_bytes / steps_run / (1 << 20)) if run.spatial is not None else None
     if run.dist.rank == 0:
-        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks, rank_peaks)
+        _write_metrics(run, last_eval, seconds, data_wait, nonfinite_total, exit_code, digests, peaks, rank_peaks,
+                       halo_mib)
     if exit_code == 0 and last_eval is not None:
         run.log_line(f"done: {engine.global_steps} iterations in {seconds:.1f} s; final {_metric_line(engine.global_steps, last_eval)}")
     return exit_code
@@ -495,7 +507,7 @@ def parameter_digests(engine: Any) -> list[str] | None:
 
 def _write_metrics(
     run: Run, final: dict[str, Any] | None, seconds: float, data_wait: float, nonfinite: int, exit_code: int,
-    digests: list[str] | None, peaks: PhasePeaks, rank_peaks: list[float],
+    digests: list[str] | None, peaks: PhasePeaks, rank_peaks: list[float], halo_mib: list[float] | None,
 ) -> None:
     """Write ``OUT/metrics.json``: final evaluation, best checkpoint, loss curve, time, memory."""
     from lrss_ds.memory.device_sim import simulated_summary
@@ -519,6 +531,7 @@ def _write_metrics(
         "memory": {**memory_now(), "peak_rss_gib_per_rank": rank_peaks, **ledger_summary(run.ledger), "device": peaks.summary(),
                    **simulated_summary(run.device_sim)},
         "memory_mode": run.memory_mode.to_dict(),
+        **({"spatial": {"halo_mib_sent_per_iteration_per_rank": halo_mib}} if halo_mib is not None else {}),
         **(run.budget.summary() if run.budget else {}),
         # equal on every rank unless data parallelism broke (None under ZeRO-3)
         "parameter_sha256_per_rank": digests,

@@ -37,6 +37,10 @@ class SpatialGroup:
         size: ranks in the group.
         group: the ``torch.distributed`` process group of these ranks (None: the world).
         pad_multiple: what the model pads the scene's height to (its total stride).
+
+    Attributes:
+        halo_bytes_sent: bytes this rank has sent to its peers in halo exchanges (forward and
+            backward), for the traffic a benchmark reports.
     """
 
     def __init__(self, comm: Collectives, rank: int, size: int, group: Any = None, pad_multiple: int = 1) -> None:
@@ -49,6 +53,14 @@ class SpatialGroup:
         self.pad_multiple = pad_multiple
         self.rows: list[int] | None = None
         self.local = False  # the spatial layers compute as their one-rank selves (local_layers)
+        self.halo_bytes_sent = 0
+
+    def exchange(
+        self, sends: Mapping[int, Tensor], receives: Mapping[int, Sequence[int]], like: Tensor
+    ) -> dict[int, Tensor]:
+        """``comm.exchange`` among this group's ranks, adding the bytes sent to :attr:`halo_bytes_sent`."""
+        self.halo_bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
+        return self.comm.exchange(sends, receives, like, self.group)
 
     @property
     def first(self) -> bool:

@@ -53,11 +53,10 @@ class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, group: SpatialGroup, rows: list[int], top: int, bottom: int) -> Tensor:  # type: ignore[override]
         sends, receives, _, _ = _transfers(rows, group.rank, top, bottom)
-        got = group.comm.exchange(
+        got = group.exchange(
             {peer: x[:, :, a:b] for peer, (a, b) in sends.items()},
             {peer: (*x.shape[:2], b - a, x.shape[3]) for peer, (a, b) in receives.items()},
             x,
-            group.group,
         )
         above = [got[peer] for peer in sorted(got) if peer < group.rank]
         below = [got[peer] for peer in sorted(got) if peer > group.rank]
@@ -80,11 +79,10 @@ class _HaloExchange(torch.autograd.Function):
             a, b = ctx.receives[peer]
             offsets[peer] = (start, start + b - a)
             start += b - a
-        returned = group.comm.exchange(
+        returned = group.exchange(
             {peer: grad[:, :, a:b] for peer, (a, b) in offsets.items()},
             {peer: (*grad.shape[:2], b - a, grad.shape[3]) for peer, (a, b) in ctx.sends.items()},
             grad,
-            group.group,
         )
         grad_band = grad[:, :, ctx.above : ctx.above + ctx.band].clone()
         for peer, (a, b) in ctx.sends.items():
@@ -133,11 +131,10 @@ class _HaloEdges(torch.autograd.Function):
         ctx: Any, x: Tensor, group: SpatialGroup, rows: list[int], top: int, bottom: int
     ) -> tuple[Tensor, Tensor, Tensor]:
         sends, receives, _, _ = _transfers(rows, group.rank, top, bottom)
-        got = group.comm.exchange(
+        got = group.exchange(
             {peer: x[:, :, a:b] for peer, (a, b) in sends.items()},
             {peer: (*x.shape[:2], b - a, x.shape[3]) for peer, (a, b) in receives.items()},
             x,
-            group.group,
         )
         empty = x.new_empty((*x.shape[:2], 0, x.shape[3]))
         above = torch.cat([got[peer] for peer in sorted(got) if peer < group.rank] or [empty], dim=2)
@@ -158,11 +155,10 @@ class _HaloEdges(torch.autograd.Function):
                 a, b = ctx.receives[peer]
                 halo_grads[peer] = grad[:, :, start : start + b - a]
                 start += b - a
-        returned = group.comm.exchange(
+        returned = group.exchange(
             halo_grads,
             {peer: (*grad_band.shape[:2], b - a, grad_band.shape[3]) for peer, (a, b) in ctx.sends.items()},
             grad_band,
-            group.group,
         )
         for peer, (a, b) in ctx.sends.items():
             grad_band[:, :, a:b] += returned[peer]

@@ -165,6 +165,7 @@ def test_inference_quick(quick_reports: dict) -> None:
         assert row["status"] == "ok", row
         _measured(row, ["peak_rss_gib", "seconds", "gflops", "conv_gflops_per_s", "floor_s", "ratio"])
         assert row["ratio"] == pytest.approx(row["seconds"] / row["floor_s"])
+        assert 0.0 < row["conv_spread"] <= 1.0  # the slower of the two throughput samples over the faster
     for row in rows[1::2]:  # every bf16 row against its fp32 row
         assert 0.0 <= row["agreement"] <= 1.0
     assert report["header"]["scene"] == [203, 229] and "conditions" in report["header"]

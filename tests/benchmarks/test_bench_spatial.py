@@ -27,6 +27,7 @@ def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
     for row in rows:
         assert 0.1 < row["peak_rss_gib"] < 4 and row["step_s"] >= 0 and row["job_cpu_s"] > 0
     assert rows[0]["peak_vs_one_rank"] == 1.0
+    assert rows[0]["halo_mib_per_step"] == 0 and min(r["halo_mib_per_step"] for r in rows[1:]) > 0
     # the same scene and weights: the spatial run's first loss is the one-rank loss to float32
     # rounding; after a step the rounding has moved the weights (CI: last losses 1.4e-3 apart)
     assert rows[1]["loss_first"] == pytest.approx(rows[0]["loss_first"], rel=1e-4)

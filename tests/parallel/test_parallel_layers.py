@@ -110,6 +110,23 @@ def test_halo_conv_equals_conv2d(spec: tuple) -> None:
     torch.testing.assert_close(grads["bias"], conv.bias.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel, halo", [(3, 1), (5, 2)])
+def test_a_group_counts_the_halo_bytes_it_sends(kernel: int, halo: int) -> None:
+    conv = nn.Conv2d(4, 6, kernel, padding=kernel // 2).double()
+    x = torch.randn(2, 4, 16, 11, dtype=torch.float64)
+
+    def work(rank: int, comm: Any) -> int:
+        group = SpatialGroup(comm, rank, 2)
+        group.rows = [8, 8]
+        band = x[:, :, 8 * rank : 8 * rank + 8].clone().requires_grad_()
+        HaloConv2d.from_conv(copy.deepcopy(conv), group)(band).sum().backward()
+        return group.halo_bytes_sent
+
+    # each rank sends its `halo` boundary rows forward and the gradient of the rows it received back
+    row_bytes = 2 * 4 * 11 * 8
+    assert run_threads(2, work) == [2 * halo * row_bytes] * 2
+
+
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_spatial_resize_equals_bilinear_upsampling(factor: int) -> None:
     torch.manual_seed(1)

@@ -69,6 +69,8 @@ def test_two_spatial_ranks_train_as_one_rank_holding_the_scene(store: Path, tmp_
     assert two["world_size"] == 2 and two["iteration"] == 2 and two["finished"]
     digests = two["parameter_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    halo = two["spatial"]["halo_mib_sent_per_iteration_per_rank"]
+    assert len(halo) == 2 and min(halo) > 0 and "spatial" not in one
     step = _distance(one_weights[1], one_weights[0])  # how far the second SGD step moved a parameter
     error = _distance(two_weights[0], one_weights[0])
     # After the first step. Gradients averaged over the group instead of summed would leave the
