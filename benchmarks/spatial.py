@@ -7,7 +7,12 @@ from the run's ``metrics.json`` (``memory.peak_rss_gib_per_rank``); the step tim
 training loop's wall time per iteration after the first (from the log's iteration stamps when
 there are at least two, else the loop's mean).
 
-    python benchmarks/spatial.py --out benchmarks/results [--quick] [--size 2048x2048] [--ranks 1,2]
+    python benchmarks/spatial.py --out benchmarks/results [--quick] [--size 2048x2048] [--ranks 1,2] [--larger]
+
+``--larger`` adds one more run: the largest group on a scene as many times taller as it has
+ranks, so each rank holds a band as tall as the one-rank scene. Its per-rank peak against the
+one-rank peak says whether N ranks hold N times the pixels one rank holds under the same cap
+(each rank's fixed part, interpreter, DeepSpeed and model, and its halos are what can stop it).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ parallel: {{spatial: {spatial}}}
 """
 
 COLUMNS = [
+    Column("scene", "Scene"),
     Column("ranks", "Ranks (spatial)", 0),
     Column("rank", "Rank", 0),
     Column("band_rows", "Band rows", 0),
@@ -89,12 +95,13 @@ def step_seconds(log: Path, metrics: dict[str, Any]) -> float:
 
 def train_once(root: Path, store: Path, spatial: int, args: Any) -> tuple[dict[str, Any], float, float]:
     """One training run on ``spatial`` ranks; returns ``(metrics.json, step seconds, job CPU seconds)``."""
-    config = root / f"spatial{spatial}.yaml"
+    name = f"{store.name}_spatial{spatial}"
+    config = root / f"{name}.yaml"
     config.write_text(EXPERIMENT.format(
         model=args.model, options=json.dumps(MODELS[args.model]), store=store, preset=args.preset, ds_json=REPO / "ds_configs" / "cpu.json",
         loss=LOSSES[args.model], iterations=args.iterations, spatial=spatial,
     ))
-    out = root / f"run{spatial}"
+    out = root / f"run_{name}"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(f"{out}.log", "w") as log:
         done = subprocess.run(deepspeed_command(config, spatial, ["--output", str(out)]), env=launcher_env(),
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ehsnet", choices=sorted(MODELS))
     parser.add_argument("--preset", default="ckpt_stage", help="memory preset of every run")
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--larger", action="store_true",
+                        help="also train the largest group on a scene that many times taller (the same band per rank)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per training run")
     args = parse_benchmark_args(parser, argv)
     if args.quick:
@@ -124,25 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(r) for r in args.ranks.split(",")]
     work = args.out / "spatial_work"
     work.mkdir(parents=True, exist_ok=True)
-    store = work / f"store_{height}x{width}"
-    synth = SynthConfig(train_scenes=1, val_scenes=0, height=height, width=width, bands=4, seed=0)
-    prepare_synthetic_store(DataConfig(store=str(store), synthetic=synth), log=lambda line: None)
+    runs = [((height, width), spatial) for spatial in ranks]
+    if args.larger:
+        runs.append(((height * ranks[-1], width), ranks[-1]))
     conditions = (f"{args.model} on one synthetic {height}x{width} 4-band scene, memory preset {args.preset}, "
-                  f"ZeRO-2 + CPU optimizer offload, SGD, {args.iterations} iterations, spatial groups {ranks}; "
-                  + args.conditions)
+                  f"ZeRO-2 + CPU optimizer offload, SGD, {args.iterations} iterations, spatial groups {ranks}"
+                  + (f", and {ranks[-1]} ranks on a {height * ranks[-1]}x{width} scene" if args.larger else "")
+                  + "; " + args.conditions)
     header = machine_header(conditions, {"model": args.model, "height": height, "width": width})
-    rows: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
     one_rank_peak = None
     multiple = build_model(args.model, num_classes=5, in_channels=4, **MODELS[args.model]).pad_multiple
     started = time.perf_counter()
-    for spatial in ranks:
+    for (rows, cols), spatial in runs:
+        store = work / f"store_{rows}x{cols}"
+        synth = SynthConfig(train_scenes=1, val_scenes=0, height=rows, width=cols, bands=4, seed=0)
+        prepare_synthetic_store(DataConfig(store=str(store), synthetic=synth), log=lambda line: None)
         metrics, step, cpu = train_once(work, store, spatial, args)
-        bands = band_bounds(height, spatial, multiple)
+        bands = band_bounds(rows, spatial, multiple)
         halo = metrics.get("spatial", {}).get("halo_mib_sent_per_iteration_per_rank")
         for rank, peak in enumerate(metrics["memory"]["peak_rss_gib_per_rank"]):
             one_rank_peak = peak if spatial == 1 else one_rank_peak
-            rows.append({
-                "ranks": spatial, "rank": rank, "band_rows": bands[rank][1] - bands[rank][0], "peak_rss_gib": peak,
+            table.append({
+                "scene": f"{rows}x{cols}", "ranks": spatial, "rank": rank, "band_rows": bands[rank][1] - bands[rank][0], "peak_rss_gib": peak,
                 "peak_vs_one_rank": peak / one_rank_peak if one_rank_peak else None, "step_s": step,
                 "halo_mib_per_step": halo[rank] if halo else 0.0,
                 "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"], "job_cpu_s": cpu,
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         name="spatial",
         title=f"Spatial parallelism: one {height}x{width} scene on 1 vs {ranks[-1]} ranks ({args.model})",
         header=header,
-        tables=[("Per rank", COLUMNS, rows)],
+        tables=[("Per rank", COLUMNS, table)],
         notes=[
             "Peak RSS is each rank process's own peak (ru_maxrss), DeepSpeed and the model included.",
             "Halo MiB sent / step: the rows this rank sent to its neighbours in one training iteration "
@@ -159,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             "Step s is wall time per iteration after the first; on a shared CPU it depends on the load, "
             "compare CPU-s. Ranks on one host share its cores.",
             f"Band rows: multiples of {multiple} (the network's total stride), the last band uneven.",
+            *([f"The {height * ranks[-1]}x{width} rows: {ranks[-1]} ranks on {ranks[-1]} times the pixels, each rank's "
+               "band as tall as the one-rank scene; Peak / one rank <= 1 means they hold that many times the pixels "
+               "one rank holds under a cap of the one-rank peak."] if args.larger else []),
             f"Total benchmark wall time {time.perf_counter() - started:.0f} s.",
         ],
     )

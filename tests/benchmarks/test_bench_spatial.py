@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.launcher
 def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spatial.py"), "--quick", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spatial.py"), "--quick", "--larger", "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "spatial.json").read_text())
     rows = report["rows"]
-    assert [(r["ranks"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
-    assert [r["band_rows"] for r in rows] == [128, 64, 64]
+    assert [(r["scene"], r["ranks"], r["rank"]) for r in rows] == [
+        ("128x64", 1, 0), ("128x64", 2, 0), ("128x64", 2, 1), ("256x64", 2, 0), ("256x64", 2, 1)]
+    assert [r["band_rows"] for r in rows] == [128, 64, 64, 128, 128]  # --larger: each rank holds the one-rank scene's rows
     for row in rows:
         assert 0.1 < row["peak_rss_gib"] < 4 and row["step_s"] >= 0 and row["job_cpu_s"] > 0
     assert rows[0]["peak_vs_one_rank"] == 1.0
@@ -32,4 +33,5 @@ def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
     # rounding; after a step the rounding has moved the weights (CI: last losses 1.4e-3 apart)
     assert rows[1]["loss_first"] == pytest.approx(rows[0]["loss_first"], rel=1e-4)
     assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-2)
+    assert rows[3]["loss_first"] != pytest.approx(rows[0]["loss_first"], rel=1e-4)  # another scene
     assert "| 2 | 1 | 64 |" in (tmp_path / "spatial.md").read_text()
