@@ -52,7 +52,7 @@ def test_two_spatial_ranks_under_zero2_step_to_the_one_rank_parameters(tmp_path:
 
 @pytest.mark.slow
 def test_two_spatial_ranks_with_offload_momentum_and_clipping_step_to_the_one_rank_parameters(tmp_path: Path) -> None:
-    """ds_configs/cpu.json's ZeRO-2 + optimizer offload + clipping with SGD momentum, three steps.
+    """ZeRO-2 with the optimizer on the host and clipping engaged (ds_configs/cpu.json's), SGD momentum, three steps.
 
     The clipping norm is the sum over the sequence-data-parallel group of each rank's partition of
     the summed band gradients, and momentum carries each step's clipping into the next. A norm off
