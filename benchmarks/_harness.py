@@ -34,6 +34,14 @@ from lrss_ds.engine.temporaries import write_text_atomically  # noqa: E402
 
 from lrss_ds.units import GIB, MIB  # noqa: E402
 
+# glibc's default allocator keeps freed blocks below its dynamic mmap threshold (which grows to
+# 32 MiB) in the heap: a training step's peak RSS then holds 1.5-1.7x the live tensor peak
+# (fullscene_train.json), and a spatial rank, whose band-sized tensors are more of them, 45-100
+# MiB more than the one-rank run's fixed part and half its activations at 512-1024 px (EHSNet,
+# ds_configs/cpu.json; with this setting, none). Serving every block >= 128 KiB by mmap returns
+# each block when it is freed, so peaks measure the tensors, as a run with this setting trains.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 # The --modes defaults, derived from the planner's setups (themselves from
 # lrss_ds.memory.modes.PLANNED_PRESETS), so a new preset reaches every benchmark: all setups;
 # the presets alone, without DeepSpeed's own ZeRO offload on top; the two a --quick run takes.

@@ -39,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/fullscene_train.
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks._harness import (  # noqa: E402
+    ALLOCATOR_ENV,
     benchmark_parser,
     machine_header,
     parse_benchmark_args,
@@ -49,9 +50,6 @@ from lrss_ds.units import GIB  # noqa: E402
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "fullscene_train.json"
 PRESETS = {"bf16": "fullres_bf16", "fp32": "fullres_fp32"}
 TARGET_GIB = {"bf16": 10.0, "fp32": 20.0}
-# glibc's default allocator kept 1.5-1.7x the live tensor peak here: large blocks freed between
-# segments stay in the heap. Serving every block >= 128 KiB by mmap returns them at once.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # --- the child: one training step ---------------------------------------------------------

@@ -5,7 +5,9 @@ Each configuration is a real training run: ``lrss-ds train`` under the ``deepspe
 first on one rank, then with ``parallel.spatial: N`` on N ranks. Each rank's peak RSS comes
 from the run's ``metrics.json`` (``memory.peak_rss_gib_per_rank``); the step time is the
 training loop's wall time per iteration after the first (from the log's iteration stamps when
-there are at least two, else the loop's mean).
+there are at least two, else the loop's mean). The ranks run with the benchmarks' allocator
+setting (``ALLOCATOR_ENV``: blocks >= 128 KiB from mmap), so a peak is the tensors', not what
+glibc's heap keeps of freed blocks; ``--default-allocator`` measures glibc's default instead.
 
     python benchmarks/spatial.py --out benchmarks/results [--quick] [--size 2048x2048] [--ranks 1,2] [--larger]
 
@@ -28,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
+    ALLOCATOR_ENV,
     Column,
     Report,
     benchmark_parser,
@@ -93,6 +96,14 @@ def step_seconds(log: Path, metrics: dict[str, Any]) -> float:
     return metrics["seconds"] / max(1, metrics["iteration"])
 
 
+def rank_env(args: Any) -> dict[str, str]:
+    """The environment of the launched ranks: :func:`launcher_env`, with ``ALLOCATOR_ENV`` unless ``--default-allocator``."""
+    env = launcher_env()
+    if not args.default_allocator:
+        env.update(ALLOCATOR_ENV)
+    return env
+
+
 def train_once(root: Path, store: Path, spatial: int, args: Any) -> tuple[dict[str, Any], float, float]:
     """One training run on ``spatial`` ranks; returns ``(metrics.json, step seconds, job CPU seconds)``."""
     name = f"{store.name}_spatial{spatial}"
@@ -104,7 +115,7 @@ def train_once(root: Path, store: Path, spatial: int, args: Any) -> tuple[dict[s
     out = root / f"run_{name}"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(f"{out}.log", "w") as log:
-        done = subprocess.run(deepspeed_command(config, spatial, ["--output", str(out)]), env=launcher_env(),
+        done = subprocess.run(deepspeed_command(config, spatial, ["--output", str(out)]), env=rank_env(args),
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -126,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--larger", action="store_true",
                         help="also train the largest group on a scene that many times taller (the same band per rank)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per training run")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help=f"run the ranks with glibc's default allocator (not {ALLOCATOR_ENV})")
     args = parse_benchmark_args(parser, argv)
     if args.quick:
         args.size, args.model, args.preset, args.iterations = "128x64", "hrnet_fcn", "none", 2
@@ -140,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"ZeRO-2 + CPU optimizer offload, SGD, {args.iterations} iterations, spatial groups {ranks}"
                   + (f", and {ranks[-1]} ranks on a {height * ranks[-1]}x{width} scene" if args.larger else "")
                   + "; " + args.conditions)
-    header = machine_header(conditions, {"model": args.model, "height": height, "width": width})
+    allocator = rank_env(args).get("MALLOC_MMAP_THRESHOLD_", "default")
+    header = machine_header(conditions, {"model": args.model, "height": height, "width": width,
+                                         "malloc_mmap_threshold": allocator})
     table: list[dict[str, Any]] = []
     one_rank_peak = None
     multiple = build_model(args.model, num_classes=5, in_channels=4, **MODELS[args.model]).pad_multiple
@@ -166,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         header=header,
         tables=[("Per rank", COLUMNS, table)],
         notes=[
-            "Peak RSS is each rank process's own peak (ru_maxrss), DeepSpeed and the model included.",
+            "Peak RSS is each rank process's own peak (ru_maxrss), DeepSpeed and the model included, "
+            f"with the ranks' MALLOC_MMAP_THRESHOLD_ {allocator} (under glibc's default, freed blocks kept "
+            "in the heap put a spatial rank 45-100 MiB above the fixed part + half the one-rank activations at "
+            "512-1024 px; see ALLOCATOR_ENV in _harness.py).",
             "Halo MiB sent / step: the rows this rank sent to its neighbours in one training iteration "
             "(forward halos, the gradients of the halos it received, and the recomputation under checkpointing).",
             "First loss: the same weights and scene, equal to float32 rounding. Last loss: after float32 steps the "

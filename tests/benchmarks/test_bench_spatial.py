@@ -35,3 +35,35 @@ def test_quick_spatial_benchmark_reports_each_rank(tmp_path: Path) -> None:
     assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-2)
     assert rows[3]["loss_first"] != pytest.approx(rows[0]["loss_first"], rel=1e-4)  # another scene
     assert "| 2 | 1 | 64 |" in (tmp_path / "spatial.md").read_text()
+
+
+def _launch_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str]) -> dict[str, str]:
+    """The environment benchmarks/spatial.py launches its first training run with (the launch is stopped there)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import spatial
+
+    class Launched(Exception):
+        pass
+
+    seen: dict[str, str] = {}
+    original = subprocess.run
+
+    def run(cmd: list[str], *args: object, **kwargs: object) -> object:
+        if "deepspeed" not in " ".join(map(str, cmd)):  # the report header's git call
+            return original(cmd, *args, **kwargs)
+        seen.update(kwargs["env"])  # type: ignore[arg-type]
+        raise Launched
+
+    monkeypatch.setattr(spatial.subprocess, "run", run)
+    monkeypatch.setattr(spatial, "prepare_synthetic_store", lambda *args, **kwargs: None)
+    with pytest.raises(Launched):
+        spatial.main(["--quick", "--out", str(tmp_path), *argv])
+    return seen
+
+
+def test_ranks_run_with_the_benchmarks_allocator_setting(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # glibc's default heap kept 45-100 MiB per spatial rank above the fixed part + half the
+    # one-rank activations (EHSNet, 512-1024 px), none with blocks >= 128 KiB from mmap
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert _launch_env(monkeypatch, tmp_path, [])["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in _launch_env(monkeypatch, tmp_path, ["--default-allocator"])
