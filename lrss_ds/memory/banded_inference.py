@@ -311,12 +311,7 @@ def _hrnet_banding(backbone: HRNet, transform_stride: int, band_rows: int,
     front = banded_front(backbone, transform_stride, band_rows, front_rows)
 
     def forward(x: Tensor, input_transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-        ys = front.forward(x, input_transform)
-        for module in backbone.stage2:
-            ys = module(*ys)
-        for t_next in (2, 3):
-            ys = backbone._stage(t_next, *ys)
-        return list(ys)
+        return backbone.after_front(*front.forward(x, input_transform))
 
     return forward
 

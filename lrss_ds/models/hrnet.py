@@ -260,6 +260,18 @@ class HRNet(Segmented):
             ys = self.segment(f"stage{t + 1}.{m}", module, *ys)
         return ys
 
+    def after_front(self, *ys: Tensor) -> list[Tensor]:
+        """``stage2``'s modules, then stages 3 and 4, on the front's branch maps (``transition1``'s output).
+
+        What a banded eval forward runs after it has made the front (stem, ``layer1``,
+        ``transition1``) band by band.
+        """
+        for module in self.stage2:
+            ys = module(*ys)
+        for t in (2, 3):
+            ys = self._stage(t, *ys)
+        return list(ys)
+
     def forward(self, x: Tensor, input_transform: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
         """Compute the four branch maps.
 

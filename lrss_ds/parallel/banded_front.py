@@ -47,12 +47,7 @@ def _spatial_forward(backbone: HRNet, group: SpatialGroup, band_rows: int,
             ys = front.forward(block, None)
         del block
         top = halo - missing_top  # rows of the block above the band
-        ys = [y[..., top // s : (top + rows) // s, :] for y, s in zip(ys, front.strides)]
-        for module in backbone.stage2:
-            ys = module(*ys)
-        for t in (2, 3):
-            ys = backbone._stage(t, *ys)
-        return list(ys)
+        return backbone.after_front(*(y[..., top // s : (top + rows) // s, :] for y, s in zip(ys, front.strides)))
 
     return forward
 
