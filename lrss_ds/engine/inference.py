@@ -29,6 +29,20 @@ FOLD_TOLERANCE = 1e-3
 """Largest difference between folded and unfolded fp32 logits on the example, relative to their
 largest magnitude (rounding, not a wrong fold, which differs by the logits' own scale)."""
 
+FOLD_MOVED_SHARE = 0.1
+"""Share of the example's logits allowed beyond :data:`FOLD_TOLERANCE`. A model that selects
+points discretely moves a few logits when rounding reorders tied scores: MagNet's top-k of a
+median-filtered score (plateaus of equal values) moved 2.6 % of a 64 x 64 corner's logits at 2
+threads with a right fold (0 % at 1 thread). A convolution whose output is read by more than its
+BatchNorm moves every logit it reaches, which is all of them behind a mixing layer."""
+
+
+def fold_outputs_agree(unfolded: torch.Tensor, folded: torch.Tensor) -> bool:
+    """True when folding BatchNorm moved at most :data:`FOLD_MOVED_SHARE` of the logits beyond rounding."""
+    scale = float(unfolded.abs().max())
+    moved = (unfolded - folded).abs() > FOLD_TOLERANCE * scale + 1e-6
+    return float(moved.float().mean()) <= FOLD_MOVED_SHARE
+
 
 def check_source(source: RasterSource, meta: dict[str, Any]) -> None:
     """Refuse inputs the model was not trained on; warn about a missing CRS.
@@ -164,11 +178,7 @@ class Predictor:
                 out = self.model(example)
             return (out["logits"] if isinstance(out, dict) else out).float()
 
-        def agree(unfolded: torch.Tensor, folded: torch.Tensor) -> bool:
-            scale = float(unfolded.abs().max())
-            return float((unfolded - folded).abs().max()) <= FOLD_TOLERANCE * scale + 1e-6
-
-        with folded_batchnorm(self.model, run, agree, per_call=per_call) as count:
+        with folded_batchnorm(self.model, run, fold_outputs_agree, per_call=per_call) as count:
             yield count
 
     def _finish(

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lrss_ds.engine.prediction_writer as prediction_writer
 import lrss_ds.memory.banded_inference as banded_inference
 from lrss_ds.data.rasters import RasterSource, open_geotiff
-from lrss_ds.engine.inference import Predictor
+from lrss_ds.engine.inference import Predictor, fold_outputs_agree
 from lrss_ds.memory.device_sim import DeviceMemorySimulator
 from lrss_ds.memory.fold_batchnorm import folded_batchnorm
 from lrss_ds.models import MODEL_BUILDERS
@@ -124,6 +124,38 @@ def test_a_bf16_prediction_checks_its_batchnorm_fold_in_fp32(tmp_path: Path, mon
     classes, _ = _strips(Predictor(model=model, num_classes=5, ignore_index=255, bf16=True), _scene(tmp_path, 70, 60))
     assert classes.shape == (70, 60)
     assert checked_dtypes == {torch.float32}
+
+
+class _ConvReadTwice(nn.Module):
+    """A segmentation model whose first convolution's output is read by its BatchNorm and a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(BANDS, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x.float())
+        return self.head(self.bn(z) + z)
+
+
+def test_a_batchnorm_fold_that_moves_the_logits_is_refused_but_a_few_moved_points_are_not(tmp_path: Path) -> None:
+    model = _ConvReadTwice().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.25, 4)
+    with pytest.raises(RuntimeError, match="changed its output"):
+        _strips(Predictor(model=model, num_classes=5, ignore_index=255), _scene(tmp_path, 70, 60))
+
+    # a discrete choice (MagNet's top-k over tied scores) moves a few points when rounding
+    # reorders the ties: that is not a wrong fold
+    unfolded = torch.randn(1, 5, 64, 64)
+    few_moved, all_moved = unfolded.clone(), unfolded * 1.01
+    few_moved[..., :3, :] += 1.0  # 3 of 64 rows: 4.7 % of the logits
+    assert fold_outputs_agree(unfolded, unfolded + 1e-7)
+    assert fold_outputs_agree(unfolded, few_moved)
+    assert not fold_outputs_agree(unfolded, all_moved)
 
 
 class _AsFloat(nn.Module):
