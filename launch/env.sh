@@ -20,14 +20,15 @@ fi
 stamp="$venv/.lrss_ds-installed"
 # The editable install points at one checkout: a venv shared by two checkouts must follow the
 # one that runs now, so the checkout's path is part of the stamp.
-want="$( (echo "$root"; cat "$root/setup.cfg" "$root/pyproject.toml") | sha256sum | cut -d' ' -f1)"
+want="$( (echo "$root"; cat "$root/setup.cfg" "$root/pyproject.toml" "$root/launch/env.sh") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[env] installing lrss_ds and its dependencies into $venv" >&2
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
     "$venv/bin/pip" install -q 'torch==2.13.0'
   fi
-  "$venv/bin/pip" install -q -e "$root[test]"
+  # generic: smp, timm and torchvision for the papers' generic networks (setup.cfg)
+  "$venv/bin/pip" install -q -e "$root[test,generic]"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -16,15 +16,29 @@ encoders keep timm's under ``net.encoder.model.``).
 The libraries are imported when a model is built, not when this module is imported, so the
 rest of the package works without them; a missing or broken library is a one-line
 :class:`~lrss_ds.errors.ConfigError` naming the package and the import's own error.
+
+PyPI's torchvision 0.28.0 wheel for x86-64 is built against the CUDA torch 2.13.0: beside the
+CPU build of the same torch its compiled ops (``_C.so``, which links ``libtorch_cuda.so``) do not
+load, and ``import torchvision`` then stops with ``operator torchvision::nms does not exist``,
+because two of its fake-tensor registrations (``nms``, ``qnms``) assume the ops are there. The
+networks wrapped here are pure Python (ResNet encoders, FCN heads) and use none of the compiled
+detection ops, so :func:`import_library` declares those two operators' schemas, without kernels,
+when that import fails for exactly this reason, and imports again: smp and torchvision's
+segmentation models then build and run (tests), and a call of ``torchvision.ops.nms`` still fails
+with PyTorch's "no kernel" error. Where the compiled ops load (a CUDA node with the matching
+wheel) nothing is declared.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import sys
 from types import ModuleType
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from lrss_ds.errors import ConfigError
@@ -52,6 +66,15 @@ REQUIREMENTS: dict[str, str] = {
     "torchvision": "torchvision==0.28.0 (built for the installed torch)",
 }
 TV_FCN_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101")
+# The operators torchvision 0.28's import registers fake kernels for unconditionally (its other
+# meta registrations check that the operator exists first), with their schemas.
+TORCHVISION_IMPORT_OPERATORS: dict[str, str] = {
+    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+# Packages whose half-finished import is dropped before importing again.
+_IMPORT_RETRY_PACKAGES: tuple[str, ...] = ("torchvision", "timm", "segmentation_models_pytorch")
+_log = logging.getLogger(__name__)
 # The model names whose network comes from a library that may be missing or broken.
 LIBRARY_MODELS: tuple[str, ...] = ("smp", "tv_fcn")
 
@@ -73,7 +96,12 @@ def import_library(module: str, model: str) -> ModuleType:
             smp imports torchvision itself, so every exception is reported.
     """
     try:
-        return importlib.import_module(module)
+        try:
+            return importlib.import_module(module)
+        except RuntimeError as error:
+            if not _declare_missing_torchvision_operators(error):
+                raise
+            return importlib.import_module(module)
     except Exception as error:  # noqa: BLE001 - any import failure means the model cannot be built
         first = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
@@ -81,6 +109,30 @@ def import_library(module: str, model: str) -> ModuleType:
             f"model {model!r} needs {REQUIREMENTS[module]}, but importing {module} failed: "
             f"{type(error).__name__}: {first}",
         ) from error
+
+
+def _declare_missing_torchvision_operators(error: RuntimeError) -> bool:
+    """Declare the operators a torchvision import stopped on (module docstring); True if any was.
+
+    Only for the error a torchvision wheel whose compiled ops did not load gives; the
+    half-finished imports are dropped from ``sys.modules`` so that the next import starts over.
+    """
+    if "operator torchvision::" not in str(error) or "does not exist" not in str(error):
+        return False
+    missing = [name for name in TORCHVISION_IMPORT_OPERATORS if not hasattr(torch.ops.torchvision, name)]
+    if not missing:
+        return False
+    for name in missing:
+        torch.library.define(f"torchvision::{name}", TORCHVISION_IMPORT_OPERATORS[name])
+    for loaded in [m for m in sys.modules if m.split(".")[0] in _IMPORT_RETRY_PACKAGES]:
+        del sys.modules[loaded]
+    _log.info(
+        "torchvision's compiled ops do not load beside torch %s; declared %s without kernels so that its "
+        "pure-Python networks import",
+        torch.__version__,
+        ", ".join(missing),
+    )
+    return True
 
 
 def library_problem(model: str) -> str | None:

@@ -3,7 +3,9 @@ model (these, SegNet, ICNet) trains under DeepSpeed with a memory mode."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,26 @@ def test_a_broken_library_names_the_import_error(monkeypatch: pytest.MonkeyPatch
         "segmentation_models_pytorch failed: RuntimeError: operator torchvision::nms does not exist"
     )
     assert library_problem("tv_fcn") is not None
+
+
+def test_the_installed_generic_extra_imports_beside_this_torch() -> None:
+    """launch/env.sh installs the ``generic`` extra. PyPI's torchvision is built for the CUDA torch;
+    beside the CPU build its compiled ops do not load, and it imports only through the adapter's
+    declared operators: checked in a fresh process, where torchvision is imported for the first time."""
+    for distribution in ("torchvision", "segmentation-models-pytorch", "timm"):
+        importlib.metadata.version(distribution)  # PackageNotFoundError: install the extra (README)
+    check = (
+        "from lrss_ds.models.smp_adapter import library_problem\n"
+        "problems = [library_problem(name) for name in ('tv_fcn', 'smp')]\n"
+        "assert problems == [None, None], problems\n"
+        "import torchvision, torch\n"
+        "try:\n"
+        "    torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)\n"
+        "except (RuntimeError, NotImplementedError):\n"
+        "    pass  # no kernel where the compiled ops did not load; runs where they did\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
