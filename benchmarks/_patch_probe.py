@@ -1,8 +1,11 @@
 """The patch baselines' training probe: one timed step is one pass over the tiles of an image.
 
 The planner's probe (``lrss_ds.engine.probe.probe_training_step``) trains on whole samples;
-a patch-trained baseline sees an image as non-overlapping ``patch_size`` tiles, one optimizer
-step per tile, so its ``step_s`` is the training time per image. Same engine, same step (the
+a patch-trained baseline sees an image as non-overlapping ``patch_size`` tiles, taken in
+micro-batches of ``patch_batch`` tiles with one optimizer step each (the batch `lrss-ds train`
+gives these methods in the benchmarks: ``_workloads.PATCH_BATCH``; smp's PSPNet, DeepLabV3+ and
+UPerNet normalise a globally pooled 1 x 1 map, which BatchNorm cannot train on one sample), so its
+``step_s`` is the training time per image. Same engine, same step (the
 trainer's), same measurements (``lrss_ds.engine.probe.measure_steps``); only the micro-batches
 differ. Run in a fresh process by ``memory_time.train_probe``.
 """
@@ -18,6 +21,7 @@ def patch_training_step(
     width: int,
     mode: str,
     patch_size: int,
+    patch_batch: int = 8,
     steps: int = 2,
     bands: int = 4,
     num_classes: int = 6,
@@ -33,6 +37,7 @@ def patch_training_step(
         width: image width W.
         mode: a ``PLAN_SETUPS`` name.
         patch_size: tile side; edge tiles are cut to the image.
+        patch_batch: tiles per optimizer step (tiles of one shape together, in image order).
         steps: passes over the tiles (see ``measure_steps``).
         bands: input bands C.
         num_classes: classes K.
@@ -43,15 +48,25 @@ def patch_training_step(
     Returns:
         ``measure_steps``' dict plus ``model``, ``mode``, ``height``, ``width``, ``pixels``.
     """
+    import torch
+
     from lrss_ds.engine.probe import measure_steps, probe_step_parts, random_sample
 
     parts = probe_step_parts(model, mode, bands, num_classes, model_options, loss, seed)
     sample = random_sample(bands, height, width, num_classes, parts.engine.device)
     tiles = [
-        {"image": sample["image"][:, :, r : r + patch_size, c : c + patch_size],
-         "label": sample["label"][:, r : r + patch_size, c : c + patch_size]}
+        (sample["image"][:, :, r : r + patch_size, c : c + patch_size], sample["label"][:, r : r + patch_size, c : c + patch_size])
         for r in range(0, height, patch_size)
         for c in range(0, width, patch_size)
     ]
-    measured = measure_steps(parts, tiles, steps)
+    by_shape: dict[tuple[int, ...], list[tuple[Any, Any]]] = {}
+    for image, label in tiles:
+        by_shape.setdefault(tuple(image.shape), []).append((image, label))
+    batches = [
+        {"image": torch.cat([image for image, _ in group[i : i + patch_batch]]),
+         "label": torch.cat([label for _, label in group[i : i + patch_batch]])}
+        for group in by_shape.values()
+        for i in range(0, len(group), patch_batch)
+    ]
+    measured = measure_steps(parts, batches, steps)
     return {"model": model, "mode": mode, "height": height, "width": width, "pixels": height * width, **measured}

@@ -46,6 +46,9 @@ class Method:
     loss: str = "ce"
 
 
+PATCH_BATCH = 8
+"""Patches per optimizer step of the patch-trained methods, in training and in the time probe."""
+
 METHODS: dict[str, Method] = {
     m.label: m
     for m in (
@@ -203,7 +206,7 @@ def product_train(
     lr: float = 1e-3,
     water_scale: float = 1.0,
     bn_scenes: float = 8.0,
-    patch_batch: int = 8,
+    patch_batch: int = PATCH_BATCH,
     state_out: str | None = None,
     max_steps: int = 1_000_000,
     store: str | None = None,

@@ -62,7 +62,7 @@ from _harness import (  # noqa: E402
     write_report,
     write_text_atomically,
 )
-from _workloads import METHODS, options_for, unavailable  # noqa: E402
+from _workloads import METHODS, PATCH_BATCH, options_for, unavailable  # noqa: E402
 
 from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
 from lrss_ds.memory.modes import get_memory_mode  # noqa: E402
@@ -141,7 +141,8 @@ def train_probe(label: str, mode: str, size: tuple[int, int], patch: int, cap: f
     params = {"model": spec.model, "height": size[0], "width": size[1], "mode": mode, "steps": steps, "bands": bands,
               "model_options": options_for(spec, patch), "loss": spec.loss}
     if spec.sampling == "patch":  # one optimizer step per tile: the training time per image
-        run = run_config("_patch_probe:patch_training_step", {**params, "patch_size": patch}, cap_gib=cap)
+        run = run_config("_patch_probe:patch_training_step",
+                         {**params, "patch_size": patch, "patch_batch": PATCH_BATCH}, cap_gib=cap)
     else:
         run = run_config("lrss_ds.engine.probe:probe_training_step", params, cap_gib=cap)
     row: dict[str, Any] = {"status": run.status, "host_peak_gib": run.peak_rss_bytes / GIB,
@@ -372,9 +373,10 @@ def conditions_text(args: argparse.Namespace) -> str:
     return (
         f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
         f"a {args.cap} GiB RSS cap; train s/image = fastest of {args.steps} passes after the first (forward, loss, "
-        f"backward, DeepSpeed optimizer step; patch HRNet: all {args.patch}px patches of the image, one step each); "
+        f"backward, DeepSpeed optimizer step; patch-trained methods: all {args.patch}px patches of the image, "
+        f"{PATCH_BATCH} per step); "
         f"test s/image = prediction of a whole {size_text} image by lrss_ds.engine.inference.Predictor (global for "
-        f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch HRNet); "
+        f"holistic models, {args.patch}px sliding windows with {args.patch // 4}px overlap for patch-trained ones); "
         + ("" if args.phase == "measure" or args.training_from else
            f"`lrss-ds train` budget {args.train_budget:.0f} CPU-s per method{_larger_budgets(args.budgets)} on a tile store of {args.train_scenes} synthetic scenes "
            f"of {args.scene_size}px, water scale {args.water_scale:g} (river {2 * 0.028 * 0.85 * args.scene_size * args.water_scale:.0f}-"
@@ -456,7 +458,8 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
 
     Args:
         reused: rows of earlier runs by method, taken as measured instead of probing again when
-            they were measured with the weights ``states`` names now (their mIoU depends on them).
+            they were measured with the weights ``states`` names now (their mIoU depends on them),
+            or when no trained weights are here for the method.
 
     Returns:
         ``(rows of the table, {(method, view): probe result})``.
@@ -464,7 +467,9 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
     inference_rows = []
     views: dict[tuple[str, str], dict[str, Any]] = {}
     for label in args.methods if args.phase != "measure" else []:
-        if label in reused and reused[label].get("state") == states[label]:
+        # a row measured with weights that are no longer here (an earlier machine's run folder)
+        # stands as measured: probing again would score untrained weights
+        if label in reused and (reused[label].get("state") == states[label] or states[label] is None):
             inference_rows.append(dict(reused[label]))
             continue
         if METHODS[label].model in TWO_VIEW_MODELS:
