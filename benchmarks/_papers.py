@@ -141,9 +141,7 @@ PAPER_METHODS: dict[str, PaperMethod] = {
     "UperNet": PaperMethod(("UPerNet",)),
     "HRNet": PaperMethod(("patch HRNet", "downsampled HRNet")),
     "STDC": PaperMethod(("STDC",)),
-    "Swin": PaperMethod(not_built="Swin-UPerNet would be smp's UPerNet on a timm Swin encoder (tu-swin_*), whose "
-                        "window grid is fixed at construction; the smp adapter pads only to the encoder stride, so "
-                        "it is not offered (and smp/timm do not import on the CPU machines)"),
+    "Swin": PaperMethod(("Swin-UPerNet",)),
     "GLNet": PaperMethod(("GLNet",)),
     "FCtL": PaperMethod(("FCtL",)),
     "MagNet": PaperMethod(("MagNet",)),

@@ -67,6 +67,8 @@ METHODS: dict[str, Method] = {
         Method("PSPNet", "smp", {"arch": "pspnet", "encoder": "resnet50"}, "patch", "ce"),
         Method("DeepLabv3+", "smp", {"arch": "deeplabv3plus", "encoder": "resnet50"}, "patch", "ce"),
         Method("UPerNet", "smp", {"arch": "upernet", "encoder": "resnet50"}, "patch", "ce"),
+        # Swin-T under UPerNet, as MMSegmentation (the EHSNet authors' framework) builds "Swin"
+        Method("Swin-UPerNet", "smp", {"arch": "upernet", "encoder": "tu-swin_tiny_patch4_window7_224"}, "patch", "ce"),
         Method("FCN", "tv_fcn", {"backbone": "resnet50"}, "patch", "ce"),
         Method("SegNet", "segnet", {}, "patch", "ce"),
         Method("ICNet", "icnet", {}, "patch", "ce"),

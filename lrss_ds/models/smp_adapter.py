@@ -72,6 +72,10 @@ TORCHVISION_IMPORT_OPERATORS: dict[str, str] = {
     "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
+# timm builds Swin for one input size (224: its window masks and patch grid) unless told
+# otherwise; these options let it take any multiple of the encoder stride, which the adapter
+# pads to. An option the user gives in arch_options wins.
+TIMM_SWIN_ANY_SIZE: dict[str, Any] = {"dynamic_img_size": True, "strict_img_size": False}
 # Packages whose half-finished import is dropped before importing again.
 _IMPORT_RETRY_PACKAGES: tuple[str, ...] = ("torchvision", "timm", "segmentation_models_pytorch")
 _log = logging.getLogger(__name__)
@@ -268,6 +272,8 @@ def _create_smp(smp: ModuleType, arch: str, encoder: str, in_channels: int, clas
     unknown = sorted(set(extra) - named)
     if unknown and not encoder.startswith("tu-"):
         raise ConfigError("model.arch_options", f"smp {arch!r} does not take {unknown} (its options: {sorted(named - {'self'})})")
+    if encoder.startswith("tu-swin"):
+        extra = {**TIMM_SWIN_ANY_SIZE, **extra}
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **extra)
     except TypeError as error:

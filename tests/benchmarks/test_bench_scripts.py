@@ -74,7 +74,7 @@ def test_memory_time_quick(quick_reports: dict) -> None:
     sys.path.insert(0, str(BENCH))
     from _workloads import METHODS
 
-    generic = {"U-Net", "PSPNet", "DeepLabv3+", "UPerNet", "FCN"}  # library models: run where they import
+    generic = {"U-Net", "PSPNet", "DeepLabv3+", "UPerNet", "Swin-UPerNet", "FCN"}  # library models: run where they import
     assert methods == set(METHODS) - set(report["unavailable"])  # every compared method that imports here
     assert {"patch HRNet", "downsampled HRNet", "GLNet", "GLSNet", "EHSNet", "ISDNet", "STDC", "MagNet", "FCtL",
             "SegNet", "ICNet", "FCN-8s"} <= methods

@@ -113,6 +113,18 @@ def test_each_arch_maps_odd_four_band_input_to_same_size_logits(arch: str) -> No
     assert rebuilt.config() == model.config() and set(rebuilt.state_dict()) == set(model.state_dict())
 
 
+def test_swin_upernet_takes_any_size_not_only_its_224_pixel_grid() -> None:
+    # timm builds Swin for 224 x 224 inputs by default; the adapter asks it for any size, so
+    # windows of training, sliding windows and whole scenes all run (EHSNet Table 1's "Swin")
+    skip_if_unavailable("smp")
+    model = _build("smp", arch="upernet", encoder="tu-swin_tiny_patch4_window7_224").eval()
+    with torch.no_grad():
+        for height, width in ((45, 67), (64, 64), (100, 37)):
+            logits = model(torch.randint(0, 256, (1, BANDS, height, width), dtype=torch.uint8))
+            assert logits.shape == (1, CLASSES, height, width) and torch.isfinite(logits).all()
+    assert model.config()["arch_options"] == {}  # the any-size options are the adapter's, not saved
+
+
 def test_tv_fcn_maps_odd_four_band_input_to_same_size_logits() -> None:
     skip_if_unavailable("tv_fcn")
     model = _build("tv_fcn", aux=True)
