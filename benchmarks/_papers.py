@@ -157,7 +157,8 @@ PAPER_METHODS: dict[str, PaperMethod] = {
     "FCN-8s": PaperMethod(("FCN-8s",)),
     "Mask2Former": PaperMethod(not_built="mask classification with a multi-scale deformable-attention pixel decoder, "
                                "a masked-attention query decoder and a Hungarian-matched set loss: more than a day "
-                               "to write faithfully, and no library that builds it imports here"),
+                               "to write faithfully; of this project's libraries smp and timm do not build it (Hugging Face "
+                               "transformers does; not a dependency)"),
     "TransUNet": PaperMethod(("TransUNet",)),
     "GLSNet": PaperMethod(("GLSNet",)),
 }

@@ -371,7 +371,7 @@ def conditions_text(args: argparse.Namespace) -> str:
     """The conditions line of the report: what each column measured and how."""
     size_text = args.size_text
     return (
-        f"memory/time at {size_text}, batch 1, {args.bands} uint8 bands, each configuration a fresh process under "
+        f"memory/time at {size_text}, one whole image per step for holistic methods, {args.bands} uint8 bands, each configuration a fresh process under "
         f"a {args.cap} GiB RSS cap; train s/image = fastest of {args.steps} passes after the first (forward, loss, "
         f"backward, DeepSpeed optimizer step; patch-trained methods: all {args.patch}px patches of the image, "
         f"{PATCH_BATCH} per step); "
