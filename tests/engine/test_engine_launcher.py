@@ -191,6 +191,9 @@ train: {{seed: 3, iterations: 2, checkpoint_every: 0, eval_every: 0}}
     ("stdc", "{base: 16, context_channels: 32}"),
     ("fcn8s", "{width: 16, fc_channels: 64}"),
     ("transunet", "{resnet_depth: 18, hidden: 32, layers: 2, heads: 2, mlp: 64}"),
+    ("magnet", "{crop_size: 64, depth: 18, fpn_width: 32}"),
+    ("fctl", "{crop_size: 64, depth: 18, fpn_width: 32, corr_width: 32, key_width: 16}"),
+    ("smp", "{arch: unet, encoder: resnet18}"),
 ])
 def test_model_trains_under_the_launcher_with_checkpointing_and_predicts_a_geotiff(
     name: str, options: str, store: Path, tmp_path: Path

@@ -66,7 +66,8 @@ def login_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (venv / "bin").mkdir(parents=True)
     # The venv's python is a real one (env.sh may ask it whether torch sees CUDA: here it does not).
     _script(venv / "bin" / "python", f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
-    stamp = f"{REPO}\n".encode() + (REPO / "setup.cfg").read_bytes() + (REPO / "pyproject.toml").read_bytes()
+    # env.sh's stamp of an installed venv: the checkout, setup.cfg, pyproject.toml and env.sh itself
+    stamp = f"{REPO}\n".encode() + b"".join((REPO / name).read_bytes() for name in ("setup.cfg", "pyproject.toml", "launch/env.sh"))
     (venv / ".lrss_ds-installed").write_text(hashlib.sha256(stamp).hexdigest() + "\n")
     env = {"HOME": str(tmp), "LRSS_DS_VENV": str(venv), "TORCH_EXTENSIONS_DIR": str(tmp / "ext"), **node}
     done = _run(["bash", str(LAUNCH / "env.sh"), "env"], env)
