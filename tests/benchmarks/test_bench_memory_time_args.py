@@ -113,3 +113,38 @@ def test_rows_from_probes_again_an_inference_row_of_other_weights(tmp_path: Path
     _, reused_inference = memory_time.earlier_rows(args.rows_from, {})
     inference_rows, _ = memory_time.inference_phase(args, states, reused_inference)
     assert probed == ["GLSNet"] and inference_rows[0]["global_s"] == 3.0
+
+
+def test_an_inference_row_whose_weights_are_gone_stands_as_measured(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # an earlier machine's training folder: its scores, but no state files any more
+    _training_run(tmp_path / "trained", {"GLSNet": 10.0})
+    (tmp_path / "trained" / "memory_time_states" / "glsnet.pt").unlink()
+    _measured_run(tmp_path / "earlier", ["GLSNet"], 1.0, "/earlier-machine/glsnet.pt")
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path / "out"), "--methods", "GLSNet",
+                                   "--training-from", str(tmp_path / "trained"),
+                                   "--rows-from", str(tmp_path / "earlier")])
+
+    def no_probe(*_: object, **__: object) -> None:
+        raise AssertionError("probing now would score weights that are not the trained ones")
+
+    monkeypatch.setattr(memory_time, "infer_probe", no_probe)
+    _, states = memory_time.accuracy_phase(args, {})
+    _, reused_inference = memory_time.earlier_rows(args.rows_from, {})
+    inference_rows, _ = memory_time.inference_phase(args, states, reused_inference)
+    assert states["GLSNet"] is None and inference_rows[0]["global_s"] == 1.0
+
+
+def test_a_training_child_gets_wall_time_for_its_cpu_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = []
+
+    def recording_run_config(target: str, params: dict, **options: object) -> object:
+        limits.append((params["budget_cpu_s"], options["timeout_s"]))
+        raise SystemExit("recorded")
+
+    monkeypatch.setattr(memory_time, "run_config", recording_run_config)
+    args = memory_time.parse_args(["--quick", "--out", str(tmp_path), "--train-budget-for", "GLNet=1440"])
+    with pytest.raises(SystemExit, match="recorded"):
+        memory_time.trained_state("GLNet", args, tmp_path)
+    [(budget, limit)] = limits
+    assert budget == 1440.0 and limit >= 3 * budget  # a shared machine stretches wall time
