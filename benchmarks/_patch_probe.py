@@ -21,7 +21,7 @@ def patch_training_step(
     width: int,
     mode: str,
     patch_size: int,
-    patch_batch: int = 8,
+    patch_batch: int,
     steps: int = 2,
     bands: int = 4,
     num_classes: int = 6,
