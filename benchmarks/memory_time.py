@@ -42,6 +42,7 @@ import argparse
 import json
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -336,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-scenes", type=int, default=None, help="validation scenes (default 4; quick 1)")
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="inference and training probes run at once (default 1, so that no two share the "
+                             "machine's time; the test suite's --quick run uses 2); trainings run one at a time")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
     parser.add_argument("--phase", choices=("all", "train", "measure"), default="all",
                         help="train: only the short trainings (scores and states for a later run); "
@@ -431,6 +435,8 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
             states[label] = None
     else:
         states_dir.mkdir(exist_ok=True)
+        # one at a time: `lrss-ds train` in a plain process starts its own one-rank process group,
+        # and two at once collided (one exited with status 1)
         for label in methods:
             trained[label], states[label] = trained_state(label, args, states_dir)
         payload = {"header": header, "training": trained}
@@ -469,32 +475,47 @@ def inference_phase(args: argparse.Namespace, states: dict[str, str | None],
     Returns:
         ``(rows of the table, {(method, view): probe result})``.
     """
-    inference_rows = []
-    views: dict[tuple[str, str], dict[str, Any]] = {}
-    for label in args.methods if args.phase != "measure" else []:
-        # a row measured with weights that are no longer here (an earlier machine's run folder)
-        # stands as measured: probing again would score untrained weights
-        if label in reused and (reused[label].get("state") == states[label] or states[label] is None):
-            inference_rows.append(dict(reused[label]))
-            continue
-        if METHODS[label].model in TWO_VIEW_MODELS:
-            # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
-            local = {"status": "n/a: the model combines local and global views itself"}
-        else:
-            local = infer_probe(label, args.scene_size, args.patch, "local", args.cap, args.bands, states[label],
-                                args.water_scale)
-        glob = infer_probe(label, args.scene_size, args.patch, "global", args.cap, args.bands, states[label],
-                           args.water_scale)
-        views[(label, "local")], views[(label, "global")] = local, glob
-        inference_rows.append({
-            "method": label, "size": f"{args.scene_size}x{args.scene_size}",
-            "local_miou": local.get("miou"), "local_peak_mib": local.get("peak_mib"),
-            "local_above_model_mib": local.get("above_model_mib"), "local_s": local.get("test_s"),
-            "global_miou": glob.get("miou"), "global_peak_mib": glob.get("peak_mib"),
-            "global_above_model_mib": glob.get("above_model_mib"), "global_s": glob.get("test_s"),
-            "local_status": local["status"], "global_status": glob["status"], "state": states[label],
-        })
+    labels = args.methods if args.phase != "measure" else []
+    probed = _map_jobs(lambda label: _inference_probes(args, label, states, reused), labels, args.jobs)
+    inference_rows = [row for row, _ in probed]
+    views = {key: probe for _, found in probed for key, probe in found.items()}
     return inference_rows, views
+
+
+def _inference_probes(args: argparse.Namespace, label: str, states: dict[str, str | None],
+                      reused: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[tuple[str, str], dict]]:
+    """``label``'s row of the local/global table and its probes by ``(method, view)`` (none when reused)."""
+    # a row measured with weights that are no longer here (an earlier machine's run folder)
+    # stands as measured: probing again would score untrained weights
+    if label in reused and (reused[label].get("state") == states[label] or states[label] is None):
+        return dict(reused[label]), {}
+    if METHODS[label].model in TWO_VIEW_MODELS:
+        # GLNet and GLSNet always combine both views (GLSNet's Table 3 gives them one figure).
+        local = {"status": "n/a: the model combines local and global views itself"}
+    else:
+        local = infer_probe(label, args.scene_size, args.patch, "local", args.cap, args.bands, states[label],
+                            args.water_scale)
+    glob = infer_probe(label, args.scene_size, args.patch, "global", args.cap, args.bands, states[label],
+                       args.water_scale)
+    row = {
+        "method": label, "size": f"{args.scene_size}x{args.scene_size}",
+        "local_miou": local.get("miou"), "local_peak_mib": local.get("peak_mib"),
+        "local_above_model_mib": local.get("above_model_mib"), "local_s": local.get("test_s"),
+        "global_miou": glob.get("miou"), "global_peak_mib": glob.get("peak_mib"),
+        "global_above_model_mib": glob.get("above_model_mib"), "global_s": glob.get("test_s"),
+        "local_status": local["status"], "global_status": glob["status"], "state": states[label],
+    }
+    return row, {(label, "local"): local, (label, "global"): glob}
+
+
+def _map_jobs(work: Callable[[str], Any], labels: list[str], jobs: int) -> list[Any]:
+    """``[work(label) for label in labels]``, ``jobs`` at a time after the first (each starts its
+    own child processes; the first alone, as it may build what the others share)."""
+    if jobs <= 1 or len(labels) <= 1:
+        return [work(label) for label in labels]
+    first = work(labels[0])
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return [first, *pool.map(work, labels[1:])]
 
 
 def measure_phase(args: argparse.Namespace, trained: dict[str, Any], views: dict,
@@ -504,37 +525,43 @@ def measure_phase(args: argparse.Namespace, trained: dict[str, Any], views: dict
     Args:
         reused: rows of earlier runs at the same size by (method, memory mode), taken as measured.
     """
+    per_method = _map_jobs(lambda label: _method_rows(args, label, trained, views, reused), args.methods, args.jobs)
+    return [row for rows in per_method for row in rows]
+
+
+def _method_rows(args: argparse.Namespace, label: str, trained: dict[str, Any], views: dict,
+                 reused: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``label``'s memory/time rows: plain training, and every memory mode for EHSNet."""
     size, size_text, modes = args.size, args.size_text, args.modes
     rows: list[dict[str, Any]] = []
-    for label in args.methods:
-        spec = METHODS[label]
-        view = "local" if spec.sampling == "patch" else "global"
-        label_modes = modes if label == "EHSNet" else ["none"]
-        if all((label, mode) in reused for mode in label_modes):
-            test = {}
-        elif size == (args.scene_size, args.scene_size) and (label, view) in views:
-            test = views[(label, view)]  # the same probe at the same size: measured once
+    spec = METHODS[label]
+    view = "local" if spec.sampling == "patch" else "global"
+    label_modes = modes if label == "EHSNet" else ["none"]
+    if all((label, mode) in reused for mode in label_modes):
+        test = {}
+    elif size == (args.scene_size, args.scene_size) and (label, view) in views:
+        test = views[(label, view)]  # the same probe at the same size: measured once
+    else:
+        test = infer_probe(label, size[0], args.patch, view, args.cap, args.bands, None)
+    for mode in label_modes:
+        if (label, mode) in reused:
+            row = dict(reused[(label, mode)])
         else:
-            test = infer_probe(label, size[0], args.patch, view, args.cap, args.bands, None)
-        for mode in label_modes:
-            if (label, mode) in reused:
-                row = dict(reused[(label, mode)])
-            else:
-                row = {"method": label, "memory_mode": mode, "size": size_text}
-                row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
-                row["test_s"] = test.get("test_s")
-                row["test_peak_gib"] = test.get("peak_mib", 0) / 1024 if test.get("peak_mib") else None
-            scores = trained[label]
-            if mode == "none" or mode in FP32_EQUAL:
-                row["miou"] = scores.get("miou")
-                row["river_lake_miou"] = scores.get("river_lake_miou")
-                row["miou_source"] = scores["miou_source"] if mode == "none" else \
-                    "same as EHSNet/none: this fp32 mode gives equal loss and gradients"
-            else:
-                row["miou"] = None
-                row["river_lake_miou"] = None
-                row["miou_source"] = "not trained in this mode (bf16 is not bit-equal to fp32)"
-            rows.append(row)
+            row = {"method": label, "memory_mode": mode, "size": size_text}
+            row.update(train_probe(label, mode, size, args.patch, args.cap, args.bands, args.steps))
+            row["test_s"] = test.get("test_s")
+            row["test_peak_gib"] = test.get("peak_mib", 0) / 1024 if test.get("peak_mib") else None
+        scores = trained[label]
+        if mode == "none" or mode in FP32_EQUAL:
+            row["miou"] = scores.get("miou")
+            row["river_lake_miou"] = scores.get("river_lake_miou")
+            row["miou_source"] = scores["miou_source"] if mode == "none" else \
+                "same as EHSNet/none: this fp32 mode gives equal loss and gradients"
+        else:
+            row["miou"] = None
+            row["river_lake_miou"] = None
+            row["miou_source"] = "not trained in this mode (bf16 is not bit-equal to fp32)"
+        rows.append(row)
     return rows
 
 

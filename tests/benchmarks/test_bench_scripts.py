@@ -36,7 +36,9 @@ def quick_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[d
         proc = subprocess.Popen(
             # one intra-op thread each: four scripts share the cores, and OpenMP threads that
             # wait on descheduled siblings would only burn CPU
-            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out)],
+            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--threads", "1", "--out", str(out),
+             # memory_time's ~20 methods are the suite's longest path: two probes at once
+             *(["--jobs", "2"] if name == "memory_time" else [])],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         running[name] = (proc, out)
