@@ -510,7 +510,8 @@ def _inference_probes(args: argparse.Namespace, label: str, states: dict[str, st
 
 def _map_jobs(work: Callable[[str], Any], labels: list[str], jobs: int) -> list[Any]:
     """``[work(label) for label in labels]``, ``jobs`` at a time after the first (each starts its
-    own child processes; the first alone, as it may build what the others share)."""
+    own child processes; the first alone, so that DeepSpeed's CPU ops, JIT-built on first use when
+    ``--phase measure`` ran no training before, are built by one process, not raced for)."""
     if jobs <= 1 or len(labels) <= 1:
         return [work(label) for label in labels]
     first = work(labels[0])
