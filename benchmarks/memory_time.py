@@ -338,8 +338,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bands", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="training steps per probe (time: fastest after the first)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="inference and training probes run at once (default 1, so that no two share the "
-                             "machine's time; the test suite's --quick run uses 2); trainings run one at a time")
+                        help="trainings, inference and training probes run at once (default 1, so that no two "
+                             "share the machine's time; the test suite's --quick run uses 2)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method labels")
     parser.add_argument("--phase", choices=("all", "train", "measure"), default="all",
                         help="train: only the short trainings (scores and states for a later run); "
@@ -435,10 +435,11 @@ def accuracy_phase(args: argparse.Namespace, header: dict[str, Any]) -> tuple[di
             states[label] = None
     else:
         states_dir.mkdir(exist_ok=True)
-        # one at a time: `lrss-ds train` in a plain process starts its own one-rank process group,
-        # and two at once collided (one exited with status 1)
-        for label in methods:
-            trained[label], states[label] = trained_state(label, args, states_dir)
+        # --jobs at a time (each a one-thread `lrss-ds train`; the budget counts CPU seconds, so
+        # a shared core costs wall time, not steps); the first alone makes the shared store
+        done = _map_jobs(lambda label: trained_state(label, args, states_dir), methods, args.jobs)
+        for label, (scores, state) in zip(methods, done):
+            trained[label], states[label] = scores, state
         payload = {"header": header, "training": trained}
         write_text_atomically(args.out / "memory_time_training.json", json.dumps(payload, indent=2, default=str) + "\n")
     return trained, states
@@ -510,8 +511,8 @@ def _inference_probes(args: argparse.Namespace, label: str, states: dict[str, st
 
 def _map_jobs(work: Callable[[str], Any], labels: list[str], jobs: int) -> list[Any]:
     """``[work(label) for label in labels]``, ``jobs`` at a time after the first (each starts its
-    own child processes; the first alone, so that DeepSpeed's CPU ops, JIT-built on first use when
-    ``--phase measure`` ran no training before, are built by one process, not raced for)."""
+    own child processes; the first alone, so that DeepSpeed's CPU ops, JIT-built on first use, are
+    built by one process, not raced for, and the trainings' shared store is made once)."""
     if jobs <= 1 or len(labels) <= 1:
         return [work(label) for label in labels]
     first = work(labels[0])

@@ -89,3 +89,30 @@ def test_changed_water_scale_on_an_existing_store_is_named(tmp_path) -> None:
     _prepare(store, lines, water_scale=2.5)
     assert any("water_scale 1.0 -> 2.5" in line and "regenerating" in line for line in lines)
     _prepare(store, water_scale=2.5)  # the same parameters again: accepted, nothing regenerated
+
+
+def _prepare_after(barrier, store: str, results) -> None:
+    barrier.wait()
+    try:
+        _prepare(Path(store), train_scenes=4, height=160, width=160)
+        results.put("ok")
+    except Exception as error:  # the parent asserts on the text
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_runs_preparing_one_store_at_once_both_get_it(tmp_path) -> None:
+    """Trainings side by side on one synthetic store: the second waits for the first's
+    preparation instead of being refused by its ingest, and each scene is ingested once."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    store = tmp_path / "store"
+    runs = [context.Process(target=_prepare_after, args=(barrier, str(store), results)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(120)
+    assert sorted(results.get(timeout=5) for _ in runs) == ["ok", "ok"]
+    assert set(_shapes(store)) == {f"synth_0_000{i}" for i in range(4)} | {"synth_1_0000"}
+    assert not (raw_dir(store) / ".writer.lock").exists()
