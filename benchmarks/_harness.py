@@ -355,14 +355,29 @@ def markdown_table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) ->
     return "\n".join(lines)
 
 
+# What the Markdown says of each earlier run a report reuses; the JSON keeps their whole headers.
+_EARLIER_RUN_KEYS = ("date", "git_commit", "load_at_start", "conditions")
+
+
 def _header_markdown(header: dict[str, Any]) -> str:
-    """The header as a bullet list."""
+    """The header as a bullet list; earlier runs' headers (``{folder: header}``) one sub-bullet each."""
     lines = []
     for key, value in header.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        lines.append(f"- **{key}**: {value}")
+        if isinstance(value, dict) and value and all(isinstance(run, dict) and "date" in run for run in value.values()):
+            lines.append(f"- **{key}**:")
+            for folder, run in value.items():
+                summary = "; ".join(f"{name} {_flat(run[name])}" for name in _EARLIER_RUN_KEYS if name in run)
+                lines.append(f"  - {folder}: {summary}")
+            continue
+        lines.append(f"- **{key}**: {_flat(value)}")
     return "\n".join(lines)
+
+
+def _flat(value: Any) -> str:
+    """A header value on one line (a dict as ``k=v, ...``)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:

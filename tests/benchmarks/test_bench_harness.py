@@ -33,6 +33,22 @@ def test_report_writes_markdown_csv_and_json(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_report_markdown_names_each_earlier_run_once(tmp_path: Path) -> None:
+    """Reused runs' headers nest their own reused runs: the Markdown gives each folder one line
+    (date, commit, load, conditions), the JSON keeps every header whole."""
+    inner = {"date": "d0", "git_commit": "c0", "conditions": "old"}
+    earlier = {"date": "d1", "git_commit": "c1", "load_at_start": {"loadavg_1_5_15": [0.1, 0.2, 0.3]},
+               "conditions": "budget 480", "torch": "2.13", "training_from": {"/runs/old": inner}}
+    header = {"cpu": "x", "accelerator": {"name": "cpu", "device": "cpu"}, "training_from": {"/runs/a": earlier}}
+    md, _, json_path = _harness.write_report(_harness.Report("demo", "Demo", header, []), tmp_path)
+    text = md.read_text()
+    assert "- **accelerator**: name=cpu, device=cpu" in text
+    assert "- **training_from**:\n  - /runs/a: date d1; git_commit c1; load_at_start loadavg_1_5_15=[0.1, 0.2, 0.3]; " \
+           "conditions budget 480\n" in text
+    assert "/runs/old" not in text and "2.13" not in text
+    assert json.loads(json_path.read_text())["header"]["training_from"]["/runs/a"]["training_from"]["/runs/old"] == inner
+
+
 def test_machine_header_names_versions_and_conditions() -> None:
     header = _harness.machine_header("shared machine")
     for key in ("date", "cpu", "logical_cores", "ram_gib", "torch", "deepspeed", "git_commit", "conditions"):
