@@ -194,6 +194,9 @@ train: {{seed: 3, iterations: 2, checkpoint_every: 0, eval_every: 0}}
     ("magnet", "{crop_size: 64, depth: 18, fpn_width: 32}"),
     ("fctl", "{crop_size: 64, depth: 18, fpn_width: 32, corr_width: 32, key_width: 16}"),
     ("smp", "{arch: unet, encoder: resnet18}"),
+    ("segnet", "{width: 8}"),
+    ("icnet", "{backbone: resnet18}"),
+    ("tv_fcn", "{backbone: resnet50, aux: true}"),
 ])
 def test_model_trains_under_the_launcher_with_checkpointing_and_predicts_a_geotiff(
     name: str, options: str, store: Path, tmp_path: Path
