@@ -33,7 +33,7 @@ methods memorise them); BatchNorm statistics recomputed with the final weights f
 (batch-1 running averages lag the weights). Each method is trained by ``lrss-ds train`` itself
 (``_workloads.product_train``: the trainer's store, sampling, ``train.augment: d4``,
 ``train.recalibrate_bn`` and ``train.budget_cpu_s``; the runs stay in ``OUT/memory_time_runs/``).
-The same budget, optimizer (AdamW 1e-3) and one intra-op thread (``--threads 1``) for every method.
+The same budget, optimizer (AdamW 1e-3; 1e-4 for GLNet, MagNet and FCtL, see ``_workloads.FPN_LR``) and one intra-op thread (``--threads 1``) for every method.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from _harness import (  # noqa: E402
     write_report,
     write_text_atomically,
 )
-from _workloads import METHODS, PATCH_BATCH, options_for, unavailable  # noqa: E402
+from _workloads import COMMON_LR, METHODS, PATCH_BATCH, options_for, unavailable  # noqa: E402
 
 from lrss_ds.engine.probe import PLAN_SETUPS  # noqa: E402
 from lrss_ds.memory.modes import get_memory_mode  # noqa: E402
@@ -390,9 +390,15 @@ def conditions_text(args: argparse.Namespace) -> str:
            f"`lrss-ds train` budget {args.train_budget:.0f} CPU-s per method{_larger_budgets(args.budgets)} on a tile store of {args.train_scenes} synthetic scenes "
            f"of {args.scene_size}px, water scale {args.water_scale:g} (river {2 * 0.028 * 0.85 * args.scene_size * args.water_scale:.0f}-"
            f"{2 * 0.028 * 1.2 * args.scene_size * args.water_scale:.0f}px wide, patch {args.patch}px), train.augment d4, "
-           f"AdamW 1e-3 for every method, BatchNorm statistics recomputed after training, evaluated on "
+           f"AdamW {COMMON_LR:g}{_other_rates(args.methods)}, BatchNorm statistics recomputed after training, evaluated on "
            f"{args.val_scenes} unseen scenes. ") + args.conditions
     )
+
+
+def _other_rates(labels: list[str]) -> str:
+    """`` (GLNet: 0.0001, ...)`` for the methods trained at another rate than ``COMMON_LR``."""
+    other = [f"{label}: {METHODS[label].lr:g}" for label in labels if METHODS[label].lr != COMMON_LR]
+    return f" ({', '.join(other)}, see _workloads.FPN_LR)" if other else " for every method"
 
 
 def _larger_budgets(budgets: dict[str, float]) -> str:
