@@ -36,12 +36,14 @@ def _fake_product(monkeypatch: pytest.MonkeyPatch, argvs: list[list[str]]) -> No
                         lambda checkpoint, *args, **kwargs: {"miou": 50.0, "checkpoint": checkpoint, "inference": "local"})
 
 
-@pytest.mark.parametrize("method, mode, micro_batch, recalibrate", [
-    ("patch HRNet", "patch", 8, 8 * 64 * 64 // (16 * 16)),
-    ("EHSNet", "whole", 1, 8),
+@pytest.mark.parametrize("method, mode, micro_batch, recalibrate, lr", [
+    ("patch HRNet", "patch", 8, 8 * 64 * 64 // (16 * 16), _workloads.COMMON_LR),
+    ("EHSNet", "whole", 1, 8, _workloads.COMMON_LR),
+    ("GLNet", "whole", 1, 8, _workloads.FPN_LR),  # its FPN head diverges at the common rate
 ])
 def test_methods_train_through_lrss_ds_train_with_augmentation_recalibration_and_a_budget(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str, mode: str, micro_batch: int, recalibrate: int,
+    lr: float,
 ) -> None:
     argvs: list[list[str]] = []
     _fake_product(monkeypatch, argvs)
@@ -54,6 +56,7 @@ def test_methods_train_through_lrss_ds_train_with_augmentation_recalibration_and
     assert config["data"]["mode"] == mode and config["data"]["synthetic"]["train_scenes"] == 3
     assert config["deepspeed"]["override"]["train_micro_batch_size_per_gpu"] == micro_batch
     assert config["loss"]["name"] == _workloads.METHODS[method].loss
+    assert config["optim"] == {"type": "adamw", "lr": lr, "weight_decay": 1e-4}
     assert result["checkpoint"] == str(tmp_path / "run")  # the product's run is what is scored
     assert (result["steps"], result["train_cpu_s"], result["stopped_by"], result["final_loss"]) == (
         7, 3.0, "budget_cpu_s", 1.5)
